@@ -1,0 +1,170 @@
+"""Backend registry: every op has several implementations; each says whether it can run, and why not.
+
+An op registers its implementations with :func:`register`. A backend answers two questions:
+
+- ``machine_check()``: can it run on this machine at all (compiler present, triton installed, a GPU)?
+  The answer is cached: the machine does not change under a running process.
+- ``input_check(*args, **kwargs)``: can it run on these inputs (device, dtype, sizes)?
+
+Each returns ``None`` when the answer is yes, otherwise a sentence saying why not and how to fix it.
+``backend=None`` picks the highest-priority backend whose checks pass; naming a backend that cannot
+run raises :class:`BackendUnavailable` with its reason, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+Reason = Optional[str]
+
+# Names users may pass as `backend=`; an op registers the subset it implements.
+KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here or on these inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    op: str
+    name: str
+    fn: Callable
+    priority: int  # higher wins when backend=None
+    machine_check: Callable[[], Reason] = field(default=lambda: None)
+    input_check: Callable[..., Reason] = field(default=lambda *a, **k: None)
+    description: str = ""
+
+    @functools.cached_property
+    def machine_reason(self) -> Reason:
+        return self.machine_check()
+
+    def why_not(self, *args, **kwargs) -> Reason:
+        """None if this backend can run on these inputs, else the reason it cannot."""
+        return self.machine_reason or self.input_check(*args, **kwargs)
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+
+
+def register(op: str, name: str, *, priority: int, machine_check=None, input_check=None,
+             description: str = ""):
+    """Decorator: register ``fn`` as backend ``name`` of ``op``."""
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"backend name must be one of {KNOWN_BACKENDS}, got {name!r}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[name] = Backend(
+            op=op, name=name, fn=fn, priority=priority,
+            machine_check=machine_check or (lambda: None),
+            input_check=input_check or (lambda *a, **k: None),
+            description=description or (fn.__doc__ or "").strip().split("\n")[0],
+        )
+        return fn
+
+    return deco
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def backends(op: str) -> list[Backend]:
+    """The backends registered for ``op``, best first."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; known ops: {', '.join(ops())}")
+    return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
+
+
+def select(op: str, requested: Optional[str], *args, **kwargs) -> Backend:
+    """Pick the backend for this call: the one requested, or the best that can run on the inputs."""
+    table = _REGISTRY[op]
+    if requested is not None:
+        if not isinstance(requested, str) or requested not in table:
+            have = ", ".join(b.name for b in backends(op))
+            extra = ""
+            if requested in KNOWN_BACKENDS:
+                extra = f" ({op} has no {requested!r} backend yet)"
+            raise ValueError(f"{op}: backend must be None or one of: {have}; got {requested!r}{extra}")
+        chosen = table[requested]
+        reason = chosen.why_not(*args, **kwargs)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {requested!r} cannot run: {reason}")
+        return chosen
+    reasons = []
+    for candidate in backends(op):
+        reason = candidate.why_not(*args, **kwargs)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate.name}: {reason}")
+    # Unreachable while every op has a reference backend that accepts all valid inputs.
+    raise BackendUnavailable(f"{op}: no backend can run on these inputs; " + "; ".join(reasons))
+
+
+# --- machine checks shared by the ops' backends ---------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def triton_problem() -> Reason:
+    """Why Triton kernels cannot run here at all (None if they can, natively or interpreted)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux x86_64 only)"
+    if not torch.cuda.is_available() and not triton_interpreted():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing fastcomp to run on CPU, slowly)"
+    return None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_problem() -> Reason:
+    """Why CUDA extensions cannot run here (None if they can)."""
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__} sees none)"
+    from . import _build
+
+    return _build.nvcc_problem()
+
+
+def cpp_problem() -> Reason:
+    """Why the C++ CPU extension cannot be built/loaded here (None if it can)."""
+    from . import _build
+
+    return _build.compiler_problem()
+
+
+def triton_input_problem(*tensors: torch.Tensor) -> Reason:
+    """Triton runs on CUDA tensors, or on CPU tensors only under the interpreter."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and triton_interpreted():
+            continue
+        return f"tensors are on {t.device}; the triton backend needs CUDA tensors"
+    return None
+
+
+def device_input_problem(kind: str, *tensors: torch.Tensor) -> Reason:
+    for t in tensors:
+        if t is not None and t.device.type != kind:
+            return f"tensors are on {t.device}; this backend needs {kind} tensors"
+    return None
+
+
+def dtype_input_problem(allowed: tuple, *tensors: torch.Tensor) -> Reason:
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            return f"dtype {str(t.dtype).replace('torch.', '')} is not supported (supported: {names})"
+    return None

@@ -1,0 +1,40 @@
+"""`fastcomp` command line: info, bench, build.
+
+Each subcommand lives in its own module and takes its own argv, so `fastcomp bench --help` shows the
+bench options; this file only routes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: fastcomp <command> [options]
+
+commands:
+  info     which backends of every op can run on this machine, and why not
+  bench    benchmark every op's backends against the reference (--quick, --op, --device, --dtype)
+  build    compile the C++/CUDA extensions now instead of on first use
+
+`fastcomp <command> --help` shows a command's options."""
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "info":
+        from .info import main as run
+    elif command == "bench":
+        from .benchmarks.runner import main as run
+    elif command == "build":
+        from ._build import main as run
+    else:
+        print(f"fastcomp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return int(run(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

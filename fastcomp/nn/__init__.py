@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules built on fastcomp.ops (the layers arrive with the fused ops)."""

@@ -1,0 +1,6 @@
+"""Public functional ops. Each validates its inputs, then dispatches to a backend (fastcomp.backends)."""
+
+from .attention import disk_mask, local_conditional_attention
+from .ddn import DDNSelection, ddn_gather, ddn_select
+
+__all__ = ["local_conditional_attention", "disk_mask", "ddn_select", "ddn_gather", "DDNSelection"]

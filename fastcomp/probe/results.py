@@ -1,0 +1,66 @@
+"""Result types of the locality probes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PixelLocality:
+    """How far fn's output at a pixel depends on input pixels.
+
+    profile: [2R+1, 2R+1] float64, profile[R + di, R + dj] = mean |d fn(x)[b, c', p] / d x[b, c, p + delta]|
+             over b, c, c' and output pixels p with p + delta inside the image (delta = (di, dj)).
+    leakage: fraction of the total |J| mass at offsets outside the radius (0 for a radius-local fn).
+    """
+
+    profile: torch.Tensor
+    radius: int
+    leakage: float
+    method: str
+
+    def mass_radius(self, q: float) -> int:
+        """Smallest r whose centred (2r+1)^2 square of the profile holds fraction q of its mass."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"mass_radius: q must be a fraction in [0, 1], got {q}")
+        profile = self.profile.to(torch.float64)
+        total = float(profile.sum())
+        if total == 0.0:
+            return 0  # fn does not depend on x at all: every square holds all (zero) mass
+        R = self.radius
+        for r in range(R + 1):
+            inside = float(profile[R - r:R + r + 1, R - r:R + r + 1].sum())
+            # Relative slack: zeros outside the square sum exactly, but summation order differs.
+            if inside >= q * total * (1.0 - 1e-9):
+                return r
+        return R
+
+    def plot(self, ax=None, title: str = "pixel locality profile"):
+        """Heatmap of the profile (needs matplotlib: pip install 'fastcomp[plot]')."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.figure(figsize=(4, 3.4)).gca()
+        R = self.radius
+        im = ax.imshow(self.profile.cpu().numpy(), extent=(-R - 0.5, R + 0.5, R + 0.5, -R - 0.5),
+                       cmap="magma")
+        ax.set_xlabel("column offset")
+        ax.set_ylabel("row offset")
+        ax.set_title(f"{title}\nleakage {self.leakage:.2e}")
+        ax.figure.colorbar(im, ax=ax, label="mean |dy/dx|")
+        return ax
+
+
+@dataclass(frozen=True)
+class ConditionerLocality:
+    """How fn's output at each pixel depends on each conditioner.
+
+    attribution: [B, M, H, W] float64, sum over output channels c' and conditioner features of
+                 |d fn(x, cond)[b, c', p] / d cond[b, m]|.
+    inside_fraction: [B, M] float64, attribution mass inside cond_mask[b, m] / total; NaN where a
+                 conditioner has no attribution at all (e.g. padding the model ignores).
+    """
+
+    attribution: torch.Tensor
+    inside_fraction: torch.Tensor

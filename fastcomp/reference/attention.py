@@ -1,0 +1,82 @@
+"""Reference local conditional attention: dense masked attention, the executable spec.
+
+Every image token (i, j) attends, in ONE softmax, to
+  - the kh x kw window of image tokens whose top-left corner is
+    (clamp(i - kh//2, 0, H - kh), clamp(j - kw//2, 0, W - kw)) - NATTEN's na2d semantics, dilation 1:
+    the window is shifted inward at the borders so every query sees exactly kh*kw image keys;
+  - the conditioner tokens m with cond_mask[b, m, i, j] true.
+
+This builds the full [H*W, H*W + M] boolean mask and calls scaled_dot_product_attention, so it costs
+O((H*W)^2) time and memory: it is the baseline the fused kernels are measured against, not a fast path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def window_starts(size: int, kernel: int, device=None) -> torch.Tensor:
+    """First key index of each query's window along one axis: clamp(i - kernel//2, 0, size - kernel)."""
+    i = torch.arange(size, device=device)
+    return (i - kernel // 2).clamp(0, size - kernel)
+
+
+def window_mask(H: int, W: int, kh: int, kw: int, device=None) -> torch.Tensor:
+    """[H*W, H*W] bool: may query pixel (row-major index) attend image key pixel?"""
+    rows = torch.arange(H, device=device)
+    cols = torch.arange(W, device=device)
+    r0 = window_starts(H, kh, device)  # [H]
+    c0 = window_starts(W, kw, device)  # [W]
+    row_ok = (rows[None, :] >= r0[:, None]) & (rows[None, :] < r0[:, None] + kh)  # [H(query), H(key)]
+    col_ok = (cols[None, :] >= c0[:, None]) & (cols[None, :] < c0[:, None] + kw)  # [W(query), W(key)]
+    # query (qi, qj) x key (ki, kj) -> [H, W, H, W] -> [H*W, H*W]
+    return (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(H * W, H * W)
+
+
+def local_conditional_attention_reference(
+    q: torch.Tensor,  # [B, H, W, heads, D]
+    k: torch.Tensor,  # [B, H, W, heads, D]
+    v: torch.Tensor,  # [B, H, W, heads, D]
+    kernel_size: tuple[int, int],
+    cond_k: Optional[torch.Tensor] = None,  # [B, M, heads, D]
+    cond_v: Optional[torch.Tensor] = None,  # [B, M, heads, D]
+    cond_mask: Optional[torch.Tensor] = None,  # [B, M, H, W] bool; None = every pixel sees every m
+    scale: Optional[float] = None,
+) -> torch.Tensor:  # [B, H, W, heads, D]
+    B, H, W, heads, D = q.shape
+    kh, kw = kernel_size
+    N = H * W
+    scale = D ** -0.5 if scale is None else scale
+
+    # heads-last [B, H, W, heads, D] -> [B, heads, N, D]
+    def tokens(x):
+        return x.reshape(B, N, heads, D).transpose(1, 2)
+
+    keys, values = tokens(k), tokens(v)
+    mask = window_mask(H, W, kh, kw, q.device).expand(B, N, N)  # [B, N, N]
+    if cond_k is not None:
+        M = cond_k.shape[1]
+        keys = torch.cat([keys, cond_k.transpose(1, 2)], dim=2)  # [B, heads, N + M, D]
+        values = torch.cat([values, cond_v.transpose(1, 2)], dim=2)
+        if cond_mask is None:
+            allowed = torch.ones(B, N, M, dtype=torch.bool, device=q.device)
+        else:
+            allowed = cond_mask.reshape(B, M, N).transpose(1, 2)  # [B, N, M]
+        mask = torch.cat([mask, allowed], dim=2)  # [B, N, N + M]
+
+    # Every row has kh*kw >= 1 allowed keys, so no softmax row is empty.
+    out = F.scaled_dot_product_attention(tokens(q), keys, values, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(B, H, W, heads, D)
+
+
+def disk_mask_reference(points: torch.Tensor, radius: float, H: int, W: int) -> torch.Tensor:
+    """[B, M, H, W] bool: (i - row)^2 + (j - col)^2 <= radius^2, evaluated in float64."""
+    p = points.to(torch.float64)
+    i = torch.arange(H, dtype=torch.float64, device=points.device)
+    j = torch.arange(W, dtype=torch.float64, device=points.device)
+    di = i[None, None, :, None] - p[..., 0, None, None]  # [B, M, H, 1]
+    dj = j[None, None, None, :] - p[..., 1, None, None]  # [B, M, 1, W]
+    return di * di + dj * dj <= float(radius) ** 2

@@ -1,0 +1,88 @@
+"""Shared test machinery: seeds, the float64-reference comparison, NaN poisoning, GPU/Triton markers."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Without a GPU, Triton kernels can only run in the interpreter. `@triton.jit` decides between a compiled
+# and an interpreted kernel when the kernel's module is imported (triton reads TRITON_INTERPRET lazily, at
+# decoration time), and fastcomp imports its kernel modules lazily, on first use. Setting the variable here,
+# in the root conftest, therefore precedes every kernel import of the session; test_harness.py checks it.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_triton = pytest.mark.skip(reason="needs triton (pip install triton)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(no_gpu)
+        if "triton" in item.keywords and not HAS_TRITON:
+            item.add_marker(no_triton)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """Where Triton tests run: CUDA when present, else CPU tensors through the interpreter."""
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+# --- NaN poisoning ---------------------------------------------------------------------------------
+# Kernels allocate outputs with torch.empty*; filling those with NaN (integers with a sentinel) makes an
+# element a kernel forgot to write fail the comparison instead of passing by luck. Backends allocate their
+# outputs in Python and hand them to C++/CUDA, so this reaches every backend. Opt out with
+# @pytest.mark.no_poison.
+
+POISON_INT = -(2**31) + 7
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype in (torch.int32, torch.int64):
+        t.fill_(POISON_INT)
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _nan_poison(request, monkeypatch):
+    if "no_poison" in request.keywords:
+        yield
+        return
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def empty(*args, **kwargs):
+        return _poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return _poison(real_empty_like(*args, **kwargs))
+
+    def new_empty(self, *args, **kwargs):
+        return _poison(real_new_empty(self, *args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    yield
