@@ -98,12 +98,21 @@ def select(op: str, requested: Optional[str], *args, **kwargs) -> Backend:
         return chosen
     reasons = []
     for candidate in backends(op):
+        if candidate.name == "triton" and _any_cpu_tensor(args, kwargs):
+            # The interpreter runs Triton on CPU tensors for tests, orders of magnitude slower than the
+            # C++ backend: only an explicit backend="triton" gets it.
+            reasons.append("triton: CPU tensors run only through the interpreter; ask for it explicitly")
+            continue
         reason = candidate.why_not(*args, **kwargs)
         if reason is None:
             return candidate
         reasons.append(f"{candidate.name}: {reason}")
     # Unreachable while every op has a reference backend that accepts all valid inputs.
     raise BackendUnavailable(f"{op}: no backend can run on these inputs; " + "; ".join(reasons))
+
+
+def _any_cpu_tensor(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *kwargs.values()))
 
 
 # --- machine checks shared by the ops' backends ---------------------------------------------------

@@ -41,7 +41,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, *, ratio: float | None = 
     err = rms_error_ratio(out64, ref64)
     if not err < limit:
         diff = (out64 - ref64).abs()
-        where = tuple(np.unravel_index(int(diff.argmax()), diff.shape))
+        where = tuple(int(i) for i in np.unravel_index(int(diff.argmax()), diff.shape))
         raise AssertionError(f"{name}: RMS error ratio {err:.3e} >= {limit:.1e}; worst element at {where}: "
                              f"got {out64[where].item():.8g}, reference {ref64[where].item():.8g}")
 

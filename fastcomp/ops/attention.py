@@ -133,3 +133,12 @@ def disk_mask(points: torch.Tensor, radius: float, H: int, W: int, *, backend: O
 @_b.register(DISK, "reference", priority=0, description="broadcast comparison in float64")
 def _disk_mask_reference(points, radius, H, W):
     return disk_mask_reference(points, radius, H, W)
+
+
+@_b.register(DISK, "triton", priority=15, machine_check=_b.triton_problem,
+             input_check=lambda points: _b.triton_input_problem(points),
+             description="Triton kernel, one program per (b, m, row)")
+def _disk_mask_triton(points, radius, H, W):
+    from ..kernels.disk_mask import disk_mask_triton
+
+    return disk_mask_triton(points, radius, H, W)
