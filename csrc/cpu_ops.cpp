@@ -1,0 +1,117 @@
+// The CPU extension: OpenMP + auto-vectorized loops over tensors that Python allocated.
+//
+// Each op takes its inputs and its preallocated outputs (torch.empty* in Python, so the tests' NaN
+// poisoning reaches here) and writes every output element. Threads: torch's setting
+// (torch.set_num_threads), passed to each parallel region explicitly.
+#include <ATen/Parallel.h>
+#include <torch/python.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+
+namespace fastcomp {
+namespace {
+
+// Below this many output elements a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+int num_threads_for(int64_t work) {
+  return work < kMinParallelWork ? 1 : std::max(1, at::get_num_threads());
+}
+
+// dtype_name: as Python spells it ("float64"), for the message.
+void check_cpu_contiguous(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                          const char* dtype_name) {
+  FASTCOMP_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device().str());
+  FASTCOMP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
+  FASTCOMP_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// points: [B, M, 2] float64 (row, col); out: [B, M, H, W] bool, written entirely.
+void disk_mask_cpu(const at::Tensor& points, double radius, at::Tensor& out) {
+  check_cpu_contiguous(points, "points", at::kDouble, "float64");
+  check_cpu_contiguous(out, "out", at::kBool, "bool");
+  FASTCOMP_CHECK(points.dim() == 3 && points.size(2) == 2, "points must be [B, M, 2], got ", points.sizes());
+  FASTCOMP_CHECK(out.dim() == 4 && out.size(0) == points.size(0) && out.size(1) == points.size(1),
+                 "out must be [B, M, H, W] with B, M from points ", points.sizes(), ", got ", out.sizes());
+  FASTCOMP_CHECK(radius >= 0, "radius must be >= 0, got ", radius);
+  const int64_t H = out.size(2), W = out.size(3);
+  const int64_t n_rows = out.size(0) * out.size(1) * H;  // one task per output row (b, m, i)
+  const double radius_sq = radius * radius;              // == Python's float(radius) ** 2
+  const double* p_points = points.data_ptr<double>();
+  bool* p_out = out.data_ptr<bool>();
+
+#pragma omp parallel for schedule(static) num_threads(num_threads_for(n_rows * W))
+  for (int64_t o_row = 0; o_row < n_rows; ++o_row) {
+    const int64_t i_bm = o_row / H;
+    const double b_di = static_cast<double>(o_row - i_bm * H) - p_points[2 * i_bm];
+    const double b_col = p_points[2 * i_bm + 1];
+    bool* p_out_row = p_out + o_row * W;
+    for (int64_t j = 0; j < W; ++j) {
+      p_out_row[j] = sum_of_squares(b_di, static_cast<double>(j) - b_col) <= radius_sq;
+    }
+  }
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_version"] = static_cast<int>(_OPENMP);
+  info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["openmp_version"] = 0;
+  info["openmp_max_threads"] = 1;
+#endif
+  info["torch_threads"] = at::get_num_threads();
+  pybind11::list simd;
+#ifdef __SSE4_2__
+  simd.append("SSE4.2");
+#endif
+#ifdef __AVX__
+  simd.append("AVX");
+#endif
+#ifdef __AVX2__
+  simd.append("AVX2");
+#endif
+#ifdef __FMA__
+  simd.append("FMA");
+#endif
+#ifdef __AVX512F__
+  simd.append("AVX512F");
+#endif
+#ifdef __ARM_NEON
+  simd.append("NEON");
+#endif
+#ifdef __ARM_FEATURE_SVE
+  simd.append("SVE");
+#endif
+  info["simd"] = simd;
+  return info;
+}
+
+}  // namespace
+}  // namespace fastcomp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastcomp CPU kernels (csrc/cpu_ops.cpp); outputs are allocated by the Python caller";
+  m.def("build_info", &fastcomp::build_info,
+        "How this extension was compiled: compiler, OpenMP, SIMD instruction sets enabled");
+  m.def("disk_mask_cpu", &fastcomp::disk_mask_cpu, pybind11::arg("points"), pybind11::arg("radius"),
+        pybind11::arg("out"), "points [B, M, 2] float64, out [B, M, H, W] bool (written)");
+}
