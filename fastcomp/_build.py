@@ -404,6 +404,14 @@ def load(name: str):
     return found
 
 
+def failure(name: str) -> Optional[str]:
+    """Why ``load(name)`` failed earlier in this process (None if it has not failed)."""
+    found = _loaded.get(name)
+    if isinstance(found, BuildError):
+        return f"the {name!r} extension failed to build in this process (`fastcomp build` shows the compiler output)"
+    return None
+
+
 # --- checking the CUDA sources without a GPU --------------------------------------------------------
 
 _checked_cuda: set[str] = set()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -40,8 +41,9 @@ class Backend:
     input_check: Callable[..., Reason] = field(default=lambda *a, **k: None)
     description: str = ""
 
-    @functools.cached_property
+    @property
     def machine_reason(self) -> Reason:
+        # Not cached here: the checks cache what cannot change, and a failed build changes the answer.
         return self.machine_check()
 
     def why_not(self, *args, **kwargs) -> Reason:
@@ -81,7 +83,28 @@ def backends(op: str) -> list[Backend]:
     return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
 
 
-def select(op: str, requested: Optional[str], *args, **kwargs) -> Backend:
+def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple):
+    """Run ``op`` on the requested backend, or on the best one that can run on ``check_args``.
+
+    In auto mode a backend whose C++/CUDA extension fails to compile is skipped with a warning that
+    carries the compiler's message (and stays skipped for the process); a requested one raises.
+    """
+    from ._build import BuildError
+
+    failed: list[str] = []
+    while True:
+        chosen = select(op, requested, *check_args, exclude=failed)
+        try:
+            return chosen.fn(*call_args)
+        except BuildError as e:
+            if requested is not None:
+                raise
+            warnings.warn(f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {e}",
+                          RuntimeWarning, stacklevel=3)
+            failed.append(chosen.name)
+
+
+def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Backend:
     """Pick the backend for this call: the one requested, or the best that can run on the inputs."""
     table = _REGISTRY[op]
     if requested is not None:
@@ -98,6 +121,8 @@ def select(op: str, requested: Optional[str], *args, **kwargs) -> Backend:
         return chosen
     reasons = []
     for candidate in backends(op):
+        if candidate.name in exclude:
+            continue
         if candidate.name == "triton" and _any_cpu_tensor(args, kwargs):
             # The interpreter runs Triton on CPU tensors for tests, orders of magnitude slower than the
             # C++ backend: only an explicit backend="triton" gets it.
@@ -134,21 +159,20 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_problem() -> Reason:
     """Why CUDA extensions cannot run here (None if they can)."""
     if not torch.cuda.is_available():
         return f"no CUDA device (torch {torch.__version__} sees none)"
     from . import _build
 
-    return _build.nvcc_problem()
+    return _build.nvcc_problem() or _build.failure("cuda")
 
 
 def cpp_problem() -> Reason:
     """Why the C++ CPU extension cannot be built/loaded here (None if it can)."""
     from . import _build
 
-    return _build.compiler_problem()
+    return _build.compiler_problem() or _build.failure("cpu")
 
 
 def triton_input_problem(*tensors: torch.Tensor) -> Reason:

@@ -43,5 +43,7 @@ def disk_mask_triton(points: torch.Tensor, radius: float, H: int, W: int) -> tor
     pts = points.to(torch.float64).contiguous()
     radius_sq = torch.tensor([float(radius) ** 2], dtype=torch.float64, device=points.device)
     block_w = min(triton.next_power_of_2(W), 1024)
-    _disk_mask_kernel[(B * M, H)](pts, radius_sq, out, H, W, BLOCK_W=block_w)
+    # No FMA contraction: di*di + dj*dj must round like the float64 reference (two roundings), or pixels
+    # lying exactly on a boundary flip.
+    _disk_mask_kernel[(B * M, H)](pts, radius_sq, out, H, W, BLOCK_W=block_w, enable_fp_fusion=False)
     return out

@@ -1,4 +1,4 @@
-"""fastcomp.disk_mask's C++ ("cpu") and CUDA ("cuda") backends equal the float64 reference exactly.
+"""fastcomp.disk_mask's C++ ("cpu"), Triton and CUDA ("cuda") backends equal the float64 reference exactly.
 
 Exactly, boundary included: a pixel at distance == radius is inside, and the backends must round
 (i - row)^2 + (j - col)^2 the way the reference does (no FMA) to agree on points lying on a boundary.
@@ -88,6 +88,13 @@ def test_cpu_backend_refuses_cuda_style_misuse():
         ext.disk_mask_cpu(torch.zeros(1, 1, 2), 1.0, out)
     with pytest.raises(ValueError, match="out must be"):
         ext.disk_mask_cpu(torch.zeros(2, 1, 2, dtype=torch.float64), 1.0, out)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_triton_backend_equals_reference(case, triton_device):
+    _, points, radius, H, W = case
+    _check(points.to(triton_device), radius, H, W, "triton")
 
 
 @pytest.mark.gpu

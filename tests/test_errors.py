@@ -240,3 +240,22 @@ def test_probe_bad_inputs():
         fastcomp.probe.conditioner_locality(lambda a, c: a, x, cond, mask.float())
     with pytest.raises(ValueError, match=r"cond must have shape \[B, M, Dc\] with B = 1"):
         fastcomp.probe.conditioner_locality(lambda a, c: a, x, cond.expand(2, 3, 4), mask)
+
+
+def test_auto_mode_falls_back_with_a_warning_when_an_extension_fails_to_build():
+    from fastcomp._build import BuildError
+
+    op = "_test_build_failure_op"
+
+    def broken(x):
+        raise BuildError("fastcomp: building 'cpu' failed: error: expected ';'")
+
+    backends.register(op, "reference", priority=0)(lambda x: "reference")
+    backends.register(op, "cpu", priority=10)(broken)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"backend 'cpu' is unavailable, falling back.*expected ';'"):
+            assert backends.dispatch(op, None, (torch.zeros(1),), (torch.zeros(1),)) == "reference"
+        with pytest.raises(BuildError, match="expected ';'"):
+            backends.dispatch(op, "cpu", (torch.zeros(1),), (torch.zeros(1),))
+    finally:
+        del backends._REGISTRY[op]

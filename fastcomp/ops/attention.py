@@ -92,8 +92,8 @@ def local_conditional_attention(
 
     if B == 0:  # nothing to attend; the result is empty but shaped and still differentiable
         return q * 0.0
-    chosen = _b.select(OP, backend, q, k, v, cond_k, cond_v, cond_mask)
-    return chosen.fn(q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale)
+    return _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask),
+                       (q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale))
 
 
 @_b.register(OP, "reference", priority=0,
@@ -126,8 +126,7 @@ def disk_mask(points: torch.Tensor, radius: float, H: int, W: int, *, backend: O
         raise ValueError(f"{DISK}: radius must be >= 0, got {radius}")
     check.positive_int(DISK, "H", H)
     check.positive_int(DISK, "W", W)
-    chosen = _b.select(DISK, backend, points)
-    return chosen.fn(points, float(radius), H, W)
+    return _b.dispatch(DISK, backend, (points,), (points, float(radius), H, W))
 
 
 @_b.register(DISK, "reference", priority=0, description="broadcast comparison in float64")

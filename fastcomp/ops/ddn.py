@@ -76,8 +76,8 @@ def ddn_select(features, weight, target, *, bias=None, residual=None, metric: st
         out = features.new_zeros(0, Cout, H, W) + weight.sum() * 0  # keeps the autograd connection
         return DDNSelection(out, torch.zeros(0, dtype=torch.int64, device=features.device),
                             torch.zeros(0, K, dtype=torch.float32, device=features.device))
-    chosen = _b.select(SELECT, backend, features, weight, target, bias, residual)
-    output, index, distances = chosen.fn(features, weight, target, bias, residual, metric)
+    output, index, distances = _b.dispatch(SELECT, backend, (features, weight, target, bias, residual),
+                                           (features, weight, target, bias, residual, metric))
     return DDNSelection(output, index, distances)
 
 
@@ -98,8 +98,8 @@ def ddn_gather(features, weight, index, *, bias=None, residual=None, backend: Op
     if B == 0:
         return features.new_zeros(0, Cout, H, W) + weight.sum() * 0
     _check_index_range(index, K)
-    chosen = _b.select(GATHER, backend, features, weight, index, bias, residual)
-    return chosen.fn(features, weight, index, bias, residual)
+    return _b.dispatch(GATHER, backend, (features, weight, index, bias, residual),
+                       (features, weight, index, bias, residual))
 
 
 def _check_index_range(index: torch.Tensor, K: int) -> None:
