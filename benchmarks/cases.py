@@ -168,6 +168,43 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def flex_block_mask(cond_mask: torch.Tensor, H: int, W: int, kernel: int, device):
+    """flex_attention BlockMask for local conditional attention with a square kernel: image keys are the
+    first H*W keys (window rule of the reference), conditioner keys follow, allowed by cond_mask [B, M, H, W]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, M = cond_mask.shape[:2]
+    N = H * W
+    allowed = cond_mask.reshape(B, M, N).transpose(1, 2).contiguous()  # [B, N, M]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qi, qj = q_idx // W, q_idx % W
+        r0 = (qi - kernel // 2).clamp(0, H - kernel)
+        c0 = (qj - kernel // 2).clamp(0, W - kernel)
+        ki, kj = kv_idx // W, kv_idx % W
+        image = (kv_idx < N) & (ki >= r0) & (ki < r0 + kernel) & (kj >= c0) & (kj < c0 + kernel)
+        if M == 0:
+            return image
+        cond = (kv_idx >= N) & allowed[b, q_idx, (kv_idx - N).clamp(0, M - 1)]
+        return image | cond
+
+    return create_block_mask(mask_mod, B, None, N, N + M, device=device)
+
+
+def flex_local_conditional_attention(flex, q, k, v, cond_k, cond_v, block_mask):
+    """Local conditional attention through ``flex`` (flex_attention, compiled or not); [B, H, W, heads, D]."""
+    B, H, W, heads, D = q.shape
+    N = H * W
+
+    def tokens(x):  # [B, H, W, heads, D] -> [B, heads, N, D]
+        return x.reshape(B, N, heads, D).transpose(1, 2)
+
+    keys = torch.cat([tokens(k), cond_k.transpose(1, 2)], dim=2)
+    values = torch.cat([tokens(v), cond_v.transpose(1, 2)], dim=2)
+    out = flex(tokens(q), keys, values, block_mask=block_mask, scale=D ** -0.5)
+    return out.transpose(1, 2).reshape(B, H, W, heads, D)
+
+
 def _flex_provider(inp: dict, options: Options) -> Provider:
     """torch's flex_attention with a block mask of the same window + conditioner rule, compiled."""
     name = "flex_attention"
@@ -176,45 +213,22 @@ def _flex_provider(inp: dict, options: Options) -> Provider:
                                    "`fastcomp bench` without --quick includes them (pytest: "
                                    "FASTCOMP_BENCH_COMPILE=1)")
     try:
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
     except ImportError as e:
         return Provider(name, skip=f"torch {torch.__version__} has no flex_attention ({_first_line(e)})")
     s: AttnSize = inp["size"]
     q, k, v, cond_k, cond_v = (inp[n] for n in ("q", "k", "v", "cond_k", "cond_v"))
-    B, H, W, heads, D, kh, M = s.B, s.H, s.W, s.heads, s.D, s.kernel, s.M
-    N = H * W
     if inp["mode"] == "fwd+bwd" and q.device.type == "cpu":
         # Checked here so the run does not pay a compile to learn it.
         return Provider(name, skip=f"flex_attention has no backward on CPU (torch {torch.__version__})")
 
     def build():
-        # [B, N, M]: may query pixel n attend conditioner m (same rule as cond_mask[b, m, i, j]).
-        allowed = inp["cond_mask"].reshape(B, M, N).transpose(1, 2).contiguous()
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            qi, qj = q_idx // W, q_idx % W
-            r0 = (qi - kh // 2).clamp(0, H - kh)
-            c0 = (qj - kh // 2).clamp(0, W - kh)
-            ki, kj = kv_idx // W, kv_idx % W
-            image = (kv_idx < N) & (ki >= r0) & (ki < r0 + kh) & (kj >= c0) & (kj < c0 + kh)
-            if M == 0:
-                return image
-            cond = (kv_idx >= N) & allowed[b, q_idx, (kv_idx - N).clamp(0, M - 1)]
-            return image | cond
-
         # Built once, outside the timing, as a model with fixed conditioner masks would.
-        block_mask = create_block_mask(mask_mod, B, None, N, N + M, device=q.device)
+        block_mask = flex_block_mask(inp["cond_mask"], s.H, s.W, s.kernel, device=q.device)
         flex = _compiled_flex()
-        scale = D ** -0.5
-
-        def tokens(x):  # [B, H, W, heads, D] -> [B, heads, N, D]
-            return x.reshape(B, N, heads, D).transpose(1, 2)
 
         def forward():
-            keys = torch.cat([tokens(k), cond_k.transpose(1, 2)], dim=2)
-            values = torch.cat([tokens(v), cond_v.transpose(1, 2)], dim=2)
-            out = flex(tokens(q), keys, values, block_mask=block_mask, scale=scale)
-            return out.transpose(1, 2).reshape(B, H, W, heads, D)
+            return flex_local_conditional_attention(flex, q, k, v, cond_k, cond_v, block_mask)
 
         if inp["mode"] == "fwd+bwd":
             return with_backward(forward, [q, k, v, cond_k, cond_v])

@@ -67,11 +67,30 @@ def _error(msg: str) -> int:
     return 2
 
 
+class _LineProgress:
+    """Progress for logs (CI, pipes): one line per measurement, where a redrawn bar would be noise."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def set_description(self, text: str, refresh: bool = True) -> None:
+        print(f"[{self.done + 1}/{self.total} {time.perf_counter() - self.start:5.0f} s] {text}",
+              file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int):
+    if not sys.stderr.isatty():
+        return _LineProgress(total)
     try:
         from tqdm import tqdm
     except ImportError:  # tqdm is a dependency, but a progress bar is not worth failing over
-        return None
+        return _LineProgress(total)
     return tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, leave=False)
 
 

@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from helpers import assert_close
+
 from fastcomp.benchmarks import cases, harness
 from fastcomp.cli import main
 
@@ -160,3 +162,22 @@ def test_a_failing_provider_is_reported_not_fatal():
     assert by["reference"].measured
     assert not by["peer"].measured and by["peer"].note == "failed: RuntimeError: peer exploded"
     assert by["missing"].note == "not installed"
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_peer_computes_the_same_attention_as_the_reference():
+    """The peer must compute our op, or the benchmark compares different work: eager flex_attention with the
+    benchmark's block mask equals the float64 reference, borders, conditioners and padding included."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+    import fastcomp
+    from fastcomp.reference import local_conditional_attention_reference
+
+    B, H, W, heads, D, M, kernel = 2, 13, 17, 2, 16, 5, 5
+    q, k, v = (torch.randn(B, H, W, heads, D, dtype=torch.float64) for _ in range(3))
+    cond_k, cond_v = (torch.randn(B, M, heads, D, dtype=torch.float64) for _ in range(2))
+    cond_mask = fastcomp.disk_mask(torch.rand(B, M, 2) * torch.tensor([H, W]), 4.0, H, W)
+    cond_mask[1, 2:] = False  # item 1 has fewer real conditioners
+    block_mask = cases.flex_block_mask(cond_mask, H, W, kernel, device="cpu")
+    out = cases.flex_local_conditional_attention(flex_attention, q, k, v, cond_k, cond_v, block_mask)
+    ref = local_conditional_attention_reference(q, k, v, (kernel, kernel), cond_k, cond_v, cond_mask)
+    assert_close(out, ref)

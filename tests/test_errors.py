@@ -229,8 +229,6 @@ def test_probe_bad_inputs():
         fastcomp.probe.pixel_locality(lambda t: t, x, radius=-1)
     with pytest.raises(ValueError, match="method must be one of"):
         fastcomp.probe.pixel_locality(lambda t: t, x, radius=1, method="fast")
-    with pytest.raises(NotImplementedError, match="method='colored' is not available"):
-        fastcomp.probe.pixel_locality(lambda t: t, x, radius=1, method="colored")
     with pytest.raises(ValueError, match="empty batch"):
         fastcomp.probe.pixel_locality(lambda t: t, x[:0], radius=1)
     cond, mask = torch.randn(1, 3, 4, dtype=torch.float64), torch.ones(1, 3, 5, 6, dtype=torch.bool)

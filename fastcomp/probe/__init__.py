@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..ops import _checks as check
-from ..reference.probe import conditioner_locality_reference, pixel_locality_reference
+from ..reference.probe import (
+    conditioner_locality_reference,
+    pixel_locality_colored_reference,
+    pixel_locality_reference,
+)
 from .results import ConditionerLocality, PixelLocality
 
 __all__ = ["pixel_locality", "conditioner_locality", "PixelLocality", "ConditionerLocality"]
@@ -34,8 +38,9 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto") ->
     """Profile of mean |d fn(x)[b, c', p] / d x[b, c, p + delta]| over offsets |delta| <= radius.
 
     fn: [B, C, H, W] -> [B, C', H, W], treating batch items independently (call model.eval()).
-    method: "exact" (one backward pass per output element), "colored" (one pass per colour; exact when
-    fn is radius-local), "auto" (the best available). Returns PixelLocality (.profile, .mass_radius(q),
+    method: "exact" (one backward pass per output element), "colored" (one pass per output channel and
+    colour, (2R+1)^2 colours; exact when fn is radius-local, leakage NaN since it cannot see beyond R),
+    "auto" (currently "exact"). Returns PixelLocality (.profile, .mass_radius(q),
     .leakage).
     """
     op = "pixel_locality"
@@ -52,8 +57,8 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto") ->
                          f"over batch items, so pass at least one")
     _output_of(op, fn, (x,), B, H, W)
     if method == "colored":
-        raise NotImplementedError(f"{op}: method='colored' is not available in this version; "
-                                  f"use method='exact' (or 'auto')")
+        return pixel_locality_colored_reference(fn, x, radius)
+    # "auto" is exact until the coloured probe can verify itself against sampled exact rows.
     return pixel_locality_reference(fn, x, radius)
 
 

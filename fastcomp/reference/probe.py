@@ -48,7 +48,7 @@ def pixel_locality_reference(fn, x: torch.Tensor, radius: int) -> PixelLocality:
 
     profile_sum = torch.zeros(2 * R + 1, 2 * R + 1, dtype=torch.float64, device=x.device)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    inside = torch.zeros((), dtype=torch.float64, device=x.device)
+    outside = torch.zeros((), dtype=torch.float64, device=x.device)
     for _, i, j, scalar in _output_rows(y):
         (g,) = torch.autograd.grad(scalar, x, retain_graph=True, allow_unused=True)
         if g is None:  # fn ignores x entirely
@@ -57,18 +57,64 @@ def pixel_locality_reference(fn, x: torch.Tensor, radius: int) -> PixelLocality:
         total += a.sum()
         i0, i1 = max(i - R, 0), min(i + R + 1, H)
         j0, j1 = max(j - R, 0), min(j + R + 1, W)
-        patch = a[i0:i1, j0:j1]
-        inside += patch.sum()
-        profile_sum[i0 - i + R:i1 - i + R, j0 - j + R:j1 - j + R] += patch
+        profile_sum[i0 - i + R:i1 - i + R, j0 - j + R:j1 - j + R] += a[i0:i1, j0:j1]
+        # Sum the outside directly (not total - inside), so a local fn has leakage exactly 0.
+        a[i0:i1, j0:j1] = 0
+        outside += a.sum()
 
-    # Number of (b, c, c', p) terms averaged at each offset: p + delta must stay inside the image.
-    offsets = torch.arange(-R, R + 1, device=x.device)
+    profile = _mean_per_offset(profile_sum, B, C, C_out, H, W, R)
+    leakage = float(outside / total) if float(total) > 0 else 0.0
+    return PixelLocality(profile=profile, radius=R, leakage=leakage, method="exact")
+
+
+def pixel_locality_colored_reference(fn, x: torch.Tensor, radius: int) -> PixelLocality:
+    """Structured probes (Curtis-Powell-Reid colouring): one backward pass per (output channel, colour).
+
+    Output pixels p whose rows agree mod s = 2R+1 and whose columns agree mod s form one colour. When fn is
+    R-local, every input pixel q lies within distance R (max norm) of at most one pixel of a colour, so
+    the colour's vector-Jacobian product at q IS that pixel's Jacobian entry J[p, q]: demultiplex it to the
+    offset delta = q - p. Exact for R-local fn, at C' * s^2 passes instead of C' * H * W. It cannot see
+    dependence beyond R (that would alias onto wrong offsets), so it reports leakage as NaN: use "exact"
+    to measure leakage.
+    """
+    B, C, H, W = x.shape
+    R = radius
+    s = 2 * R + 1
+    x = x.detach().requires_grad_(True)
+    y = fn(x)
+    check_batch_independent("pixel_locality", y, x, "pixels")
+    C_out = y.shape[1]
+
+    rows = torch.arange(H, device=x.device)
+    cols = torch.arange(W, device=x.device)
+    profile_sum = torch.zeros(s * s, dtype=torch.float64, device=x.device)
+    for c in range(C_out):
+        for a in range(min(s, H)):
+            for b in range(min(s, W)):
+                cotangent = torch.zeros_like(y)
+                cotangent[:, c, a::s, b::s] = 1.0
+                (g,) = torch.autograd.grad(y, x, cotangent, retain_graph=True, allow_unused=True)
+                if g is None:
+                    continue
+                mass = g.abs().to(torch.float64).sum(dim=(0, 1))  # [H, W] over b and input channels
+                # The colour's output pixel nearest q (within R) is p = q - delta with delta in [-R, R].
+                d_row = (rows - a + R) % s - R  # [H]
+                d_col = (cols - b + R) % s - R  # [W]
+                p_row, p_col = rows - d_row, cols - d_col
+                p_ok = ((p_row >= 0) & (p_row < H))[:, None] & ((p_col >= 0) & (p_col < W))[None, :]
+                slot = (d_row + R)[:, None] * s + (d_col + R)[None, :]  # [H, W] index into the profile
+                profile_sum.index_add_(0, slot[p_ok], mass[p_ok])
+    return PixelLocality(profile=_mean_per_offset(profile_sum.view(s, s), B, C, C_out, H, W, R),
+                         radius=R, leakage=float("nan"), method="colored")
+
+
+def _mean_per_offset(profile_sum, B, C, C_out, H, W, R):
+    """Divide the |J| sums per offset by the number of (b, c, c', p) terms with p + delta inside the image."""
+    offsets = torch.arange(-R, R + 1, device=profile_sum.device)
     valid_rows = (H - offsets.abs()).clamp(min=0).to(torch.float64)
     valid_cols = (W - offsets.abs()).clamp(min=0).to(torch.float64)
     count = B * C * C_out * valid_rows[:, None] * valid_cols[None, :]
-    profile = torch.where(count > 0, profile_sum / count.clamp(min=1), torch.zeros_like(profile_sum))
-    leakage = float((total - inside) / total) if float(total) > 0 else 0.0
-    return PixelLocality(profile=profile, radius=R, leakage=max(leakage, 0.0), method="exact")
+    return torch.where(count > 0, profile_sum / count.clamp(min=1), torch.zeros_like(profile_sum))
 
 
 def conditioner_locality_reference(fn, x: torch.Tensor, cond: torch.Tensor,
