@@ -16,7 +16,6 @@ import contextlib
 import csv
 import datetime as _dt
 import functools
-import importlib.metadata
 import json
 import math
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from fastcomp.info import cpu_name, package_version
 
 # Columns of the CSV, in order; the JSON rows carry these and a few more (repeats, first call time, note).
 COLUMNS = ("op", "provider", "shape", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
@@ -213,35 +214,17 @@ def peak_memory_mb(fn: Callable[[], Any], device="cpu", *, call_ms: Optional[flo
 
 # --- environment ----------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def slug(text: str) -> str:
     s = re.sub(r"\(.*?\)", "", text.lower())
     s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
     return s or "device"
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,9 +256,9 @@ def environment(device) -> dict[str, Any]:
     return {
         "device": name,
         "device_type": device.type,
-        "device_slug": slug(name if kind != "cpu" else f"cpu {cpu_model()}"),
+        "device_slug": slug(name if kind != "cpu" else f"cpu {cpu_name()}"),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda or "none",
         "commit": git_commit(),
         "python": platform.python_version(),

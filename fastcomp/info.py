@@ -13,7 +13,7 @@ import torch
 from . import backends
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -36,9 +36,9 @@ def environment() -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})",
-        "triton": _version("triton") + ("  [TRITON_INTERPRET=1: kernels run interpreted on CPU]"
+        "triton": package_version("triton") + ("  [TRITON_INTERPRET=1: kernels run interpreted on CPU]"
                                         if backends.triton_interpreted() else ""),
-        "numpy": _version("numpy"),
+        "numpy": package_version("numpy"),
         "cpu": f"{cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
         "gpu": ", ".join(gpus) if gpus else "none",
         "c++ compiler": shutil.which(os.environ.get("CXX", "c++")) or "not found",
