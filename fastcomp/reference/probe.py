@@ -88,22 +88,23 @@ def pixel_locality_colored_reference(fn, x: torch.Tensor, radius: int) -> PixelL
     rows = torch.arange(H, device=x.device)
     cols = torch.arange(W, device=x.device)
     profile_sum = torch.zeros(s * s, dtype=torch.float64, device=x.device)
-    for c in range(C_out):
-        for a in range(min(s, H)):
-            for b in range(min(s, W)):
+    for a in range(min(s, H)):
+        for b in range(min(s, W)):
+            # The colour's output pixel nearest q (within R) is p = q - delta with delta in [-R, R]; this
+            # geometry depends on the colour only, so it serves every output channel.
+            d_row = (rows - a + R) % s - R  # [H]
+            d_col = (cols - b + R) % s - R  # [W]
+            p_row, p_col = rows - d_row, cols - d_col
+            p_ok = ((p_row >= 0) & (p_row < H))[:, None] & ((p_col >= 0) & (p_col < W))[None, :]
+            slot = ((d_row + R)[:, None] * s + (d_col + R)[None, :])[p_ok]  # profile index per valid q
+            for c in range(C_out):
                 cotangent = torch.zeros_like(y)
                 cotangent[:, c, a::s, b::s] = 1.0
                 (g,) = torch.autograd.grad(y, x, cotangent, retain_graph=True, allow_unused=True)
                 if g is None:
                     continue
                 mass = g.abs().to(torch.float64).sum(dim=(0, 1))  # [H, W] over b and input channels
-                # The colour's output pixel nearest q (within R) is p = q - delta with delta in [-R, R].
-                d_row = (rows - a + R) % s - R  # [H]
-                d_col = (cols - b + R) % s - R  # [W]
-                p_row, p_col = rows - d_row, cols - d_col
-                p_ok = ((p_row >= 0) & (p_row < H))[:, None] & ((p_col >= 0) & (p_col < W))[None, :]
-                slot = (d_row + R)[:, None] * s + (d_col + R)[None, :]  # [H, W] index into the profile
-                profile_sum.index_add_(0, slot[p_ok], mass[p_ok])
+                profile_sum.index_add_(0, slot, mass[p_ok])
     return PixelLocality(profile=_mean_per_offset(profile_sum.view(s, s), B, C, C_out, H, W, R),
                          radius=R, leakage=float("nan"), method="colored")
 
