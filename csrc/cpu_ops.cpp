@@ -15,6 +15,7 @@
 #endif
 
 #include "common.h"
+#include "tensor_checks.h"
 
 namespace fastcomp {
 namespace {
@@ -26,22 +27,9 @@ int num_threads_for(int64_t work) {
   return work < kMinParallelWork ? 1 : std::max(1, at::get_num_threads());
 }
 
-// dtype_name: as Python spells it ("float64"), for the message.
-void check_cpu_contiguous(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                          const char* dtype_name) {
-  FASTCOMP_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device().str());
-  FASTCOMP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
-  FASTCOMP_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 // points: [B, M, 2] float64 (row, col); out: [B, M, H, W] bool, written entirely.
 void disk_mask_cpu(const at::Tensor& points, double radius, at::Tensor& out) {
-  check_cpu_contiguous(points, "points", at::kDouble, "float64");
-  check_cpu_contiguous(out, "out", at::kBool, "bool");
-  FASTCOMP_CHECK(points.dim() == 3 && points.size(2) == 2, "points must be [B, M, 2], got ", points.sizes());
-  FASTCOMP_CHECK(out.dim() == 4 && out.size(0) == points.size(0) && out.size(1) == points.size(1),
-                 "out must be [B, M, H, W] with B, M from points ", points.sizes(), ", got ", out.sizes());
-  FASTCOMP_CHECK(radius >= 0, "radius must be >= 0, got ", radius);
+  check_disk_mask_args(points, radius, out, at::kCPU);
   const int64_t H = out.size(2), W = out.size(3);
   const int64_t n_rows = out.size(0) * out.size(1) * H;  // one task per output row (b, m, i)
   const double radius_sq = radius * radius;              // == Python's float(radius) ** 2

@@ -9,17 +9,10 @@
 
 #include "common.h"
 #include "launchers.h"
+#include "tensor_checks.h"
 
 namespace fastcomp {
 namespace {
-
-// dtype_name: as Python spells it ("float64"), for the message.
-void check_cuda_contiguous(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                           const char* dtype_name) {
-  FASTCOMP_CHECK(t.device().is_cuda(), name, " must be a CUDA tensor, got ", t.device().str());
-  FASTCOMP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
-  FASTCOMP_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 void check_launch(const char* error, const char* op) {
   if (error != nullptr) {
@@ -29,14 +22,7 @@ void check_launch(const char* error, const char* op) {
 
 // points: [B, M, 2] float64 (row, col); out: [B, M, H, W] bool on the same device, written entirely.
 void disk_mask_cuda(const at::Tensor& points, double radius, at::Tensor& out, int64_t stream) {
-  check_cuda_contiguous(points, "points", at::kDouble, "float64");
-  check_cuda_contiguous(out, "out", at::kBool, "bool");
-  FASTCOMP_CHECK(points.device() == out.device(), "points and out must be on one device, got ",
-                 points.device().str(), " and ", out.device().str());
-  FASTCOMP_CHECK(points.dim() == 3 && points.size(2) == 2, "points must be [B, M, 2], got ", points.sizes());
-  FASTCOMP_CHECK(out.dim() == 4 && out.size(0) == points.size(0) && out.size(1) == points.size(1),
-                 "out must be [B, M, H, W] with B, M from points ", points.sizes(), ", got ", out.sizes());
-  FASTCOMP_CHECK(radius >= 0, "radius must be >= 0, got ", radius);
+  check_disk_mask_args(points, radius, out, at::kCUDA);
   check_launch(disk_mask_cuda_launch(points.data_ptr<double>(), out.size(0) * out.size(1), out.size(2),
                                      out.size(3), radius * radius, out.data_ptr<bool>(), out.get_device(),
                                      reinterpret_cast<void*>(stream)),

@@ -17,7 +17,8 @@ Convention for every C++/CUDA op
    or a static CUDA error string (``cuda_utils.h`` has DeviceGuard and launch_result for that).
 3. The CUDA binding (``cuda_ops.cpp``) is compiled by g++ against torch's headers and includes no CUDA
    header. It takes tensors plus the stream as an int64 handle that Python passes
-   (``torch.cuda.current_stream(device).cuda_stream``), checks them and calls the launchers.
+   (``torch.cuda.current_stream(device).cuda_stream``), checks them (with ``tensor_checks.h``, which the
+   CPU binding shares, so both refuse the same misuse) and calls the launchers.
    So every .cu compiles with bare nvcc and the binding with g++ on a machine without a GPU (or with a
    CPU build of torch): :func:`compile_check_cuda` proves that in CI, and ``fastcomp build --check-cuda``
    runs it by hand.
