@@ -146,16 +146,20 @@ def _disk_mask_triton(points, radius, H, W):
 # C++/CUDA disk masks (csrc/cpu_ops.cpp, csrc/disk_mask.cu): the output is allocated here and written by
 # the extension, compiled on first use by fastcomp._build.
 
+def _disk_mask_extension_args(points, H, W):
+    """(float64 contiguous points, the [B, M, H, W] bool output for the kernel to write)."""
+    points = points.to(torch.float64).contiguous()
+    return points, torch.empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool, device=points.device)
+
+
 @_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem,
              input_check=lambda points: _b.device_input_problem("cpu", points),
              description="C++ extension, OpenMP over (b, m, row), vectorized over columns")
 def _disk_mask_cpu(points, radius, H, W):
     from .. import _build
 
-    ext = _build.load("cpu")
-    points = points.to(torch.float64).contiguous()
-    out = torch.empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool)
-    ext.disk_mask_cpu(points, radius, out)
+    points, out = _disk_mask_extension_args(points, H, W)
+    _build.load("cpu").disk_mask_cpu(points, radius, out)
     return out
 
 
@@ -165,8 +169,6 @@ def _disk_mask_cpu(points, radius, H, W):
 def _disk_mask_cuda(points, radius, H, W):
     from .. import _build
 
-    ext = _build.load("cuda")
-    points = points.to(torch.float64).contiguous()
-    out = torch.empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool, device=points.device)
-    ext.disk_mask_cuda(points, radius, out, torch.cuda.current_stream(points.device).cuda_stream)
+    points, out = _disk_mask_extension_args(points, H, W)
+    _build.load("cuda").disk_mask_cuda(points, radius, out, torch.cuda.current_stream(points.device).cuda_stream)
     return out
