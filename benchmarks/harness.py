@@ -252,11 +252,10 @@ def _loadavg() -> Optional[float]:
 def environment(device) -> dict[str, Any]:
     device = torch.device(device)
     name = device_name(device)
-    kind = "cpu" if device.type == "cpu" else device.type
     return {
         "device": name,
         "device_type": device.type,
-        "device_slug": slug(name if kind != "cpu" else f"cpu {cpu_name()}"),
+        "device_slug": slug(f"cpu {cpu_name()}" if device.type == "cpu" else name),
         "torch": torch.__version__,
         "triton": package_version("triton"),
         "cuda": torch.version.cuda or "none",
