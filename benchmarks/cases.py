@@ -24,6 +24,7 @@ import torch
 
 import fastcomp
 from fastcomp import backends as _backends
+from fastcomp.ops._checks import dtype_name  # noqa: F401  (re-exported: the runner and suites name dtypes)
 
 OPS = ("local_conditional_attention", "ddn_select", "ddn_gather", "pixel_locality", "disk_mask")
 TIERS = ("quick", "cpu", "gpu")
@@ -66,10 +67,6 @@ class Case:
         return f"{self.op} [{self.shape}] {self.mode}"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 # --- shared provider machinery ---------------------------------------------------------------------
 
 def with_backward(forward: Callable[[], torch.Tensor], wrt: list[torch.Tensor]) -> Callable[[], Any]:
@@ -90,10 +87,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
-def _tensors_on_cpu(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
-
-
 def backend_providers(op: str, check_args: tuple, call: Callable[[str], Callable[[], Any]]) -> list[Provider]:
     """reference first, then every other registered backend of ``op``, best first.
 
@@ -104,12 +97,8 @@ def backend_providers(op: str, check_args: tuple, call: Callable[[str], Callable
     for b in _backends.backends(op):
         if b.name == "reference":
             continue
-        if b.name == "triton" and _tensors_on_cpu(check_args):
-            out.append(Provider(b.name, skip="Triton runs CPU tensors only in its interpreter (a test path, "
-                                              "not a fast one); benchmark it on a CUDA device"))
-            continue
         try:
-            reason = b.why_not(*check_args)
+            reason = _backends.not_for_auto(b, *check_args) or b.why_not(*check_args)
         except Exception as e:  # a broken check must not sink the run
             reason = f"why_not raised {_first_line(e)}"
         if reason is not None:

@@ -123,10 +123,9 @@ def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Ba
     for candidate in backends(op):
         if candidate.name in exclude:
             continue
-        if candidate.name == "triton" and _any_cpu_tensor(args, kwargs):
-            # The interpreter runs Triton on CPU tensors for tests, orders of magnitude slower than the
-            # C++ backend: only an explicit backend="triton" gets it.
-            reasons.append("triton: CPU tensors run only through the interpreter; ask for it explicitly")
+        never_auto = not_for_auto(candidate, *args, **kwargs)
+        if never_auto is not None:
+            reasons.append(f"{candidate.name}: {never_auto}")
             continue
         reason = candidate.why_not(*args, **kwargs)
         if reason is None:
@@ -136,8 +135,17 @@ def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Ba
     raise BackendUnavailable(f"{op}: no backend can run on these inputs; " + "; ".join(reasons))
 
 
-def _any_cpu_tensor(args, kwargs) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *kwargs.values()))
+def not_for_auto(backend: Backend, *args, **kwargs) -> Reason:
+    """Why ``backend`` is never picked automatically for these inputs (None if it may be).
+
+    Triton on CPU tensors runs only in its interpreter: a test path, orders of magnitude slower than the
+    C++ backend, so only an explicit backend="triton" gets it (and benchmarks skip it).
+    """
+    on_cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in (*args, *kwargs.values()))
+    if backend.name == "triton" and on_cpu:
+        return ("CPU tensors run Triton only in its interpreter (a test path, not a fast one); ask for "
+                "backend='triton' explicitly, or use CUDA tensors")
+    return None
 
 
 # --- machine checks shared by the ops' backends ---------------------------------------------------
