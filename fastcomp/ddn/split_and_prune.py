@@ -35,25 +35,32 @@ def should_split(counts: torch.Tensor) -> bool:
 class SplitAndPrune(nn.Module):
     """Keeps the hit frequencies of DDLs near 1/K by splitting the most-hit node onto the least-hit one.
 
-    Call `.step()` once per optimizer step, after `optimizer.step()`. Every `interval` steps it drains each
-    layer's `hits` buffer (hits since the last check; all-reduced across ranks under torch.distributed so
-    every rank takes the same decision) into cumulative counts and applies the criterion up to
-    `max_splits` times per layer.
+    Call `.step()` once per training step, after `optimizer.step()` (and before the next forward). Every
+    step it moves each layer's `hits` into a pending tally on the device (no host sync); every `interval`
+    steps it sums the pending tallies over the ranks (torch.distributed all-reduce, when initialized), adds
+    them to the cumulative counts, and applies the criterion up to `max_splits` times per layer. All ranks
+    then hold the same counts and take the same decisions.
+
+    Draining `hits` every step also keeps the counts right under DistributedDataParallel, which by default
+    broadcasts rank 0's buffers (hits included) into every rank at each forward: after a drain they are
+    zero everywhere, so the broadcast loses nothing. With several forwards per step (gradient
+    accumulation) under DDP, call `.collect()` after each forward, or build DDP with
+    broadcast_buffers=False.
 
     Args:
         layers: the DiscreteDistributionLayers to manage (e.g. `model.ddls`).
         optimizer: whose per-parameter state rows are copied along with the weights (or None).
-        interval: steps between checks; the check reads counts on the host, so not every step on a GPU.
+        interval: steps between checks; a check reads the counts on the host, so not every step on a GPU.
         max_splits: splits per layer per check.
-        perturb: after a split the pruned node's copy gets this much relative Gaussian noise (times the
-            split rows' RMS) so the twins, identical otherwise, can start to specialize: with exact copies
-            the nearest-candidate tie always goes to the smaller index and the other twin would never be hit.
-            0 copies exactly. The noise comes from a generator seeded by (seed, step, layer) so every rank
-            draws the same.
+        perturb: after a split the pruned node's copy gets this much Gaussian noise (relative to the RMS
+            of the copied rows) so the twins can start to specialize: with exact copies the nearest-candidate
+            tie always goes to the smaller index and the other twin would never be hit. 0 copies exactly.
+            The noise comes from a generator seeded by (seed, step, layer), identical on every rank.
         seed: base seed of that noise.
 
-    State (in `state_dict()`, so a resumed run decides exactly as an uninterrupted one): `step` and the
-    cumulative `counts_<i>` float64 [K_i] of every layer.
+    State (in `state_dict()`, so a resumed run decides exactly as an uninterrupted one): `step_count`, the
+    cumulative `counts_<i>` float64 [K_i] and the not yet all-reduced `pending_<i>` float64 [K_i] of every
+    layer (float64 so the split can halve counts exactly).
     """
 
     def __init__(self, layers: Iterable[nn.Module], optimizer: Optional[torch.optim.Optimizer] = None, *,
@@ -68,14 +75,17 @@ class SplitAndPrune(nn.Module):
                                 f"fastcomp.nn.DiscreteDistributionLayer (with weight, bias, hits, k)")
         if interval < 1 or max_splits < 1:
             raise ValueError(f"SplitAndPrune: interval and max_splits must be >= 1, got {interval}, {max_splits}")
+        if perturb < 0:
+            raise ValueError(f"SplitAndPrune: perturb is a relative noise level >= 0, got {perturb}")
         # A plain list: the layers belong to the model, not to this module's state_dict.
         self._layers: List[nn.Module] = layers
         self.optimizer = optimizer
         self.interval, self.max_splits, self.perturb, self.seed = interval, max_splits, perturb, seed
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
         for i, layer in enumerate(layers):
-            self.register_buffer(f"counts_{i}", torch.zeros(layer.k, dtype=torch.float64,
-                                                            device=layer.hits.device))
+            zeros = torch.zeros(layer.k, dtype=torch.float64, device=layer.hits.device)
+            self.register_buffer(f"counts_{i}", zeros)
+            self.register_buffer(f"pending_{i}", zeros.clone())
         self.history: List[tuple] = []  # (step, layer, split node, pruned node) of every split
 
     @property
@@ -83,10 +93,22 @@ class SplitAndPrune(nn.Module):
         return self._layers
 
     def counts(self, i: int) -> torch.Tensor:
+        """float64 [K]: cumulative (all-reduced) hit counts of layer i."""
         return getattr(self, f"counts_{i}")
+
+    def pending(self, i: int) -> torch.Tensor:
+        return getattr(self, f"pending_{i}")
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        """Move every layer's `hits` into the pending tallies (on the device, no host sync)."""
+        for i, layer in enumerate(self._layers):
+            self.pending(i).add_(layer.hits.to(self.pending(i).device, torch.float64))
+            layer.hits.zero_()
 
     def step(self) -> int:
         """Advance one training step; on check steps, split-and-prune. Returns the number of splits."""
+        self.collect()
         self.step_count += 1
         if int(self.step_count) % self.interval:
             return 0
@@ -94,15 +116,16 @@ class SplitAndPrune(nn.Module):
 
     @torch.no_grad()
     def accumulate(self) -> None:
-        """Drain every layer's `hits` into the cumulative counts (summed over ranks)."""
-        fresh = torch.cat([layer.hits for layer in self._layers])
+        """Collect, sum the pending tallies over the ranks and add them to the cumulative counts."""
+        self.collect()
+        fresh = torch.cat([self.pending(i) for i in range(len(self._layers))])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(fresh, op=dist.ReduceOp.SUM)
         offset = 0
         for i, layer in enumerate(self._layers):
-            self.counts(i).add_(fresh[offset:offset + layer.k].to(self.counts(i).device))
+            self.counts(i).add_(fresh[offset:offset + layer.k])
             offset += layer.k
-            layer.hits.zero_()
+            self.pending(i).zero_()
 
     @torch.no_grad()
     def check(self) -> int:

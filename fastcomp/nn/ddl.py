@@ -48,8 +48,9 @@ class DiscreteDistributionLayer(nn.Module):
         backend: forwarded to fastcomp.ddn_select / ddn_gather (None: the fastest available).
 
     Parameters: `weight` [K * Cout, Cin] (a conv1x1 weight, viewed as [K, Cout, Cin]) and `bias` [K * Cout]
-    (viewed as [K, Cout]). Buffer `hits` float64 [K]: how often each candidate was the nearest in training
-    since it was last reset (fastcomp.ddn.SplitAndPrune drains it); updated on the device, no host sync.
+    (viewed as [K, Cout]). Buffer `hits` int64 [K]: how often each candidate was the nearest in training
+    since it was last drained (fastcomp.ddn.SplitAndPrune drains it every step); updated on the device
+    with no host sync.
     """
 
     def __init__(self, in_channels: int, out_channels: int, k: int, *, bias: bool = True,
@@ -68,8 +69,8 @@ class DiscreteDistributionLayer(nn.Module):
         self.chain_dropout, self.metric, self.backend = chain_dropout, metric, backend
         self.weight = nn.Parameter(torch.empty(k * out_channels, in_channels))
         self.bias = nn.Parameter(torch.empty(k * out_channels)) if bias else None
-        # float64 so that Split-and-Prune can halve counts exactly and sums stay exact far beyond 2^24.
-        self.register_buffer("hits", torch.zeros(k, dtype=torch.float64))
+        # int64: exact, and untouched by model.half() / .to(dtype), which cast floating buffers.
+        self.register_buffer("hits", torch.zeros(k, dtype=torch.int64))
         self.reset_parameters(init_scale)
 
     def reset_parameters(self, init_scale: float = 1.0) -> None:
@@ -188,5 +189,6 @@ class DiscreteDistributionLayer(nn.Module):
 
     def hit_frequencies(self) -> torch.Tensor:
         """float64 [K]: hits / total (uniform if there are none yet)."""
-        total = self.hits.sum()
-        return torch.where(total > 0, self.hits / total.clamp_min(1), torch.full_like(self.hits, 1.0 / self.k))
+        hits = self.hits.double()
+        total = hits.sum()
+        return torch.where(total > 0, hits / total.clamp_min(1), torch.full_like(hits, 1.0 / self.k))
