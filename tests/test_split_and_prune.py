@@ -15,6 +15,16 @@ from fastcomp.ddn import SplitAndPrune, should_split
 from fastcomp.nn import DiscreteDistributionLayer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tiny convolutions finish faster on one thread than OpenMP can hand work out; on busy shared
+    # cores two spinning threads were 15-40x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --- the criterion, exactly as stated: split when p_max - p_min > 1/K or p_min < 0.5/K ---------------
 # The counts are chosen so that every frequency is a binary fraction: equalities are exact.
 @pytest.mark.parametrize("counts,expected", [
