@@ -132,16 +132,18 @@ def parse_args(argv):
     p.add_argument("--out", default="ddn-demo", help="output directory (created)")
     p.add_argument("--quick", action="store_true", help="the whole pipeline in seconds (tiny model, few steps)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 3000; --quick: 40)")
-    p.add_argument("--minutes", type=float, default=6.0,
+    p.add_argument("--minutes", type=float, default=4.0,
                    help="stop training after this many minutes even if steps remain")
     p.add_argument("--k", type=int, default=None, help="candidates per layer (default 64; --quick: 8)")
     p.add_argument("--width", type=int, default=None, help="trunk channels (default 32; --quick: 8)")
-    p.add_argument("--layers-per-stage", type=int, default=None, help="DDLs per resolution (default 3)")
+    p.add_argument("--layers-per-stage", type=int, nargs="+", default=None,
+                   help="DDLs per resolution 2, 4, 8, 16 (default 2 3 3 2; --quick: 1)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=float, default=0.3,
                    help="fraction of the steps trained before Split-and-Prune is switched on")
-    p.add_argument("--sp-interval", type=int, default=10, help="steps between Split-and-Prune checks")
+    p.add_argument("--sp-interval", type=int, default=5, help="steps between Split-and-Prune checks")
+    p.add_argument("--sp-max-splits", type=int, default=2, help="splits per layer per check")
     p.add_argument("--chain-dropout", type=float, default=0.05)
     p.add_argument("--backend", default=None, help="ddn_select/ddn_gather backend (default: fastest)")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
     steps = args.steps if args.steps is not None else (40 if args.quick else 3000)
     k = args.k if args.k is not None else (8 if args.quick else 64)
     width = args.width if args.width is not None else (8 if args.quick else 32)
-    per_stage = args.layers_per_stage if args.layers_per_stage is not None else (1 if args.quick else 3)
+    per_stage = args.layers_per_stage if args.layers_per_stage is not None else ([1] if args.quick else [2, 3, 3, 2])
+    per_stage = per_stage[0] if len(per_stage) == 1 else per_stage
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
                 chain_dropout=args.chain_dropout, backend=args.backend)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     # perturb: the split twins must differ a little, or the smaller index wins every tie and the copy stays dead.
-    sp = SplitAndPrune(model.ddls, opt, interval=args.sp_interval, perturb=0.05, seed=args.seed)
+    sp = SplitAndPrune(model.ddls, opt, interval=args.sp_interval, max_splits=args.sp_max_splits,
+                       perturb=0.05, seed=args.seed)
     warmup_steps = int(round(args.warmup * steps))
     print(f"DDN: L={model.num_layers} layers at {model.layer_resolutions}, K={k}, width={width}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, {len(train)} training images; "
@@ -186,12 +190,15 @@ def main(argv=None) -> int:
     t0, seen, losses = time.perf_counter(), 0, []
     bar = tqdm(range(steps), desc="train DDN", unit="step", file=sys.stderr, mininterval=0.5)
     for step in bar:
-        if step == warmup_steps:
+        # S&P switches on after the warm-up fraction of the steps or of the time budget, whichever is first.
+        if freq_before is None and (step >= warmup_steps or
+                                    time.perf_counter() - t0 > args.warmup * args.minutes * 60):
+            warmup_steps = step
             freq_before = dataset_hit_frequencies(model, train)
             for layer in model.ddls:  # S&P starts from counts gathered from now on
                 layer.hits.zero_()
         idx = torch.randint(0, len(train), (args.batch,), generator=gen)
-        loss = model.training_step(train[idx], opt, sp if step >= warmup_steps else None)
+        loss = model.training_step(train[idx], opt, sp if freq_before is not None else None)
         seen += args.batch
         if step % 10 == 0 or step == steps - 1:
             losses.append(float(loss))  # a host sync, every 10 steps only
