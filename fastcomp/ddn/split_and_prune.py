@@ -58,7 +58,8 @@ class SplitAndPrune(nn.Module):
             The noise comes from a generator seeded by (seed, step, layer), identical on every rank.
         seed: base seed of that noise.
 
-    State (in `state_dict()`, so a resumed run decides exactly as an uninterrupted one): `step_count`, the
+    State (in `state_dict()`, so a resumed run decides exactly as an uninterrupted one): `step_count` and
+    `history` (as the module's extra state: plain Python, so reading them never syncs with a device), the
     cumulative `counts_<i>` float64 [K_i] and the not yet all-reduced `pending_<i>` float64 [K_i] of every
     layer (float64 so the split can halve counts exactly).
     """
@@ -81,12 +82,20 @@ class SplitAndPrune(nn.Module):
         self._layers: List[nn.Module] = layers
         self.optimizer = optimizer
         self.interval, self.max_splits, self.perturb, self.seed = interval, max_splits, perturb, seed
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64))
+        # A Python int, not a buffer: step() reads it every step, and a CUDA scalar would sync each time.
+        self.step_count = 0
         for i, layer in enumerate(layers):
             zeros = torch.zeros(layer.k, dtype=torch.float64, device=layer.hits.device)
             self.register_buffer(f"counts_{i}", zeros)
             self.register_buffer(f"pending_{i}", zeros.clone())
         self.history: List[tuple] = []  # (step, layer, split node, pruned node) of every split
+
+    def get_extra_state(self):
+        return {"step_count": self.step_count, "history": list(self.history)}
+
+    def set_extra_state(self, state) -> None:
+        self.step_count = int(state["step_count"])
+        self.history = [tuple(h) for h in state["history"]]
 
     @property
     def layers(self) -> List[nn.Module]:
@@ -110,7 +119,7 @@ class SplitAndPrune(nn.Module):
         """Advance one training step; on check steps, split-and-prune. Returns the number of splits."""
         self.collect()
         self.step_count += 1
-        if int(self.step_count) % self.interval:
+        if self.step_count % self.interval:
             return 0
         return self.check()
 
@@ -155,7 +164,7 @@ class SplitAndPrune(nn.Module):
         noise_gen = None
         if self.perturb > 0:
             noise_gen = torch.Generator(device="cpu")
-            noise_gen.manual_seed((self.seed * 1_000_003 + int(self.step_count)) * 1009 + i)
+            noise_gen.manual_seed((self.seed * 1_000_003 + self.step_count) * 1009 + i)
         for p in params:
             p[rows_dst] = p[rows_src]
             if noise_gen is not None:
@@ -174,7 +183,7 @@ class SplitAndPrune(nn.Module):
         half = (counts[src] + counts[dst]) / 2
         counts[src] = half
         counts[dst] = half
-        self.history.append((int(self.step_count), i, src, dst))
+        self.history.append((self.step_count, i, src, dst))
 
     def frequencies(self, i: int) -> torch.Tensor:
         """float64 [K]: cumulative hit frequencies of layer i."""
