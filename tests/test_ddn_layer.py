@@ -155,6 +155,8 @@ def test_guided_rejects_a_bad_scorer():
     layer, feats, resid, _ = make(B=2, K=5)
     with pytest.raises(ValueError, match="scorer must return a cost"):
         layer(feats, resid, scorer=lambda c: c.sum())
+    with pytest.raises(ValueError, match="chunk_size"):
+        layer(feats, resid, scorer=lambda c: c.flatten(2).sum(2), chunk_size=0)
 
 
 def test_loss_helper_and_argument_errors():

@@ -164,6 +164,8 @@ class DiscreteDistributionLayer(nn.Module):
         """Keep the candidate with the lowest scorer cost. Candidates are materialized chunk_size at a
         time (peak memory B x chunk_size x Cout x H x W); the kept one is recomputed by ddn_gather so the
         output is differentiable like the other modes."""
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"DiscreteDistributionLayer: chunk_size must be an int >= 1, got {chunk_size!r}")
         B = features.shape[0]
         best_cost = torch.full((B,), float("inf"), device=features.device, dtype=torch.float64)
         best_index = torch.zeros(B, dtype=torch.int64, device=features.device)
