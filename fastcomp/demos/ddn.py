@@ -140,9 +140,9 @@ def parse_args(argv):
                    help="DDLs per resolution 2, 4, 8, 16 (default 2 3 3 2; --quick: 1)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=float, default=0.3,
+    p.add_argument("--warmup", type=float, default=0.1,
                    help="fraction of the steps trained before Split-and-Prune is switched on")
-    p.add_argument("--sp-interval", type=int, default=5, help="steps between Split-and-Prune checks")
+    p.add_argument("--sp-interval", type=int, default=2, help="steps between Split-and-Prune checks")
     p.add_argument("--sp-max-splits", type=int, default=2, help="splits per layer per check")
     p.add_argument("--chain-dropout", type=float, default=0.05)
     p.add_argument("--backend", default=None, help="ddn_select/ddn_gather backend (default: fastest)")
