@@ -77,6 +77,17 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _dot(b_a, b_b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[X, K] @ [K, Y] -> [X, Y] fp32. UPCAST (only under TRITON_INTERPRET=1 with bfloat16): the triton 3.9
+    interpreter keeps bfloat16 as raw uint16 and multiplies the bit patterns in tl.dot, so the operands go
+    through float32 there; compiled kernels always take the native path."""
+    if UPCAST:
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+    else:
+        return tl.dot(b_a, b_b, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
 def _window_start(o_pix, size, K):
     """First key index of the window of each query index along one axis: clamp(i - K//2, 0, size - K)."""
     return tl.minimum(tl.maximum(o_pix - K // 2, 0), size - K)
@@ -90,7 +101,7 @@ def _cond_bits(b_word):
 
 
 @triton.jit
-def _online_softmax_step(b_s, b_v, m_i, l_i, b_acc):
+def _online_softmax_step(b_s, b_v, m_i, l_i, b_acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Fold one key block into the base-2 online softmax.
 
     b_s: [BQ, BN] fp32 scores in log2 units, -inf where masked; b_v: [BN, BD]; m_i, l_i: [BQ];
@@ -101,7 +112,7 @@ def _online_softmax_step(b_s, b_v, m_i, l_i, b_acc):
     b_alpha = tl.exp2(m_i - m_new)  # [BQ]
     b_p = tl.exp2(b_s - m_new[:, None])  # [BQ, BN]
     l_i = l_i * b_alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, out_dtype=tl.float32)
+    b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, PRECISION, UPCAST)
     return m_new, l_i, b_acc
 
 
@@ -125,7 +136,7 @@ def _lca_fwd_kernel(
     H, W, HEADS, D, M, N_WORDS, KH, KW, n_tiles_w,
     qk_scale,  # softmax scale * log2(e)
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_COND: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_COND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = TILE_H * TILE_W
     i_tile = tl.program_id(0)
@@ -167,12 +178,12 @@ def _lca_fwd_kernel(
         m_kd = m_n[:, None] & m_d[None, :]
         b_k = tl.load(p_k_bn + o_ki[:, None] * sk_h + o_kj[:, None] * sk_w + o_d[None, :], mask=m_kd, other=0.0)
         b_v = tl.load(p_v_bn + o_ki[:, None] * sv_h + o_kj[:, None] * sv_w + o_d[None, :], mask=m_kd, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BQ, BN]
+        b_s = _dot(b_q, tl.trans(b_k), PRECISION, UPCAST) * qk_scale  # [BQ, BN]
         m_win = ((o_ki[None, :] >= ws_i[:, None]) & (o_ki[None, :] < ws_i[:, None] + KH)
                  & (o_kj[None, :] >= ws_j[:, None]) & (o_kj[None, :] < ws_j[:, None] + KW)
                  & m_n[None, :])  # [BQ, BN] key inside the query's window
         b_s = tl.where(m_win, b_s, float("-inf"))
-        m_i, l_i, b_acc = _online_softmax_step(b_s, b_v, m_i, l_i, b_acc)
+        m_i, l_i, b_acc = _online_softmax_step(b_s, b_v, m_i, l_i, b_acc, PRECISION, UPCAST)
 
     if HAS_COND:
         p_bits_q = p_bits + ((i_b * H + o_qi) * W + o_qj) * N_WORDS  # [BQ]
@@ -185,9 +196,9 @@ def _lca_fwd_kernel(
                 m_md = (o_m < M)[:, None] & m_d[None, :]
                 b_ck = tl.load(p_ck_bn + o_m[:, None] * sck_m + o_d[None, :], mask=m_md, other=0.0)  # [32, BD]
                 b_cv = tl.load(p_cv_bn + o_m[:, None] * scv_m + o_d[None, :], mask=m_md, other=0.0)
-                b_s = tl.dot(b_q, tl.trans(b_ck), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+                b_s = _dot(b_q, tl.trans(b_ck), PRECISION, UPCAST) * qk_scale
                 b_s = tl.where(_cond_bits(b_word), b_s, float("-inf"))  # [BQ, 32]
-                m_i, l_i, b_acc = _online_softmax_step(b_s, b_cv, m_i, l_i, b_acc)
+                m_i, l_i, b_acc = _online_softmax_step(b_s, b_cv, m_i, l_i, b_acc, PRECISION, UPCAST)
 
     # Every real query sees kh*kw >= 1 image keys, so l_i > 0 for it.
     b_out = b_acc / l_i[:, None]
@@ -218,7 +229,7 @@ def _lca_bwd_dq_kernel(
     H, W, HEADS, D, M, N_WORDS, KH, KW, n_tiles_w,
     scale, qk_scale,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_COND: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_COND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = TILE_H * TILE_W
     i_tile = tl.program_id(0)
@@ -262,14 +273,14 @@ def _lca_bwd_dq_kernel(
         m_kd = m_n[:, None] & m_d[None, :]
         b_k = tl.load(p_k_bn + o_ki[:, None] * sk_h + o_kj[:, None] * sk_w + o_d[None, :], mask=m_kd, other=0.0)
         b_v = tl.load(p_v_bn + o_ki[:, None] * sv_h + o_kj[:, None] * sv_w + o_d[None, :], mask=m_kd, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+        b_s = _dot(b_q, tl.trans(b_k), PRECISION, UPCAST) * qk_scale
         m_win = ((o_ki[None, :] >= ws_i[:, None]) & (o_ki[None, :] < ws_i[:, None] + KH)
                  & (o_kj[None, :] >= ws_j[:, None]) & (o_kj[None, :] < ws_j[:, None] + KW)
                  & m_n[None, :] & m_q[:, None])  # [BQ, BN]
         b_p = tl.where(m_win, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, BN] softmax probabilities
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION, out_dtype=tl.float32)  # [BQ, BN]
+        b_dp = _dot(b_do, tl.trans(b_v), PRECISION, UPCAST)  # [BQ, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BQ, BN] d loss / d (scale * q.k)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION, out_dtype=tl.float32)
+        b_dq += _dot(b_ds.to(b_k.dtype), b_k, PRECISION, UPCAST)
 
     if HAS_COND:
         p_bits_q = p_bits + ((i_b * H + o_qi) * W + o_qj) * N_WORDS
@@ -282,16 +293,14 @@ def _lca_bwd_dq_kernel(
                 m_md = (o_m < M)[:, None] & m_d[None, :]  # [32, BD]
                 b_ck = tl.load(p_ck_bn + o_m[:, None] * sck_m + o_d[None, :], mask=m_md, other=0.0)
                 b_cv = tl.load(p_cv_bn + o_m[:, None] * scv_m + o_d[None, :], mask=m_md, other=0.0)
-                b_s = tl.dot(b_q, tl.trans(b_ck), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale
+                b_s = _dot(b_q, tl.trans(b_ck), PRECISION, UPCAST) * qk_scale
                 b_p = tl.where(_cond_bits(b_word), tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, 32]
-                b_dp = tl.dot(b_do, tl.trans(b_cv), input_precision=PRECISION, out_dtype=tl.float32)
+                b_dp = _dot(b_do, tl.trans(b_cv), PRECISION, UPCAST)
                 b_ds = b_p * (b_dp - b_delta[:, None])  # [BQ, 32]
-                b_dq += tl.dot(b_ds.to(b_ck.dtype), b_ck, input_precision=PRECISION, out_dtype=tl.float32)
+                b_dq += _dot(b_ds.to(b_ck.dtype), b_ck, PRECISION, UPCAST)
                 # Tile sums for the conditioners, added into fp32 buffers (see the module docstring).
-                b_dcv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision=PRECISION,
-                               out_dtype=tl.float32)  # [32, BD]
-                b_dck = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION,
-                               out_dtype=tl.float32) * scale  # [32, BD]
+                b_dcv = _dot(tl.trans(b_p.to(b_do.dtype)), b_do, PRECISION, UPCAST)  # [32, BD]
+                b_dck = _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PRECISION, UPCAST) * scale  # [32, BD]
                 o_cond = ((i_b * M + o_m[:, None]) * HEADS + i_n) * D + o_d[None, :]  # [32, BD]
                 tl.atomic_add(p_dcv + o_cond, b_dcv, mask=m_md)
                 tl.atomic_add(p_dck + o_cond, b_dck, mask=m_md)
@@ -318,7 +327,7 @@ def _lca_bwd_dkdv_kernel(
     H, W, HEADS, D, KH, KW, n_tiles_w,
     scale, qk_scale,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = TILE_H * TILE_W
     i_tile = tl.program_id(0)
@@ -371,12 +380,12 @@ def _lca_bwd_dkdv_kernel(
         m_win = ((o_ki[:, None] >= ws_i[None, :]) & (o_ki[:, None] < ws_i[None, :] + KH)
                  & (o_kj[:, None] >= ws_j[None, :]) & (o_kj[:, None] < ws_j[None, :] + KW)
                  & m_m[None, :] & m_k[:, None])  # [BK, BM] key inside the query's window
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION, out_dtype=tl.float32) * qk_scale  # [BK, BM]
+        b_st = _dot(b_k, tl.trans(b_q), PRECISION, UPCAST) * qk_scale  # [BK, BM]
         b_pt = tl.where(m_win, tl.exp2(b_st - b_lse[None, :]), 0.0)  # [BK, BM]
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION, out_dtype=tl.float32)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION, out_dtype=tl.float32)  # [BK, BM]
+        b_dv += _dot(b_pt.to(b_do.dtype), b_do, PRECISION, UPCAST)
+        b_dpt = _dot(b_v, tl.trans(b_do), PRECISION, UPCAST)  # [BK, BM]
         b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BK, BM]
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION, out_dtype=tl.float32)
+        b_dk += _dot(b_dst.to(b_q.dtype), b_q, PRECISION, UPCAST)
 
     b_dk = b_dk * scale
     o_out = (((i_b * H + o_ki[:, None]) * W + o_kj[:, None]) * HEADS + i_n) * D + o_d[None, :]  # [BK, BD]
@@ -495,6 +504,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    return _interpreting() and dtype == torch.bfloat16  # see _dot
+
+
 def lca_forward(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
     """Fused forward. Returns out [B, H, W, heads, D] (q.dtype) and lse [B, heads, H, W] float32 (log2)."""
     _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, "lca_forward")
@@ -525,7 +538,7 @@ def lca_forward(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
         H, W, heads, D, M, triton.cdiv(M, _COND_BLOCK), kh, kw, n_tiles_w,
         float(scale) * _RCP_LN2,
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        HAS_COND=has_cond, PRECISION=_precision(q.dtype),
+        HAS_COND=has_cond, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -583,7 +596,7 @@ def lca_backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_
         H, W, heads, D, M, triton.cdiv(M, _COND_BLOCK), kh, kw, n_tiles_w,
         float(scale), float(scale) * _RCP_LN2,
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        HAS_COND=has_cond, PRECISION=precision,
+        HAS_COND=has_cond, PRECISION=precision, UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _lca_bwd_dkdv_kernel[grid](
@@ -592,7 +605,7 @@ def lca_backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_
         H, W, heads, D, kh, kw, n_tiles_w,
         float(scale), float(scale) * _RCP_LN2,
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
-        PRECISION=precision,
+        PRECISION=precision, UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return result()
