@@ -30,16 +30,21 @@ int32 words per query ([B, H, W, words]), so a tile loads one word per query per
 that is zero for every query of the tile (disks covering a small part of the image) skips the whole
 conditioner block, its loads and its two dots.
 
-Backward: delta = rowsum(dO * O) first (fp32, torch ops), then two kernels, both recomputing P from the
+Backward: delta = rowsum(dO * O) first (fp32, torch ops), then three launches, all recomputing P from the
 stored lse (FlashAttention-2 style: recomputation is cheaper than storing any [queries, keys] tensor):
-  * _lca_bwd_dq_kernel: query-owned tiles, the forward's tiling and key box; accumulates dq in registers and
-    writes it once, no atomics. The same program handles the conditioner blocks: its dq contribution stays
-    in registers, while d cond_k = scale * dS^T Q and d cond_v = P^T dO are summed over the tile and
-    tl.atomic_add-ed in fp32 into [B, M, heads, D] buffers. Why atomics there: a conditioner is shared by
-    all H*W queries, so a conditioner-owned kernel would have only B * heads * ceil(M / 32) programs each
-    walking the whole image (too little parallelism), and per-tile partial buffers cost
-    n_tiles * B * heads * M * D * 4 bytes (268 MB at 128x128, B=4, 8 heads, M=256, D=64). Atomics are one
-    [32, D] add per tile and conditioner block, skipped with the block when no query of the tile may see it.
+  * _lca_bwd_dq_kernel with WRITE_DQ: query-owned tiles, the forward's tiling and key box, image key blocks
+    then conditioner blocks; accumulates dq in registers and writes it once, no atomics.
+  * _lca_bwd_dq_kernel with WRITE_DCOND (only when there are conditioners): the same tiles, conditioner
+    blocks only; d cond_k = scale * dS^T Q and d cond_v = P^T dO are summed over the tile and
+    tl.atomic_add-ed in fp32 into [B, M, heads, D] buffers. A separate launch, not a branch of the dq
+    launch, because the two extra [32, D] products pushed the fused kernel past 255 registers into spills
+    (sm_90 compile) for the whole kernel, image-key loop included; the extra launch re-reads Q and dO once.
+    Why atomics: a conditioner is shared by all H*W queries, so a conditioner-owned kernel would have only
+    B * heads * ceil(M / 32) programs each walking the whole image (too little parallelism), and per-tile
+    partial buffers cost n_tiles * B * heads * M * D * 4 bytes (268 MB at 128x128, B=4, 8 heads, M=256,
+    D=64). Atomics are one [32, D] add per tile and conditioner block, skipped with the block when no
+    query of the tile may see it. (Their order varies, so d cond_k / d cond_v are not bitwise
+    deterministic; dq, dk, dv are.)
   * _lca_bwd_dkdv_kernel: key-owned tiles (TILE_H x TILE_W image keys). The queries whose windows can
     contain a key of rows [a, b] are the contiguous rows [0 if a < kh else a - kh//2,
     H - 1 if b >= H - kh else b + kh//2] (and likewise for columns), because the window start is monotone
@@ -50,11 +55,11 @@ stored lse (FlashAttention-2 style: recomputation is cheaper than storing any [q
 All accumulation is fp32; the P and dS operands of the second dot of each pair are cast to the input dtype
 as FlashAttention does (fp32 inputs stay fp32 with input_precision="ieee", no TF32).
 
-Block sizes (_config): on a GPU 8 x 16 = 128-query tiles and 64-key blocks (128-key tiles and 64-query
-blocks for dk/dv), 4 warps up to D = 64 and 8 above, 2 pipeline stages; smaller tiles for float32 to keep
-registers in check. Under TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation
-through numpy, so big blocks only waste time on masked lanes: _config returns 4 x 4 tiles and 16-key
-blocks there. No autotuning: the kernels are launched with these fixed configurations.
+Block sizes (_config): on a GPU 8 x 16 = 128-query tiles and 64-key blocks (128-key tiles and 32-query
+blocks for dk/dv), 8 warps, 2 pipeline stages, picked from spill-free sm_90 compiles; smaller tiles for
+float32. Under TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so
+big blocks only waste time on masked lanes: _config returns 4 x 4 tiles and 16-key blocks there. No
+autotuning: the kernels are launched with these fixed configurations.
 """
 
 from __future__ import annotations
@@ -230,6 +235,7 @@ def _lca_bwd_dq_kernel(
     scale, qk_scale,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_COND: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    WRITE_DQ: tl.constexpr, WRITE_DCOND: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = TILE_H * TILE_W
     i_tile = tl.program_id(0)
@@ -263,24 +269,25 @@ def _lca_bwd_dq_kernel(
     box_h = _window_start(tl.minimum(r0 + TILE_H, H) - 1, H, KH) + KH - box_r0
     box_w = _window_start(tl.minimum(c0 + TILE_W, W) - 1, W, KW) + KW - box_c0
     n_box = box_h * box_w
-    p_k_bn = p_k + i_b * sk_b + i_n * sk_n
-    p_v_bn = p_v + i_b * sv_b + i_n * sv_n
-    for n0 in range(0, n_box, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_box
-        o_ki = box_r0 + o_n // box_w
-        o_kj = box_c0 + o_n % box_w
-        m_kd = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(p_k_bn + o_ki[:, None] * sk_h + o_kj[:, None] * sk_w + o_d[None, :], mask=m_kd, other=0.0)
-        b_v = tl.load(p_v_bn + o_ki[:, None] * sv_h + o_kj[:, None] * sv_w + o_d[None, :], mask=m_kd, other=0.0)
-        b_s = _dot(b_q, tl.trans(b_k), PRECISION, UPCAST) * qk_scale
-        m_win = ((o_ki[None, :] >= ws_i[:, None]) & (o_ki[None, :] < ws_i[:, None] + KH)
-                 & (o_kj[None, :] >= ws_j[:, None]) & (o_kj[None, :] < ws_j[:, None] + KW)
-                 & m_n[None, :] & m_q[:, None])  # [BQ, BN]
-        b_p = tl.where(m_win, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, BN] softmax probabilities
-        b_dp = _dot(b_do, tl.trans(b_v), PRECISION, UPCAST)  # [BQ, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])  # [BQ, BN] d loss / d (scale * q.k)
-        b_dq += _dot(b_ds.to(b_k.dtype), b_k, PRECISION, UPCAST)
+    if WRITE_DQ:  # the image keys: dq only
+        p_k_bn = p_k + i_b * sk_b + i_n * sk_n
+        p_v_bn = p_v + i_b * sv_b + i_n * sv_n
+        for n0 in range(0, n_box, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < n_box
+            o_ki = box_r0 + o_n // box_w
+            o_kj = box_c0 + o_n % box_w
+            m_kd = m_n[:, None] & m_d[None, :]
+            b_k = tl.load(p_k_bn + o_ki[:, None] * sk_h + o_kj[:, None] * sk_w + o_d[None, :], mask=m_kd, other=0.0)
+            b_v = tl.load(p_v_bn + o_ki[:, None] * sv_h + o_kj[:, None] * sv_w + o_d[None, :], mask=m_kd, other=0.0)
+            b_s = _dot(b_q, tl.trans(b_k), PRECISION, UPCAST) * qk_scale
+            m_win = ((o_ki[None, :] >= ws_i[:, None]) & (o_ki[None, :] < ws_i[:, None] + KH)
+                     & (o_kj[None, :] >= ws_j[:, None]) & (o_kj[None, :] < ws_j[:, None] + KW)
+                     & m_n[None, :] & m_q[:, None])  # [BQ, BN]
+            b_p = tl.where(m_win, tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, BN] softmax probabilities
+            b_dp = _dot(b_do, tl.trans(b_v), PRECISION, UPCAST)  # [BQ, BN]
+            b_ds = b_p * (b_dp - b_delta[:, None])  # [BQ, BN] d loss / d (scale * q.k)
+            b_dq += _dot(b_ds.to(b_k.dtype), b_k, PRECISION, UPCAST)
 
     if HAS_COND:
         p_bits_q = p_bits + ((i_b * H + o_qi) * W + o_qj) * N_WORDS
@@ -297,17 +304,20 @@ def _lca_bwd_dq_kernel(
                 b_p = tl.where(_cond_bits(b_word), tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BQ, 32]
                 b_dp = _dot(b_do, tl.trans(b_cv), PRECISION, UPCAST)
                 b_ds = b_p * (b_dp - b_delta[:, None])  # [BQ, 32]
-                b_dq += _dot(b_ds.to(b_ck.dtype), b_ck, PRECISION, UPCAST)
-                # Tile sums for the conditioners, added into fp32 buffers (see the module docstring).
-                b_dcv = _dot(tl.trans(b_p.to(b_do.dtype)), b_do, PRECISION, UPCAST)  # [32, BD]
-                b_dck = _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PRECISION, UPCAST) * scale  # [32, BD]
-                o_cond = ((i_b * M + o_m[:, None]) * HEADS + i_n) * D + o_d[None, :]  # [32, BD]
-                tl.atomic_add(p_dcv + o_cond, b_dcv, mask=m_md)
-                tl.atomic_add(p_dck + o_cond, b_dck, mask=m_md)
+                if WRITE_DQ:
+                    b_dq += _dot(b_ds.to(b_ck.dtype), b_ck, PRECISION, UPCAST)
+                if WRITE_DCOND:
+                    # Tile sums for the conditioners, added into fp32 buffers (see the module docstring).
+                    b_dcv = _dot(tl.trans(b_p.to(b_do.dtype)), b_do, PRECISION, UPCAST)  # [32, BD]
+                    b_dck = _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, PRECISION, UPCAST) * scale  # [32, BD]
+                    o_cond = ((i_b * M + o_m[:, None]) * HEADS + i_n) * D + o_d[None, :]  # [32, BD]
+                    tl.atomic_add(p_dcv + o_cond, b_dcv, mask=m_md)
+                    tl.atomic_add(p_dck + o_cond, b_dck, mask=m_md)
 
-    b_dq = b_dq * scale
-    p_dq_tile = p_dq + (((i_b * H + o_qi[:, None]) * W + o_qj[:, None]) * HEADS + i_n) * D + o_d[None, :]
-    tl.store(p_dq_tile, b_dq.to(p_dq.dtype.element_ty), mask=m_qd)
+    if WRITE_DQ:
+        b_dq = b_dq * scale
+        p_dq_tile = p_dq + (((i_b * H + o_qi[:, None]) * W + o_qj[:, None]) * HEADS + i_n) * D + o_d[None, :]
+        tl.store(p_dq_tile, b_dq.to(p_dq.dtype.element_ty), mask=m_qd)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -405,18 +415,22 @@ def _interpreting() -> bool:
 def _config(D: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch parameters (fixed, no autotuning).
 
-    GPU (A100/H100): 8 x 16 query tiles (128 queries, the size FlashAttention uses per program) over 64-key
-    blocks; dk/dv: 8 x 16 key tiles over 64-query blocks. float32 halves the tile: its operands take twice
-    the registers. Interpreter: 4 x 4 tiles and 16-key blocks, the smallest tl.dot accepts, since every
-    masked lane costs numpy time there.
+    GPU (A100/H100), half precision: 8 x 16 query tiles (128 queries per program, as FlashAttention) over
+    BLOCK_N-key blocks (64, 32 at D = 128) for the forward and dq; dk/dv: 8 x 16 key tiles over 32-query
+    blocks; 8 warps. Chosen from ahead-of-time sm_90 compiles (ptxas register report; no GPU was at hand to
+    time them): these are the largest blocks that compile without register spills (the 4-warp variants
+    and 64-query dk/dv blocks hit 255 registers and spill). float32 runs its dots on CUDA cores
+    (input_precision="ieee"), so it takes 4 x 16 tiles and 32-blocks.
+    Interpreter (TRITON_INTERPRET=1, CPU tests): 4 x 4 tiles and 16-blocks, the smallest tl.dot accepts,
+    since every masked lane costs numpy time there.
     """
     block_d = max(16, triton.next_power_of_2(D))
     if _interpreting():
         return dict(TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_M=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
-    tile_h = 4 if dtype == torch.float32 else 8
-    block_n = 32 if dtype == torch.float32 and block_d >= 128 else 64
-    return dict(TILE_H=tile_h, TILE_W=16, BLOCK_N=block_n, BLOCK_M=block_n, BLOCK_D=block_d,
-                num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    if dtype == torch.float32:
+        return dict(TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_M=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    return dict(TILE_H=8, TILE_W=16, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_M=32, BLOCK_D=block_d,
+                num_warps=8, num_stages=2)
 
 
 def _strides5(name: str, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -470,6 +484,11 @@ def _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, fn: str):
         raise RuntimeError(f"{where}: tensors on {q.device} need TRITON_INTERPRET=1 (set before importing "
                            f"this module); move them to a CUDA device or use the cpu backend")
     B, H, W, heads, D = q.shape
+    # Offsets inside one batch item are int32 in the kernels (the batch offset is int64).
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if max(abs(t.stride(1)) * H, abs(t.stride(2)) * W, abs(t.stride(3)) * heads) >= 2**31:
+            raise ValueError(f"{where}: one batch item of {name} spans 2**31 elements or more; split the image "
+                             f"or the heads into several calls")
     if not 16 <= D <= 128:
         raise ValueError(f"{where}: head dim D = {D} is outside the supported 16..128")
     kh, kw = kernel_size
@@ -590,15 +609,18 @@ def lca_backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_
     precision = _precision(q.dtype)
     n_tiles_w = triton.cdiv(W, cfg["TILE_W"])
     grid = (triton.cdiv(H, cfg["TILE_H"]) * n_tiles_w, B * heads)
-    _lca_bwd_dq_kernel[grid](
+    dq_args = (
         q, k, v, grad_out, ck, cv, bits, lse, delta, dq, dck_arg, dcv_arg,
         *sq, *sk, *sv, *sdo, *sck, *scv,
         H, W, heads, D, M, triton.cdiv(M, _COND_BLOCK), kh, kw, n_tiles_w,
         float(scale), float(scale) * _RCP_LN2,
-        TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        HAS_COND=has_cond, PRECISION=precision, UPCAST=_upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    dq_meta = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                   HAS_COND=has_cond, PRECISION=precision, UPCAST=_upcast(q.dtype),
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _lca_bwd_dq_kernel[grid](*dq_args, WRITE_DQ=True, WRITE_DCOND=False, **dq_meta)
+    if has_cond:  # the same kernel specialised to the conditioner blocks' d cond_k, d cond_v (atomics)
+        _lca_bwd_dq_kernel[grid](*dq_args, WRITE_DQ=False, WRITE_DCOND=True, **dq_meta)
     _lca_bwd_dkdv_kernel[grid](
         q, k, v, grad_out, lse, delta, dk, dv,
         *sq, *sk, *sv, *sdo,
