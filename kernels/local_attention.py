@@ -56,8 +56,8 @@ All accumulation is fp32; the P and dS operands of the second dot of each pair a
 as FlashAttention does (fp32 inputs stay fp32 with input_precision="ieee", no TF32).
 
 Block sizes (_config): on a GPU 8 x 16 = 128-query tiles and 64-key blocks (128-key tiles and 32-query
-blocks for dk/dv), 8 warps, 2 pipeline stages, picked from spill-free sm_90 compiles; smaller tiles for
-float32. Under TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so
+blocks for dk/dv), 8 warps, 2 pipeline stages, picked from spill-free sm_90/sm_80 compiles; smaller tiles
+for float32. Under TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so
 big blocks only waste time on masked lanes: _config returns 4 x 4 tiles and 16-key blocks there. No
 autotuning: the kernels are launched with these fixed configurations.
 """
@@ -416,11 +416,15 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch parameters (fixed, no autotuning).
 
     GPU (A100/H100), half precision: 8 x 16 query tiles (128 queries per program, as FlashAttention) over
-    BLOCK_N-key blocks (64, 32 at D = 128) for the forward and dq; dk/dv: 8 x 16 key tiles over 32-query
-    blocks; 8 warps. Chosen from ahead-of-time sm_90 compiles (ptxas register report; no GPU was at hand to
-    time them): these are the largest blocks that compile without register spills (the 4-warp variants
-    and 64-query dk/dv blocks hit 255 registers and spill). float32 runs its dots on CUDA cores
-    (input_precision="ieee"), so it takes 4 x 16 tiles and 32-blocks.
+    BLOCK_N-key blocks (64, 32 at D = 128) for the forward and dq; dk/dv: 8 x 16 key tiles over BLOCK_M-query
+    blocks (32, 16 at D = 128); 8 warps. Chosen from ahead-of-time sm_90 and sm_80 compiles with triton 3.6
+    and 3.9 (ptxas register report; no GPU was at hand to time them): the largest blocks that compile
+    without register spills (the 4-warp variants, 64-query dk/dv blocks and, on sm_80 at D = 128,
+    32-query dk/dv blocks hit 255 registers and spill).
+    float32 runs its dots with input_precision="ieee" on CUDA cores (exact enough for float32 references;
+    "tf32x3" spilled as much and needed up to 208 KB of shared memory); it is the correctness path, not
+    the fast one, and takes small 4 x 16 tiles with 32-blocks (16 and one stage at D > 64, which still
+    spills registers to local memory).
     Interpreter (TRITON_INTERPRET=1, CPU tests): 4 x 4 tiles and 16-blocks, the smallest tl.dot accepts,
     since every masked lane costs numpy time there.
     """
@@ -428,9 +432,11 @@ def _config(D: int, dtype: torch.dtype) -> dict:
     if _interpreting():
         return dict(TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_M=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
     if dtype == torch.float32:
-        return dict(TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_M=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return dict(TILE_H=8, TILE_W=16, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_M=32, BLOCK_D=block_d,
-                num_warps=8, num_stages=2)
+        small = block_d <= 64
+        return dict(TILE_H=4, TILE_W=16, BLOCK_N=32 if small else 16, BLOCK_M=32 if small else 16,
+                    BLOCK_D=block_d, num_warps=4, num_stages=2 if small else 1)
+    return dict(TILE_H=8, TILE_W=16, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_M=32 if block_d <= 64 else 16,
+                BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
 def _strides5(name: str, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
