@@ -30,7 +30,7 @@ int32 words per query ([B, H, W, words]), so a tile loads one word per query per
 that is zero for every query of the tile (disks covering a small part of the image) skips the whole
 conditioner block, its loads and its two dots.
 
-Backward: delta = rowsum(dO * O) first (fp32, torch ops), then three launches, all recomputing P from the
+Backward: delta = rowsum(dO * O) first (fp32, _lca_bwd_delta_kernel), then three launches, all recomputing P from the
 stored lse (FlashAttention-2 style: recomputation is cheaper than storing any [queries, keys] tensor):
   * _lca_bwd_dq_kernel with WRITE_DQ: query-owned tiles, the forward's tiling and key box, image key blocks
     then conditioner blocks; accumulates dq in registers and writes it once, no atomics.
@@ -210,6 +210,37 @@ def _lca_fwd_kernel(
     p_out_tile = (p_out + (((i_b * H + o_qi[:, None]) * W + o_qj[:, None]) * HEADS + i_n) * D + o_d[None, :])
     tl.store(p_out_tile, b_out.to(p_out.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
     tl.store(p_lse + (i_b * HEADS + i_n) * H * W + o_qi * W + o_qj, m_i + tl.log2(l_i), mask=m_q)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Backward: delta = rowsum(dO * O)
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lca_bwd_delta_kernel(
+    p_do, p_o,  # [B, H, W, heads, D], strides below, unit stride along D
+    p_delta,  # [B, heads, H, W] fp32 contiguous
+    sdo_b, sdo_h, sdo_w, sdo_n,
+    so_b, so_h, so_w, so_n,
+    H, W, HEADS, D,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_blk = tl.program_id(0)
+    i_bn = tl.program_id(1)
+    i_b = (i_bn // HEADS).to(tl.int64)
+    i_n = i_bn % HEADS
+    o_p = i_blk * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP] flat pixel index
+    m_p = o_p < H * W
+    o_i = o_p // W
+    o_j = o_p % W
+    o_d = tl.arange(0, BLOCK_D)
+    m_pd = m_p[:, None] & (o_d < D)[None, :]  # [BP, BD]
+    b_do = tl.load(p_do + i_b * sdo_b + i_n * sdo_n + o_i[:, None] * sdo_h + o_j[:, None] * sdo_w + o_d[None, :],
+                   mask=m_pd, other=0.0).to(tl.float32)  # [BP, BD]
+    b_o = tl.load(p_o + i_b * so_b + i_n * so_n + o_i[:, None] * so_h + o_j[:, None] * so_w + o_d[None, :],
+                  mask=m_pd, other=0.0).to(tl.float32)  # [BP, BD]
+    tl.store(p_delta + (i_b * HEADS + i_n) * H * W + o_p, tl.sum(b_do * b_o, 1), mask=m_p)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -595,13 +626,19 @@ def lca_backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_
     if dq.numel() == 0:
         return result()
     grad_out = grad_out.to(q.dtype)
-    # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax-backward row term, fp32.
-    delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()  # [B, heads, H, W]
     lse = lse.contiguous()
     q, sq = _strides5("q", q)
     k, sk = _strides5("k", k)
     v, sv = _strides5("v", v)
     grad_out, sdo = _strides5("grad_out", grad_out)
+    out, so = _strides5("out", out)
+    # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax-backward row term, fp32.
+    delta = torch.empty(B, heads, H, W, dtype=torch.float32, device=q.device)
+    block_p = 16 if _interpreting() else 64
+    _lca_bwd_delta_kernel[(triton.cdiv(H * W, block_p), B * heads)](
+        grad_out, out, delta, *sdo, *so, H, W, heads, D,
+        BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4,
+    )
     if has_cond:
         ck, sck = _strides4(cond_k)
         cv, scv = _strides4(cond_v)
