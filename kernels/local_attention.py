@@ -526,6 +526,8 @@ def _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, fn: str):
         if max(abs(t.stride(1)) * H, abs(t.stride(2)) * W, abs(t.stride(3)) * heads) >= 2**31:
             raise ValueError(f"{where}: one batch item of {name} spans 2**31 elements or more; split the image "
                              f"or the heads into several calls")
+    if B * heads > 65535:  # grid axis 1 is batch * head, which CUDA caps at 65535
+        raise ValueError(f"{where}: batch * heads = {B * heads} exceeds 65535; split the batch into chunks")
     if not 16 <= D <= 128:
         raise ValueError(f"{where}: head dim D = {D} is outside the supported 16..128")
     kh, kw = kernel_size
