@@ -4,10 +4,10 @@
 
 Forward and forward+backward of fastcomp.kernels.local_attention (lca_forward / lca_backward) against
 torch.compile(flex_attention) with the same block mask (benchmarks/cases.py builds it), median times from
-triton.testing.do_bench, plus the effective TFLOP/s of the useful work (4 * D flops per query-key pair
-forward, 3.5x that forward+backward: the
-backward costs 2.5 forwards, as FlashAttention counts). Needs CUDA. `fastcomp bench` is the
-harness of record once the op registers the Triton backend; this script times the kernels alone.
+triton.testing.do_bench, plus the effective TFLOP/s of the useful work (4 * D flops per allowed query-key
+pair forward, 3.5x that forward+backward: the backward costs 2.5 forwards, as FlashAttention counts).
+Needs CUDA. `fastcomp bench` is the harness of record once the op registers the Triton backend; this
+script times the kernels alone.
 """
 
 from __future__ import annotations
