@@ -121,3 +121,27 @@ def _select_reference(features, weight, target, bias, residual, metric):
 @_b.register(GATHER, "reference", priority=0, description="materializes all K candidates, then indexes")
 def _gather_reference(features, weight, index, bias, residual):
     return ddn_gather_reference(features, weight, index, bias, residual)
+
+
+# --- fast backends ----------------------------------------------------------------------------------
+# cpu: fastcomp/ops/_ddn_torch.py (float64 expansion + exact re-ranking for l2, chunked direct for l1);
+# triton: kernels/ddn.py; cuda: csrc/ddn.cu. None holds the B x K x Cout x H x W candidates.
+
+def _cpu_input_problem(*tensors):
+    return _b.device_input_problem("cpu", *tensors)
+
+
+@_b.register(SELECT, "cpu", priority=10, input_check=lambda f, w, t, b, r: _cpu_input_problem(f, w, t, b, r),
+             description="float64 Gram expansion + exact re-ranking of the near-best (l2); chunked over K (l1)")
+def _select_cpu(features, weight, target, bias, residual, metric):
+    from ._ddn_torch import select_cpu
+
+    return select_cpu(features, weight, target, bias, residual, metric)
+
+
+@_b.register(GATHER, "cpu", priority=10, input_check=lambda f, w, i, b, r: _cpu_input_problem(f, w, i, b, r),
+             description="bmm of the gathered weights; backward by index_add")
+def _gather_cpu(features, weight, index, bias, residual):
+    from ._ddn_torch import gather_cpu
+
+    return gather_cpu(features, weight, index, bias, residual)
