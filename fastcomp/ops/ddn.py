@@ -145,3 +145,28 @@ def _gather_cpu(features, weight, index, bias, residual):
     from ._ddn_torch import gather_cpu
 
     return gather_cpu(features, weight, index, bias, residual)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _triton_input_problem(*tensors):
+    return _b.triton_input_problem(*tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
+
+
+@_b.register(SELECT, "triton", priority=15, machine_check=_b.triton_problem,
+             input_check=lambda f, w, t, b, r: _triton_input_problem(f, w, t, b, r),
+             description="fused distances per (b, k block) with tl.dot, candidates in registers; torch argmin")
+def _select_triton(features, weight, target, bias, residual, metric):
+    from ..kernels.ddn import ddn_select_triton
+
+    return ddn_select_triton(features, weight, target, bias, residual, metric)
+
+
+@_b.register(GATHER, "triton", priority=15, machine_check=_b.triton_problem,
+             input_check=lambda f, w, i, b, r: _triton_input_problem(f, w, i, b, r),
+             description="the chosen candidate per (b, pixel block); backward by bmm/index_add")
+def _gather_triton(features, weight, index, bias, residual):
+    from ..kernels.ddn import ddn_gather_triton
+
+    return ddn_gather_triton(features, weight, index, bias, residual)
