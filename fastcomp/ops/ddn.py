@@ -170,3 +170,55 @@ def _gather_triton(features, weight, index, bias, residual):
     from ..kernels.ddn import ddn_gather_triton
 
     return ddn_gather_triton(features, weight, index, bias, residual)
+
+
+# CUDA (csrc/ddn.cu through csrc/ddn_cuda_ops.cpp): fused distances + argmin kernels and the gather
+# kernel; the backward is ChosenCandidate's bmm/index_add (cuBLAS already does those well).
+
+def _cuda_input_problem(*tensors):
+    return _b.device_input_problem("cuda", *tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
+
+
+def _cuda_args(features, weight, bias, residual):
+    def c(t):
+        return None if t is None else t.detach().contiguous()
+
+    return c(features), c(weight), c(bias), c(residual)
+
+
+def _cuda_gather_forward(ext, stream, features, weight, index, bias, residual):
+    f, w, b, r = _cuda_args(features, weight, bias, residual)
+    out = torch.empty(f.shape[0], w.shape[1], f.shape[2], f.shape[3], dtype=f.dtype, device=f.device)
+    ext.ddn_gather_cuda(f, w, index.contiguous(), b, r, out, stream)
+    return out
+
+
+@_b.register(SELECT, "cuda", priority=20, machine_check=_b.cuda_problem,
+             input_check=lambda f, w, t, b, r: _cuda_input_problem(f, w, t, b, r),
+             description="CUDA kernels: fused distances (kTileK candidates per block) + argmin; torch backward")
+def _select_cuda(features, weight, target, bias, residual, metric):
+    from .. import _build
+    from ._ddn_torch import chosen_candidate
+
+    ext = _build.load("cuda")
+    stream = torch.cuda.current_stream(features.device).cuda_stream
+    f, w, b, r = _cuda_args(features, weight, bias, residual)
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    dist = torch.empty(f.shape[0], w.shape[0], dtype=acc, device=f.device)
+    index = torch.empty(f.shape[0], dtype=torch.int64, device=f.device)
+    ext.ddn_select_cuda(f, w, target.contiguous(), b, r, metric == "l1", dist, index, stream)
+    out = _cuda_gather_forward(ext, stream, features, weight, index, bias, residual)
+    return chosen_candidate(features, weight, bias, residual, index, out), index, dist.float()
+
+
+@_b.register(GATHER, "cuda", priority=20, machine_check=_b.cuda_problem,
+             input_check=lambda f, w, i, b, r: _cuda_input_problem(f, w, i, b, r),
+             description="CUDA kernel, one thread per (b, pixel); torch backward")
+def _gather_cuda(features, weight, index, bias, residual):
+    from .. import _build
+    from ._ddn_torch import chosen_candidate
+
+    ext = _build.load("cuda")
+    stream = torch.cuda.current_stream(features.device).cuda_stream
+    out = _cuda_gather_forward(ext, stream, features, weight, index, bias, residual)
+    return chosen_candidate(features, weight, bias, residual, index, out)
