@@ -4,37 +4,44 @@ Triton and CUDA backends share (the chosen-candidate autograd.Function).
 Shapes: features [B, Cin, H, W], weight [K, Cout, Cin], bias [K, Cout] or None, residual and target
 [B, Cout, H, W] (residual may be None); N = Cout * H * W elements per candidate.
 
-l2 ("algebraic"): with augmented features f~_p = [f_p; 1; e_p] (D = Cin + 1 + Cout rows, e = residual -
-target) and augmented weights W~_k = [W_k | b_k | I_Cout] (Cout x D), candidate_k - target = W~_k f~ at
-every pixel, so
+l2 ("algebraic", `expanded_l2`): with e = residual - target,
 
-    N * distances[b, k] = sum_p ||W~_k f~_p||^2 = <P_k, G_b>,  P_k = W~_k^T W~_k,  G_b = sum_p f~_p f~_p^T
+    N * distances[b, k] = sum_p ||W_k f_p + b_k + e_p||^2 = A + 2 X + C,
+    A = <W_k^T W_k, G_b>,  G_b = sum_p f_p f_p^T  (Cin x Cin Gram matrix per sample),
+    X = <W_k, M_b> + b_k . (W_k s_b),  M_b = sum_p e_p f_p^T,  s_b = sum_p f_p,
+    C = HW ||b_k||^2 + 2 b_k . sum_p e_p + sum_p ||e_p||^2.
 
-(D x D, symmetric: only the upper triangle is used). Cost B*D^2*HW for the Gram matrices plus
-B*K*D^2/2 for one GEMM, instead of B*K*Cout*Cin*HW for the candidates; no product of K with H*W.
-The expansion cancels catastrophically when the candidates are far from 0 (a residual of 1e4 makes the
-terms ~1e8 for a distance ~1), so it runs in float64 and is guarded:
+Cost B*Cin^2*HW (Gram) + K*Cout*Cin^2 (W_k^T W_k) + B*K*Cin^2 (one GEMM) + small terms, instead of
+B*K*Cout*Cin*HW for the candidates: no product of K with H*W. The expansion cancels when the
+candidates are far from 0 relative to their distance to the target, so it is guarded:
 
-* error bound: |expanded - exact| <= bound[b, k] = (HW + D^2 + 8) * eps64 * ||W~_k||_F^2 * tr(G_b) / N
-  (each rounding in the Gram matrix, in P_k and in the dot product is bounded by the Cauchy-Schwarz
-  majorant sum_p ||W~_k||_F^2 ||f~_p||^2 = ||W~_k||_F^2 tr(G_b));
-* re-ranking: every k whose expanded distance lies within 2 * max_k bound[b, k] plus the rounding noise
-  the reference itself has in the input dtype (`_reference_noise`) of the row's minimum is recomputed
-  exactly, as the reference does (candidate in the input dtype, distance accumulated in float32 or
+* A (a sum of squares, the bulk of the flops) runs in float32 (float64 for float64 inputs); X and C in
+  float64 from e formed in float64, so a residual and a target sharing a large offset (1e4) cancel
+  exactly before anything is squared.
+* error bound (Cauchy-Schwarz majorant of every rounding in the Gram matrices, W^T W and the dot
+  products): |expanded - exact| <= bound[b, k] = (HW + Cin^2 + 4) u_A ||W_k||_F^2 tr(G_b) / N
+  + (HW + Cin Cout + 8) u_64 ||W~_k||_F^2 tr(G~_b) / N, with W~ = [W | b | I] and G~ the Gram matrix
+  of [f; 1; e].
+* re-ranking: every k whose expanded distance lies within 2 max_k bound[b, k], plus the rounding noise
+  the reference itself has in the input dtype (`_reference_noise`), of the row's minimum is recomputed
+  exactly as the reference does (candidate in the input dtype, distance accumulated in float32 or
   float64), chunk by chunk, and the index is the argmin of those exact distances (ties -> smallest k).
   So the index equals the reference's argmin except where the reference's own rounding decides
   (genuine near-ties), and the chosen candidate's distance is computed as the reference computes it.
 * returned distances: the exactly recomputed ones for every re-ranked k (the chosen one included); the
-  others are the float64 expansion rounded to float32, absolute error <= bound[b, k] + float32 rounding.
+  others are the expansion rounded to float32: absolute error <= bound[b, k] + float32 rounding.
 
 l1 has no such expansion: a direct computation, chunked over K so that at most ~2^18 candidate elements
 exist at once, distances for all K, then argmin.
 
-Measured (2 shared cores, float32, forward only, B=32 Cin=64 Cout=3 K=512 16x16): this algebraic l2
-select 9 ms; the direct chunked computation (the l1 path run with the square; the same flops a C++ loop
-nest would do, through torch's GEMM) 140 ms; the reference 330 ms. The direct computation needs
-B*K*Cout*Cin*HW = 805M multiply-adds, the expansion ~40M + 38M (float64), so no hand-written direct C++
-kernel could catch up: the CPU backend is this PyTorch formulation (no C++).
+Measured (CPU time of one thread, on 2 cores shared with other jobs so wall times were 2-3x noisier;
+float32, forward + backward, B=32 Cin=64 Cout=3):
+    K=512 16x16: this expansion 10.9 ms, the reference 301 ms; the direct computation (the l1 path with
+                 the square: B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, which is what a
+                 C++ loop nest over candidates would do at best) ~140 ms forward alone.
+    K=64 32x32:  this expansion 28 ms, the reference 149 ms.
+The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512, so no hand-written direct
+C++ kernel could catch up: the CPU backend is this PyTorch formulation (no C++).
 
 Backward goes only through the chosen candidate (`ChosenCandidate`): d weight[k] = sum over the samples
 b that chose k of d out_b f_b^T (index_add), d features = W_idx^T d out, d bias = index_add of d out summed
@@ -49,8 +56,8 @@ import torch
 
 # At most this many candidate elements (B * chunk * Cout * H * W) exist at once in the direct paths.
 _CHUNK_ELEMENTS = 1 << 18
-# At most this many float64 elements per temporary in the expansion (Gram chunk, P chunk).
-_EXPANSION_ELEMENTS = 1 << 17
+# At most this many float64 elements (4 MiB) per temporary in the expansion (Gram chunk, P chunk).
+_EXPANSION_ELEMENTS = 1 << 19
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,61 +158,78 @@ def exact_distances(features, weight, target, bias, residual, metric, k_idx):
 
 # --- l2 by expansion --------------------------------------------------------------------------------
 
-def _gram(features, target, residual):
-    """G_b = sum_p f~_p f~_p^T, float64 [B, D, D] with f~ = [features; 1; residual - target]."""
+def _feature_sums(features, e):
+    """Float64 (M [B, Cin, Cout] = sum_p f_p e_p^T, s_f [B, Cin] = sum_p f_p), B-chunked."""
     B, Cin, H, W = features.shape
-    Cout = target.shape[1]
-    D = Cin + 1 + Cout
     HW = H * W
-    gram = torch.empty(B, D, D, dtype=torch.float64, device=features.device)
-    step = max(1, _EXPANSION_ELEMENTS // (D * HW))
+    Cout = e.shape[1]
+    m_fe = torch.empty(B, Cin, Cout, dtype=torch.float64, device=features.device)
+    s_f = torch.empty(B, Cin, dtype=torch.float64, device=features.device)
+    step = max(1, _EXPANSION_ELEMENTS // (Cin * HW))
     for b0 in range(0, B, step):
-        b1 = min(B, b0 + step)
-        f_aug = torch.empty(b1 - b0, D, HW, dtype=torch.float64, device=features.device)
-        f_aug[:, :Cin] = features[b0:b1].reshape(b1 - b0, Cin, HW)
-        f_aug[:, Cin] = 1.0
-        e = f_aug[:, Cin + 1:]
-        e.copy_(target[b0:b1].reshape(b1 - b0, Cout, HW)).neg_()
-        if residual is not None:
-            e += residual[b0:b1].reshape(b1 - b0, Cout, HW)
-        torch.bmm(f_aug, f_aug.transpose(1, 2), out=gram[b0:b1])
-    return gram
-
-
-def _augmented_weight(weight, bias):
-    """W~ = [W | b | I], float64 [K, Cout, D]."""
-    K, Cout, Cin = weight.shape
-    w_aug = torch.zeros(K, Cout, Cin + 1 + Cout, dtype=torch.float64, device=weight.device)
-    w_aug[:, :, :Cin] = weight
-    if bias is not None:
-        w_aug[:, :, Cin] = bias
-    w_aug[:, :, Cin + 1:] = torch.eye(Cout, dtype=torch.float64, device=weight.device)
-    return w_aug
+        x = features[b0:b0 + step].reshape(-1, Cin, HW).to(torch.float64)  # [b, Cin, HW]
+        torch.bmm(x, e[b0:b0 + step].transpose(1, 2), out=m_fe[b0:b0 + step])
+        torch.sum(x, dim=2, out=s_f[b0:b0 + step])
+    return m_fe, s_f
 
 
 def expanded_l2(features, weight, target, bias, residual):
-    """(distances float64 [B, K] by the expansion, their error bound float64 [B, K])."""
+    """(distances float64 [B, K] by the expansion, their error bound float64 [B, K]).
+
+    N * d[b, k] = A + 2 X + C with
+      A = sum_p ||W_k f_p||^2 = <W_k^T W_k, G_b>, G_b = sum_p f_p f_p^T       (Cin x Cin: the bulk)
+      X = <W_k, M_b> + b_k . (W_k s_b),  M_b = sum_p e_p f_p^T, s_b = sum_p f_p, e = residual - target
+      C = HW ||b_k||^2 + 2 b_k . sum_p e_p + sum_p ||e_p||^2.
+    A runs in float32 (float64 for float64 inputs): it is a sum of squares, its rounding is bounded by
+    (HW + Cin^2 + 4) u * ||W_k||_F^2 tr(G_b). X and C run in float64 from e formed in float64, so a
+    residual and a target that share a large offset cancel exactly before anything is squared. Their
+    rounding is bounded by (HW + Cin * Cout + 8) u64 * ||W~_k||_F^2 tr(G~_b) (W~ = [W | b | I],
+    G~ the Gram matrix of [f; 1; e]), by the same Cauchy-Schwarz majorant.
+    """
     B, Cin, H, W = features.shape
     K, Cout, _ = weight.shape
-    D = Cin + 1 + Cout
-    N = Cout * H * W
-    gram = _gram(features, target, residual)  # [B, D, D]
-    w_aug = _augmented_weight(weight, bias)  # [K, Cout, D]
-    o_i, o_j = torch.triu_indices(D, D, device=features.device)  # upper triangle, [T] each
-    o_flat = o_i * D + o_j
-    # Off-diagonal entries stand for both (i, j) and (j, i).
-    g_tri = gram.flatten(1)[:, o_flat] * torch.where(o_i == o_j, 1.0, 2.0).to(torch.float64)  # [B, T]
-    dist = torch.empty(B, K, dtype=torch.float64, device=features.device)
-    step = max(1, _EXPANSION_ELEMENTS // (D * D))
+    HW, N = H * W, Cout * H * W
+    dev = features.device
+    cd = torch.float64 if features.dtype == torch.float64 else torch.float32  # dtype of A
+    f64 = torch.float64
+
+    # A: one Gram matrix per sample, P_k = W_k^T W_k in chunks of K, one GEMM per chunk.
+    x = features.reshape(B, Cin, HW).to(cd)
+    gram = torch.bmm(x, x.transpose(1, 2)).view(B, Cin * Cin)  # [B, Cin^2]
+    w_cd = weight.to(cd)
+    dist = torch.empty(B, K, dtype=f64, device=dev)
+    step = max(1, _EXPANSION_ELEMENTS // (Cin * Cin))
     for k0 in range(0, K, step):
-        w = w_aug[k0:k0 + step]  # [k, Cout, D]
-        p_tri = torch.bmm(w.transpose(1, 2), w).flatten(1)[:, o_flat]  # [k, T]
-        torch.mm(g_tri, p_tri.t(), out=dist[:, k0:k0 + w.shape[0]])
+        w = w_cd[k0:k0 + step]  # [k, Cout, Cin]
+        # (a contiguous W_k^T: MKL's batched GEMM is ~50x slower on the transposed view with inner size Cout)
+        p = torch.bmm(w.transpose(1, 2).contiguous(), w).view(w.shape[0], Cin * Cin)  # [k, Cin^2]
+        dist[:, k0:k0 + w.shape[0]] = torch.mm(gram, p.t())
+    tr_ff = gram.view(B, Cin, Cin).diagonal(dim1=1, dim2=2).sum(dim=1).to(f64)  # [B]
+
+    # X and C in float64.
+    e = -target.reshape(B, Cout, HW).to(f64)
+    if residual is not None:
+        e += residual.reshape(B, Cout, HW)
+    m_fe, s_f = _feature_sums(features, e)  # [B, Cin, Cout], [B, Cin]
+    w64 = weight.to(f64)
+    dist.addmm_(m_fe.transpose(1, 2).reshape(B, Cout * Cin), w64.view(K, Cout * Cin).t(), alpha=2.0)
+    e_sq = e.square().sum(dim=(1, 2))  # [B]
+    dist += e_sq[:, None]
+    if bias is not None:
+        b64 = bias.to(f64)
+        wtb = torch.bmm(b64[:, None, :], w64).squeeze(1)  # [K, Cin] = W_k^T b_k
+        dist.addmm_(s_f, wtb.t(), alpha=2.0)
+        dist.addmm_(e.sum(dim=2), b64.t(), alpha=2.0)
+        dist += HW * b64.square().sum(dim=1)[None, :]
     dist /= N
-    trace = gram.diagonal(dim1=1, dim2=2).sum(dim=1)  # [B]
-    w_norm = w_aug.square().sum(dim=(1, 2))  # [K]
-    eps = torch.finfo(torch.float64).eps
-    bound = ((H * W + D * D + 8) * eps / N) * trace[:, None] * w_norm[None, :]
+
+    w_norm = w64.square().sum(dim=(1, 2))  # [K]
+    w_aug_norm = w_norm + Cout + (0.0 if bias is None else bias.to(f64).square().sum(dim=1))  # ||W~_k||_F^2
+    tr_aug = tr_ff + HW + e_sq  # tr(G~_b)
+    u_a = torch.finfo(cd).eps
+    u64 = torch.finfo(f64).eps
+    bound = ((HW + Cin * Cin + 4) * u_a / N) * tr_ff[:, None] * w_norm[None, :]
+    bound += ((HW + Cin * Cout + 8) * u64 / N) * tr_aug[:, None] * w_aug_norm[None, :]
     return dist, bound
 
 
