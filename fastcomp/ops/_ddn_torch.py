@@ -36,12 +36,16 @@ candidates are far from 0 relative to their distance to the target, so it is gua
 l1 has no such expansion: a direct computation, chunked over K so that at most ~2^18 candidate elements
 exist at once, distances for all K, then argmin.
 
-Measured (CPU time of one thread, on 2 cores shared with other jobs so wall times were 2-3x noisier;
-float32, forward + backward, B=32 Cin=64 Cout=3):
-    K=512 16x16: this expansion 10.9 ms, the reference 301 ms; the direct computation (the l1 path with
-                 the square: B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, which is what a
-                 C++ loop nest over candidates would do at best) ~140 ms forward alone.
-    K=64 32x32:  this expansion 28 ms, the reference 149 ms.
+Measured (2 cores shared with other jobs, load ~8; float32, forward + backward, B=32 Cin=64 Cout=3;
+`OMP_WAIT_POLICY=PASSIVE fastcomp bench --op ddn_select`; without PASSIVE, OpenMP's spinning threads
+on oversubscribed cores made every small op cost a time slice and all timings meaningless):
+    K=512 16x16: this expansion 28.9 ms, the reference 623 ms (21.6x), peak 6.9 MB vs 194 MB;
+                 one-thread CPU time 11-14 ms vs 300-330 ms. The direct computation (the l1 path with
+                 the square: B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, what a C++
+                 loop nest over candidates would do at best) took ~140 ms forward alone.
+    K=64 32x32:  this expansion 33.5 ms, the reference 152 ms (4.5x); one-thread CPU time 22-29 ms vs
+                 110-160 ms. The Gram matrices (B*Cin^2*HW = 134M multiply-adds, ~3.5 ms at peak) and
+                 the chosen candidate's forward/backward (~4 ms) are the floor here.
 The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512, so no hand-written direct
 C++ kernel could catch up: the CPU backend is this PyTorch formulation (no C++).
 
