@@ -12,6 +12,8 @@
 #include "tensor_checks.h"
 
 namespace fastcomp {
+void register_ddn_cuda(pybind11::module_& m);  // csrc/ddn_cuda_ops.cpp
+
 namespace {
 
 void check_launch(const char* error, const char* op) {
@@ -37,4 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("disk_mask_cuda", &fastcomp::disk_mask_cuda, pybind11::arg("points"), pybind11::arg("radius"),
         pybind11::arg("out"), pybind11::arg("stream"),
         "points [B, M, 2] float64, out [B, M, H, W] bool (written), stream: cudaStream_t as int64");
+  fastcomp::register_ddn_cuda(m);
 }

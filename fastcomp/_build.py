@@ -75,7 +75,7 @@ import torch
 # (it would never be built): compile_check_cuda refuses it.
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu_ops.cpp",),
-    "cuda": ("cuda_ops.cpp", "disk_mask.cu"),
+    "cuda": ("cuda_ops.cpp", "disk_mask.cu", "ddn_cuda_ops.cpp", "ddn.cu"),
 }
 
 # Device code for Ampere (A100) and Hopper (H100/H200), plus PTX so newer GPUs can JIT it; the present

@@ -121,3 +121,104 @@ def _select_reference(features, weight, target, bias, residual, metric):
 @_b.register(GATHER, "reference", priority=0, description="materializes all K candidates, then indexes")
 def _gather_reference(features, weight, index, bias, residual):
     return ddn_gather_reference(features, weight, index, bias, residual)
+
+
+# --- fast backends ----------------------------------------------------------------------------------
+# cpu: fastcomp/ops/_ddn_torch.py (float64 expansion + exact re-ranking for l2, chunked direct for l1);
+# triton: kernels/ddn.py; cuda: csrc/ddn.cu. None holds the B x K x Cout x H x W candidates.
+
+def _cpu_input_problem(*tensors):
+    return _b.device_input_problem("cpu", *tensors)
+
+
+@_b.register(SELECT, "cpu", priority=10, input_check=lambda f, w, t, b, r: _cpu_input_problem(f, w, t, b, r),
+             description="float64 Gram expansion + exact re-ranking of the near-best (l2); chunked over K (l1)")
+def _select_cpu(features, weight, target, bias, residual, metric):
+    from ._ddn_torch import select_cpu
+
+    return select_cpu(features, weight, target, bias, residual, metric)
+
+
+@_b.register(GATHER, "cpu", priority=10, input_check=lambda f, w, i, b, r: _cpu_input_problem(f, w, i, b, r),
+             description="bmm of the gathered weights; backward by index_add")
+def _gather_cpu(features, weight, index, bias, residual):
+    from ._ddn_torch import gather_cpu
+
+    return gather_cpu(features, weight, index, bias, residual)
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _triton_input_problem(*tensors):
+    return _b.triton_input_problem(*tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
+
+
+@_b.register(SELECT, "triton", priority=15, machine_check=_b.triton_problem,
+             input_check=lambda f, w, t, b, r: _triton_input_problem(f, w, t, b, r),
+             description="fused distances per (b, k block) with tl.dot, candidates in registers; torch argmin")
+def _select_triton(features, weight, target, bias, residual, metric):
+    from ..kernels.ddn import ddn_select_triton
+
+    return ddn_select_triton(features, weight, target, bias, residual, metric)
+
+
+@_b.register(GATHER, "triton", priority=15, machine_check=_b.triton_problem,
+             input_check=lambda f, w, i, b, r: _triton_input_problem(f, w, i, b, r),
+             description="the chosen candidate per (b, pixel block); backward by bmm/index_add")
+def _gather_triton(features, weight, index, bias, residual):
+    from ..kernels.ddn import ddn_gather_triton
+
+    return ddn_gather_triton(features, weight, index, bias, residual)
+
+
+# CUDA (csrc/ddn.cu through csrc/ddn_cuda_ops.cpp): fused distances + argmin kernels and the gather
+# kernel; the backward is ChosenCandidate's bmm/index_add (cuBLAS already does those well).
+
+def _cuda_input_problem(*tensors):
+    return _b.device_input_problem("cuda", *tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
+
+
+def _cuda_args(features, weight, bias, residual):
+    def c(t):
+        return None if t is None else t.detach().contiguous()
+
+    return c(features), c(weight), c(bias), c(residual)
+
+
+def _cuda_gather_forward(ext, stream, features, weight, index, bias, residual):
+    f, w, b, r = _cuda_args(features, weight, bias, residual)
+    out = torch.empty(f.shape[0], w.shape[1], f.shape[2], f.shape[3], dtype=f.dtype, device=f.device)
+    ext.ddn_gather_cuda(f, w, index.contiguous(), b, r, out, stream)
+    return out
+
+
+@_b.register(SELECT, "cuda", priority=20, machine_check=_b.cuda_problem,
+             input_check=lambda f, w, t, b, r: _cuda_input_problem(f, w, t, b, r),
+             description="CUDA kernels: fused distances (kTileK candidates per block) + argmin; torch backward")
+def _select_cuda(features, weight, target, bias, residual, metric):
+    from .. import _build
+    from ._ddn_torch import chosen_candidate
+
+    ext = _build.load("cuda")
+    stream = torch.cuda.current_stream(features.device).cuda_stream
+    f, w, b, r = _cuda_args(features, weight, bias, residual)
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    dist = torch.empty(f.shape[0], w.shape[0], dtype=acc, device=f.device)
+    index = torch.empty(f.shape[0], dtype=torch.int64, device=f.device)
+    ext.ddn_select_cuda(f, w, target.contiguous(), b, r, metric == "l1", dist, index, stream)
+    out = _cuda_gather_forward(ext, stream, features, weight, index, bias, residual)
+    return chosen_candidate(features, weight, bias, residual, index, out), index, dist.float()
+
+
+@_b.register(GATHER, "cuda", priority=20, machine_check=_b.cuda_problem,
+             input_check=lambda f, w, i, b, r: _cuda_input_problem(f, w, i, b, r),
+             description="CUDA kernel, one thread per (b, pixel); torch backward")
+def _gather_cuda(features, weight, index, bias, residual):
+    from .. import _build
+    from ._ddn_torch import chosen_candidate
+
+    ext = _build.load("cuda")
+    stream = torch.cuda.current_stream(features.device).cuda_stream
+    out = _cuda_gather_forward(ext, stream, features, weight, index, bias, residual)
+    return chosen_candidate(features, weight, bias, residual, index, out)
