@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -13,13 +14,17 @@ class PixelLocality:
 
     profile: [2R+1, 2R+1] float64, profile[R + di, R + dj] = mean |d fn(x)[b, c', p] / d x[b, c, p + delta]|
              over b, c, c' and output pixels p with p + delta inside the image (delta = (di, dj)).
-    leakage: fraction of the total |J| mass at offsets outside the radius (0 for a radius-local fn).
+    leakage: fraction of the total |J| mass at offsets outside the radius (0 for a radius-local fn); NaN
+             for method "colored" (it cannot see beyond R); for "auto", the estimate from sampled exact rows.
     """
 
     profile: torch.Tensor
     radius: int
     leakage: float
     method: str
+    # method="auto": what the sampled exact check saw (pixels [n, 3] (channel, row, col), sampled_leakage,
+    # aliased_fraction, tolerance, fell_back); None otherwise.
+    check: Optional[dict] = None
 
     def mass_radius(self, q: float) -> int:
         """Smallest r whose centred (2r+1)^2 square of the profile holds fraction q of its mass."""
