@@ -14,6 +14,7 @@ commands:
   info     which backends of every op can run on this machine, and why not
   bench    benchmark every op's backends against the reference (--quick, --op, --device, --dtype)
   build    compile the C++/CUDA extensions now instead of on first use
+  probe    Jacobian locality of a saved model (torch.save'd module or TorchScript): profile, radii, PNG
 
 `fastcomp <command> --help` shows a command's options."""
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
         from .benchmarks.runner import main as run
     elif command == "build":
         from ._build import main as run
+    elif command == "probe":
+        from .probe.cli import main as run
     else:
         print(f"fastcomp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
