@@ -119,10 +119,13 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto", ch
         raise ValueError(f"{op}: x has an empty batch ({check.fmt_shape(x.shape)}); the profile is a mean "
                          f"over batch items, so pass at least one")
     _output_of(op, fn, (x,), B, H, W)
-    R = radius
     x = x.detach()
     xg = x.clone().requires_grad_(True)
     y = fn(xg)
+    R = radius
+    if not y.requires_grad:  # fn ignores x: every Jacobian entry is 0
+        return PixelLocality(profile=torch.zeros(2 * R + 1, 2 * R + 1, dtype=torch.float64, device=x.device),
+                             radius=R, leakage=0.0, method=method if method != "auto" else "colored")
     check_batch_independent(op, y, xg, "pixels")
     C_out = y.shape[1]
     del y, xg
