@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "common.h"
-#include "tensor_checks.h"
 
 namespace fastcomp {
 namespace {
@@ -85,6 +84,13 @@ void demux_all(const scalar_t* p_g, const int64_t* p_origins, int64_t N, int64_t
   }
 }
 
+// tensor_checks.h's check_tensor, restated for CPU only: that header pulls in torch/python.h.
+void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype, const char* dtype_name) {
+  FASTCOMP_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device().str());
+  FASTCOMP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, ", got ", t.scalar_type());
+  FASTCOMP_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
 }  // namespace
 
 void probe_demux_cpu(const at::Tensor& g, const at::Tensor& origins, int64_t stride, int64_t radius, bool transpose,
@@ -96,10 +102,10 @@ void probe_demux_cpu(const at::Tensor& g, const at::Tensor& origins, int64_t str
   FASTCOMP_CHECK(g.dim() == 5, "g must be [N, B, K, H, W], got ", g.sizes());
   FASTCOMP_CHECK(radius >= 0, "radius must be >= 0, got ", radius);
   FASTCOMP_CHECK(stride >= 2 * radius + 1, "stride must be >= 2 * radius + 1 = ", 2 * radius + 1, ", got ", stride);
-  check_tensor(origins, "origins", at::kCPU, at::kLong, "int64");
-  check_tensor(sums, "sums", at::kCPU, at::kDouble, "float64");
-  check_tensor(counts, "counts", at::kCPU, at::kDouble, "float64");
-  check_tensor(outside, "outside", at::kCPU, at::kDouble, "float64");
+  check_cpu(origins, "origins", at::kLong, "int64");
+  check_cpu(sums, "sums", at::kDouble, "float64");
+  check_cpu(counts, "counts", at::kDouble, "float64");
+  check_cpu(outside, "outside", at::kDouble, "float64");
   const int64_t N = g.size(0), BK = g.size(1) * g.size(2), H = g.size(3), W = g.size(4);
   const int64_t s = 2 * radius + 1;
   FASTCOMP_CHECK(origins.dim() == 2 && origins.size(0) == N && origins.size(1) == 2,
