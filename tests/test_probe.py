@@ -97,9 +97,8 @@ def test_demux_is_listed_and_refuses_bad_backends():
     names = [b.name for b in fastcomp.backends.backends("probe_demux")]
     assert {"reference", "cpu", "triton"} <= set(names)
     g, origins = demux_inputs(1, 1, 1, 3, 3, 1, 3)
-    with pytest.raises(BackendUnavailable, match="cuda"):
-        probe_demux(g, origins, stride=3, radius=1, backend="cuda") if "cuda" in names else \
-            (_ for _ in ()).throw(BackendUnavailable("no cuda backend"))
+    with pytest.raises((ValueError, BackendUnavailable), match="cuda"):
+        probe_demux(g, origins, stride=3, radius=1, backend="cuda")
     with pytest.raises(ValueError, match="stride"):
         probe_demux(g, origins, stride=2, radius=1)
 
@@ -133,7 +132,7 @@ def test_colored_and_exact_equal_the_reference_on_conv_stacks(B, C, C_out, H, W,
     assert ref.leakage == 0.0 and ref.mass_radius(1.0) == rf
     for mode in ("forward", "reverse"):
         exact = pixel_locality(fn, x, radius=R, method="exact", mode=mode, chunk_size=64)
-        colored = pixel_locality(fn, x, radius=R, method="colored", mode=mode, chunk_size=17)  # several chunks
+        colored = pixel_locality(fn, x, radius=R, method="colored", mode=mode, chunk_size=40)  # several chunks
         auto = pixel_locality(fn, x, radius=R, mode=mode)
         for res in (exact, colored, auto):
             assert (res.profile - ref.profile).abs().max() <= 1e-10 * ref.profile.abs().max(), (mode, res.method)
@@ -183,7 +182,7 @@ def test_unsupported_forward_mode_falls_back_to_reverse():
 
 # --- a global model: the coloured probe must not silently alias ------------------------------------
 
-def global_attention(C=2, dim=8, H=7, W=9):
+def global_attention(C=2, dim=8):
     """1-layer self-attention over all pixels (plus a 3x3 conv): every output depends on every input."""
     g = torch.Generator().manual_seed(1)
     wq, wk, wv = (torch.randn(dim, C, generator=g, dtype=f64) for _ in range(3))
@@ -200,7 +199,7 @@ def global_attention(C=2, dim=8, H=7, W=9):
 
 
 def test_auto_detects_a_global_model_and_falls_back_to_exact():
-    fn, x = global_attention(), torch.randn(2, 2, 7, 9, dtype=f64)
+    fn, x = global_attention(), torch.randn(2, 2, 5, 7, dtype=f64)
     ref = pixel_locality_reference(fn, x, 2)
     colored = pixel_locality(fn, x, radius=2, method="colored")
     assert (colored.profile - ref.profile).abs().max() > 1e-3 * ref.profile.abs().max()  # aliased: wrong
