@@ -3,6 +3,7 @@ default `fastcomp bench` tier, whose CPU probe case is 24x24).
 
     python -m fastcomp.benchmarks.probe_bench                  # 32x32 and 64x64, B4, 3-channel 9x9 convnet
     python -m fastcomp.benchmarks.probe_bench --sizes 32 --rounds 5 --json out.json
+    python -m fastcomp.benchmarks.probe_bench --threads 1     # on a machine shared with other jobs
 
 Providers, timed in interleaved rounds on the same inputs so a machine whose load drifts affects them
 alike: ``reference`` (the exact baseline of the issue: one backward pass per output element, C'*H*W passes),
@@ -80,7 +81,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--chunks", default="16,64,243", help="chunk sizes for the memory column")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). On a shared machine use 1: a multi-threaded op "
+                        "waits for descheduled threads, which penalizes the reference's thousands of small "
+                        "ops far more than the batched probes and inflates the speedups")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     env = harness.environment(torch.device("cpu"))
     print(f"probe benchmark on {env['device']}, torch {env['torch']}, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)

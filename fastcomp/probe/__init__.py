@@ -3,6 +3,10 @@ each conditioner.
 
     pixel_locality(fn, x, *, radius, method="auto") -> PixelLocality
     conditioner_locality(fn, x, cond, cond_mask)    -> ConditionerLocality
+    locality_vs_noise(denoiser, x0, sigmas, *, radius) -> NoiseLocality
+
+The probes run batched and chunked (fastcomp.probe._engine) and are reduced to the profile by the fused
+probe_demux op (C++ on CPU, Triton on CUDA; fastcomp.probe._demux).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from typing import Optional
 import torch
 
 from ..ops import _checks as check
-from ..reference.probe import check_batch_independent, conditioner_locality_reference
-from ._demux import Demuxed, probe_demux
+from ..reference.probe import check_batch_independent
+from ._demux import Demuxed, probe_demux  # noqa: F401  (Demuxed: probe_demux's result type)
 from ._engine import MODES, PixelProber, check_chunk_size
 from .noise import NoiseLocality, locality_vs_noise
 from .results import ConditionerLocality, PixelLocality
