@@ -66,8 +66,12 @@ def _progress(total: int, desc: str, enabled: Optional[bool]):
 
 
 def pattern(channels: torch.Tensor, origins: torch.Tensor, stride: int, B: int, K: int, H: int, W: int,
-            dtype, device) -> torch.Tensor:
-    """[n, B, K, H, W] probe vectors: 1 at channel channels[k] and pixels origins[k] + stride * (a, b)."""
+            dtype, device, channels_last: bool = False) -> torch.Tensor:
+    """[n, B, K, H, W] probe vectors: 1 at channel channels[k] and pixels origins[k] + stride * (a, b).
+
+    channels_last: store them as [n, B, H, W, K] (the shape stays [n, B, K, H, W]): vmap folds n into the
+    batch, and convolutions over few channels run ~3x faster in that layout on CPU (oneDNN).
+    """
     rows = torch.arange(H, device=device)
     cols = torch.arange(W, device=device)
     o_row, o_col = origins[:, 0:1].to(device), origins[:, 1:2].to(device)
@@ -75,7 +79,10 @@ def pattern(channels: torch.Tensor, origins: torch.Tensor, stride: int, B: int, 
     on_col = ((cols - o_col) % stride == 0) & (cols >= o_col)  # [n, W]
     pix = (on_row[:, :, None] & on_col[:, None, :]).to(dtype)  # [n, H, W]
     onehot = torch.nn.functional.one_hot(channels.to(device), K).to(dtype)  # [n, K]
-    return (onehot[:, :, None, None] * pix[:, None]).unsqueeze(1).expand(-1, B, -1, -1, -1).contiguous()
+    vecs = (onehot[:, :, None, None] * pix[:, None]).unsqueeze(1).expand(-1, B, -1, -1, -1)
+    if channels_last:
+        return vecs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return vecs.contiguous()
 
 
 class PixelProber:
@@ -95,6 +102,12 @@ class PixelProber:
         self._y = None  # reverse mode: fn(x) with its graph, built once
         self._xg = None
         self.batched = True  # False once batched backward failed: one pass per probe
+        # Channels-last x and probe vectors: much faster convolutions; dropped (with a retry) for a fn
+        # that cannot take them (e.g. one that calls .view on its input).
+        self.channels_last = x.dim() == 4 and x.shape[1] > 1
+
+    def _layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     @property
     def channels(self) -> int:
@@ -103,7 +116,7 @@ class PixelProber:
 
     def _graph(self):
         if self._y is None:
-            self._xg = self.x.clone().requires_grad_(True)
+            self._xg = self._layout(self.x.clone()).requires_grad_(True)
             self._y = self.fn(self._xg)
         return self._xg, self._y
 
@@ -127,7 +140,7 @@ class PixelProber:
     def _forward(self, vecs: torch.Tensor) -> torch.Tensor:
         from torch.func import jvp, vmap
 
-        x = self.x
+        x = self._layout(self.x)
         with math_attention():
             return vmap(lambda t: jvp(self.fn, (x,), (t,))[1])(vecs.to(x.dtype))
 
@@ -147,11 +160,15 @@ class PixelProber:
             start = 0
             while start < n:
                 ch, org = channels[start:start + chunk], origins[start:start + chunk]
-                vecs = pattern(ch, org, stride, B, self.channels, H, W, self.x.dtype, self.x.device)
+                vecs = pattern(ch, org, stride, B, self.channels, H, W, self.x.dtype, self.x.device,
+                               channels_last=self.channels_last)
                 if self.mode == "forward":
                     try:
                         g = self._forward(vecs)
                     except (RuntimeError, NotImplementedError) as e:
+                        if start == 0 and self.channels_last:
+                            self.channels_last = False  # retry in the standard layout first
+                            return self.run(make_probes, stride, radius, desc)
                         if self.requested_mode == "forward" or start > 0:
                             raise
                         # Forward-mode AD or vmap cannot run this fn: redo everything in reverse mode.
@@ -161,8 +178,14 @@ class PixelProber:
                         self.mode = "reverse"
                         return self.run(make_probes, stride, radius, desc)
                 else:
-                    g = self._reverse(vecs)
-                d = probe_demux(g.detach(), org, stride=stride, radius=radius, transpose=self.mode == "forward",
+                    try:
+                        g = self._reverse(vecs)
+                    except RuntimeError:
+                        if not (start == 0 and self.channels_last):
+                            raise
+                        self.channels_last, self._y, self._xg = False, None, None
+                        return self.run(make_probes, stride, radius, desc)
+                d = probe_demux(g.detach().contiguous(), org, stride=stride, radius=radius, transpose=self.mode == "forward",
                                 backend=self.backend)
                 sums += d.sums
                 counts += d.counts
