@@ -389,10 +389,11 @@ def test_probe_argument_errors():
 
 @pytest.mark.gpu
 def test_pixel_locality_on_cuda_matches_cpu():
-    fn = conv_stack(3, 3, (3, 3), dtype=torch.float32)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Conv2d(3, 3, 3, padding=1)).eval()
     x = torch.randn(2, 3, 17, 15)
-    cpu = pixel_locality(fn, x, radius=2, method="colored")
-    gpu = pixel_locality(fn, x.cuda(), radius=2, method="colored")  # demux on the triton backend
+    cpu = pixel_locality(net, x, radius=2, method="colored")
+    gpu = pixel_locality(net.cuda(), x.cuda(), radius=2, method="colored")  # demux on the triton backend
     assert_close(gpu.profile.cpu(), cpu.profile, ratio=1e-5)
-    exact = pixel_locality(fn, x.cuda(), radius=2, method="exact", chunk_size=100)
+    exact = pixel_locality(net, x.cuda(), radius=2, method="exact", chunk_size=100)
     assert exact.leakage == 0.0 and exact.mass_radius(1.0) == 2
