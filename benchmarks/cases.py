@@ -341,10 +341,11 @@ def _probe_inputs(size: ProbeSize, device, dtype) -> dict:
 
 
 def _probe_methods() -> list[str]:
-    """Public methods other than the reference algorithm ("exact") and the dispatcher ("auto")."""
+    """Public methods other than the dispatcher ("auto"): "exact" (batched; the reference provider is the
+    one-backward-per-element baseline) and "colored"."""
     from fastcomp import probe
 
-    return [m for m in getattr(probe, "METHODS", ("auto", "exact", "colored")) if m not in ("auto", "exact")]
+    return [m for m in getattr(probe, "METHODS", ("auto", "exact", "colored")) if m != "auto"]
 
 
 def _probe_providers(inp: dict, options: Options) -> list[Provider]:

@@ -15,6 +15,7 @@
 #endif
 
 #include "common.h"
+#include "probe_cpu.h"
 #include "tensor_checks.h"
 
 namespace fastcomp {
@@ -102,4 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How this extension was compiled: compiler, OpenMP, SIMD instruction sets enabled");
   m.def("disk_mask_cpu", &fastcomp::disk_mask_cpu, pybind11::arg("points"), pybind11::arg("radius"),
         pybind11::arg("out"), "points [B, M, 2] float64, out [B, M, H, W] bool (written)");
+  m.def("probe_demux_cpu", &fastcomp::probe_demux_cpu, pybind11::arg("g"), pybind11::arg("origins"),
+        pybind11::arg("stride"), pybind11::arg("radius"), pybind11::arg("transpose"), pybind11::arg("sums"),
+        pybind11::arg("counts"), pybind11::arg("outside"),
+        "g [N, B, K, H, W] probe results; writes sums, counts [N, (2R+1)^2] and outside [N] (float64)");
 }

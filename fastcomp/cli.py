@@ -15,6 +15,7 @@ commands:
   bench    benchmark every op's backends against the reference (--quick, --op, --device, --dtype)
   build    compile the C++/CUDA extensions now instead of on first use
   demo     end-to-end demos (`fastcomp demo ddn`; `fastcomp demo --help` lists them)
+  probe    Jacobian locality of a saved model (torch.save'd module or TorchScript): profile, radii, PNG
 
 `fastcomp <command> --help` shows a command's options."""
 
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
         from ._build import main as run
     elif command == "demo":
         from .demos import main as run
+    elif command == "probe":
+        from .probe.cli import main as run
     else:
         print(f"fastcomp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

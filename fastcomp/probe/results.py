@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -13,13 +14,17 @@ class PixelLocality:
 
     profile: [2R+1, 2R+1] float64, profile[R + di, R + dj] = mean |d fn(x)[b, c', p] / d x[b, c, p + delta]|
              over b, c, c' and output pixels p with p + delta inside the image (delta = (di, dj)).
-    leakage: fraction of the total |J| mass at offsets outside the radius (0 for a radius-local fn).
+    leakage: fraction of the total |J| mass at offsets outside the radius (0 for a radius-local fn); NaN
+             for method "colored" (it cannot see beyond R); for "auto", the estimate from sampled exact rows.
     """
 
     profile: torch.Tensor
     radius: int
     leakage: float
     method: str
+    # method="auto": what the sampled exact check saw (pixels [n, 3] (channel, row, col), sampled_leakage,
+    # aliased_fraction, tolerance, fell_back); None otherwise.
+    check: Optional[dict] = None
 
     def mass_radius(self, q: float) -> int:
         """Smallest r whose centred (2r+1)^2 square of the profile holds fraction q of its mass."""
@@ -64,3 +69,24 @@ class ConditionerLocality:
 
     attribution: torch.Tensor
     inside_fraction: torch.Tensor
+
+    def plot(self, b: int = 0, cond_mask: Optional[torch.Tensor] = None, axes=None, max_panels: int = 8,
+             title: str = "conditioner attribution"):
+        """Heatmaps of attribution[b, m] over the image, one panel per conditioner (at most max_panels),
+        with cond_mask[b, m] ([B, M, H, W] bool) outlined when given. Needs matplotlib (fastcomp[plot])."""
+        import matplotlib.pyplot as plt
+
+        M = min(self.attribution.shape[1], max_panels)
+        if axes is None:
+            fig, axes = plt.subplots(1, M, figsize=(2.6 * M, 2.6), squeeze=False)
+            axes = axes[0]
+        for m in range(M):
+            ax = axes[m]
+            ax.imshow(self.attribution[b, m].cpu().numpy(), cmap="viridis")
+            if cond_mask is not None:
+                ax.contour(cond_mask[b, m].cpu().numpy().astype(float), levels=[0.5], colors="w", linewidths=0.8)
+            ax.set_title(f"m={m}: inside {float(self.inside_fraction[b, m]):.3f}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0].figure.suptitle(title)
+        return axes
