@@ -86,3 +86,13 @@ def _nan_poison(request, monkeypatch):
     monkeypatch.setattr(torch, "empty_like", empty_like)
     monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread. Tiny convolutions finish faster on one thread than OpenMP can hand
+    work out, and on busy shared cores two spinning threads were measured 15-40x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,14 +11,7 @@ from fastcomp.models import DDN, ColorHintScorer, InpaintingScorer, SuperResolut
 from helpers import assert_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tiny convolutions finish faster on one thread than OpenMP can hand work out; on busy shared
-    # cores two spinning threads were 15-40x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
 
 def tiny(**kw):

@@ -16,13 +16,7 @@ PNGS = ["samples.png", "reconstructions.png", "guided_superres.png", "guided_inp
         "hit_frequencies.png"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: one thread beats OpenMP's hand-off, by far on busy shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
 
 def _png_size(path):

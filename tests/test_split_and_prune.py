@@ -15,14 +15,7 @@ from fastcomp.ddn import SplitAndPrune, should_split
 from fastcomp.nn import DiscreteDistributionLayer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tiny convolutions finish faster on one thread than OpenMP can hand work out; on busy shared
-    # cores two spinning threads were 15-40x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
 
 # --- the criterion, exactly as stated: split when p_max - p_min > 1/K or p_min < 0.5/K ---------------
