@@ -14,6 +14,7 @@
 #include <omp.h>
 #endif
 
+#include "attention_cpu.h"
 #include "common.h"
 #include "tensor_checks.h"
 
@@ -102,4 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "How this extension was compiled: compiler, OpenMP, SIMD instruction sets enabled");
   m.def("disk_mask_cpu", &fastcomp::disk_mask_cpu, pybind11::arg("points"), pybind11::arg("radius"),
         pybind11::arg("out"), "points [B, M, 2] float64, out [B, M, H, W] bool (written)");
+  m.def("local_attention_forward_cpu", &fastcomp::local_attention_forward_cpu,
+        "local conditional attention forward (csrc/attention_cpu.h): writes out and lse");
+  m.def("local_attention_backward_cpu", &fastcomp::local_attention_backward_cpu,
+        "local conditional attention backward (csrc/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
 }
