@@ -390,8 +390,16 @@ void load_rows_t(const Problem<T>& P, const T* x, int64_t b, int64_t h, int64_t 
     load_row_t(P, x + ((b * P.H + r) * P.W) * P.pix() + h * P.D, T(1), dst + (r - r0) * P.D * P.ld);
 }
 
-inline int threads_for(int64_t tasks) {
+// Threads for a region of `tasks` tasks and `work` multiply-adds: below ~1e5 starting threads costs more
+// than it saves (tests and gradcheck make thousands of tiny calls).
+inline int threads_for(int64_t tasks, int64_t work) {
+  if (work < (int64_t{1} << 17)) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads())));
+}
+
+template <typename T>
+int64_t work_of(const Problem<T>& P) {
+  return P.B * P.NH * P.H * P.W * P.D * (P.keys() + P.M);
 }
 
 template <typename T>
@@ -405,7 +413,7 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
   const int64_t tasks = bh * blocks;
   const int64_t c_stride = P.NH * P.D;
 
-#pragma omp parallel num_threads(threads_for(tasks))
+#pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
     RowScratch<T> R(P);
     const int64_t rows_max = std::min<int64_t>(P.H, rows_per + P.kh);
@@ -469,7 +477,7 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
   const int64_t tasks = P.B * P.NH;
   const int64_t c_stride = P.NH * P.D;
   const int64_t img = P.H * P.D * P.ld + P.ld;
-#pragma omp parallel num_threads(threads_for(tasks))
+#pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
     RowScratch<T> R(P);
     std::vector<T> kt(img, T(0)), vt(img, T(0)), gk(img), gv(img), go_t(P.D * P.ld + P.ld, T(0)),
