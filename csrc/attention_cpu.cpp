@@ -57,6 +57,10 @@ struct Lanes {
   static constexpr int kBorder = 32 / sizeof(T);
 };
 
+// Query-side transposed rows [D][ld] are read up to kFront lanes before their start by window_scatter
+// (lanes that are multiplied by zero weights): they live kFront elements into a zeroed buffer.
+constexpr int64_t kFront = 64;
+
 inline int64_t window_start(int64_t i, int64_t k, int64_t n) {
   return std::min(std::max<int64_t>(i - k / 2, 0), n - k);
 }
@@ -263,32 +267,104 @@ void weighted_sum(const Problem<T>& P, const T* w, const T* vt, int64_t r_first,
   }
 }
 
-// Adjoint of window_dot for one row: g[r_first+dr][d][col(j, dc)] += sum_j w[(dr*kw+dc)][j] * x[d][j]
-// (dk from dS and q, dv from P and dO). Exact lanes only: this accumulates, garbage lanes would stick.
+// Scratch of window_scatter for one (b, head): zero-padded interior weights, and the border queries'
+// contributions kept apart in [H][kw][D] (contiguous in D) until the end of the task.
 template <typename T>
-void window_scatter(const Problem<T>& P, const T* w, const T* x, int64_t r_first, T* g) {
-  Segment sg[3];
-  const int n = segments(P.W, P.kw, sg);
-  const int64_t ld = P.ld, D = P.D, kw = P.kw;
+struct ScatterScratch {
+  const Problem<T>& P;
+  int64_t zld;  // row length of z: kFront lanes before column 0, ld after
+  std::vector<T> z, left_k, right_k, left_v, right_v;
+  explicit ScatterScratch(const Problem<T>& P_)
+      : P(P_), zld(kFront + P_.ld), z(P_.kw * zld + P_.ld, T(0)), left_k(P_.H * P_.kw * P_.D),
+        right_k(P_.H * P_.kw * P_.D), left_v(P_.H * P_.kw * P_.D), right_v(P_.H * P_.kw * P_.D) {}
+  void reset() {
+    for (auto* v : {&left_k, &right_k, &left_v, &right_v}) std::fill(v->begin(), v->end(), T(0));
+  }
+  // g[r][d][c] += left[r][dc][d] (c = dc) and right[r][dc][d] (c = W - kw + dc).
+  void fold_borders(T* g, const T* left, const T* right) const {
+    if (P.kw / 2 == 0) return;
+    for (int64_t r = 0; r < P.H; ++r)
+      for (int64_t dc = 0; dc < P.kw; ++dc)
+        for (int64_t d = 0; d < P.D; ++d) {
+          T* gd = g + (r * P.D + d) * P.ld;
+          gd[dc] += left[(r * P.kw + dc) * P.D + d];
+          gd[P.W - P.kw + dc] += right[(r * P.kw + dc) * P.D + d];
+        }
+  }
+};
+
+// Adjoint of window_dot for one row: g[r_first+dr][d][col(j, dc)] += sum_j w[(dr*kw+dc)][j] * x[d][j]
+// (dk from dS and q, dv from P and dO).
+// Interior queries: for a block of key columns c, the queries that see c at offset dc are j = c + kw/2 - dc;
+// with the weights of non-interior queries zeroed (z), every column gathers over dc with register
+// accumulators and contiguous loads. Border queries (the same window for all of them) add
+// sum_j w[dc][j] x_row[j][:] into left/right [H][kw][D], vectorized over D from the heads-last row
+// x_row (x = x_row^T * mul).
+template <typename T>
+void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row, T mul, int64_t r_first, T* g,
+                    T* left, T* right, ScatterScratch<T>& Z) {
+  constexpr int JB = Lanes<T>::kBlock;
+  constexpr int ND = 4;
+  const int64_t ld = P.ld, D = P.D, kw = P.kw, half = kw / 2, W = P.W, pix = P.pix();
   for (int64_t dr = 0; dr < P.kh; ++dr) {
-    T* g_row = g + (r_first + dr) * D * ld;
-    for (int64_t d = 0; d < D; ++d) {
-      const T* __restrict px = x + d * ld;
-      T* __restrict pg = g_row + d * ld;
-      for (int t = 0; t < n; ++t) {
-        const Segment& s = sg[t];
-        for (int64_t dc = 0; dc < kw; ++dc) {
-          const T* __restrict pw = w + (dr * kw + dc) * ld;
-          if (s.bcast) {
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = s.j0; j < s.j1; ++j) sum += pw[j] * px[j];
-            pg[s.base + dc] += sum;
-          } else {
-            T* __restrict pgs = pg + s.base + dc;
+    const int64_t r = r_first + dr;
+    // z[dc][j] = w[dr*kw + dc][j] for interior j, else 0 (lanes kFront before 0 and up to ld after W).
+    for (int64_t dc = 0; dc < kw; ++dc) {
+      const T* __restrict pw = w + (dr * kw + dc) * ld;
+      T* __restrict pz = Z.z.data() + dc * Z.zld + kFront;
+      for (int64_t j = 0; j < half; ++j) pz[j] = T(0);
 #pragma omp simd
-            for (int64_t j = s.j0; j < s.j1; ++j) pgs[j] = std::fma(pw[j], px[j], pgs[j]);
+      for (int64_t j = half; j < W - half; ++j) pz[j] = pw[j];
+      for (int64_t j = W - half; j < ld; ++j) pz[j] = T(0);
+    }
+    T* g_row = g + r * D * ld;
+    for (int64_t c0 = 0; c0 < W; c0 += JB) {
+      const int64_t n = std::min<int64_t>(JB, W - c0);
+      int64_t d = 0;
+      for (; d + ND <= D; d += ND) {
+        T acc[ND][JB];
+        for (int m = 0; m < ND; ++m)
+          for (int jj = 0; jj < JB; ++jj) acc[m][jj] = T(0);
+        for (int64_t dc = 0; dc < kw; ++dc) {
+          const int64_t j0 = c0 + half - dc;  // query of lane 0 for this offset; may be < 0 (zero weights)
+          const T* __restrict pz = Z.z.data() + dc * Z.zld + kFront + j0;
+          const T* __restrict px = x + d * ld + j0;
+          for (int m = 0; m < ND; ++m) {
+#pragma omp simd
+            for (int jj = 0; jj < JB; ++jj) acc[m][jj] = std::fma(pz[jj], px[m * ld + jj], acc[m][jj]);
           }
+        }
+        for (int m = 0; m < ND; ++m) {
+          T* __restrict pg = g_row + (d + m) * ld + c0;
+          for (int jj = 0; jj < n; ++jj) pg[jj] += acc[m][jj];
+        }
+      }
+      for (; d < D; ++d) {
+        T acc[JB];
+        for (int jj = 0; jj < JB; ++jj) acc[jj] = T(0);
+        for (int64_t dc = 0; dc < kw; ++dc) {
+          const int64_t j0 = c0 + half - dc;
+          const T* __restrict pz = Z.z.data() + dc * Z.zld + kFront + j0;
+          const T* __restrict px = x + d * ld + j0;
+#pragma omp simd
+          for (int jj = 0; jj < JB; ++jj) acc[jj] = std::fma(pz[jj], px[jj], acc[jj]);
+        }
+        T* __restrict pg = g_row + d * ld + c0;
+        for (int jj = 0; jj < n; ++jj) pg[jj] += acc[jj];
+      }
+    }
+    // Border queries: left ones see columns [0, kw), right ones [W - kw, W).
+    for (int side = 0; side < 2 && half > 0; ++side) {
+      const int64_t ja = side == 0 ? 0 : W - half;
+      T* acc_row = (side == 0 ? left : right) + r * kw * D;
+      for (int64_t dc = 0; dc < kw; ++dc) {
+        const T* pw = w + (dr * kw + dc) * ld;
+        T* __restrict pa = acc_row + dc * D;
+        for (int64_t j = ja; j < ja + half; ++j) {
+          const T wj = pw[j] * mul;
+          const T* __restrict xr = x_row + j * pix;
+#pragma omp simd
+          for (int64_t dd = 0; dd < D; ++dd) pa[dd] = std::fma(wj, xr[dd], pa[dd]);
         }
       }
     }
@@ -344,11 +420,13 @@ void active_conditioners(const Problem<T>& P, int64_t b, int64_t i, std::vector<
 // Per-row scratch: scores/probabilities [(keys + M)][ld] and the transposed query-side rows.
 template <typename T>
 struct RowScratch {
-  std::vector<T> a, o, s, p, allow, mx, sum;
+  std::vector<T> a_buf, o, s, p, allow, mx, sum;
+  T* a;  // [D][ld] queries of the row, times scale
   std::vector<int64_t> active;
   explicit RowScratch(const Problem<T>& P)
-      : a(P.D * P.ld + P.ld, T(0)), o(P.D * P.ld + P.ld, T(0)), s((P.keys() + P.M) * P.ld + P.ld, T(0)),
+      : a_buf(kFront + P.D * P.ld + P.ld, T(0)), o(P.D * P.ld + P.ld, T(0)), s((P.keys() + P.M) * P.ld + P.ld, T(0)),
         p((P.keys() + P.M) * P.ld + P.ld, T(0)), allow(P.M * P.ld + 1, T(0)), mx(P.ld, T(0)), sum(P.ld, T(0)) {
+    a = a_buf.data() + kFront;
     active.reserve(P.M);
   }
 };
@@ -376,11 +454,11 @@ template <typename T>
 void scores_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, const T* q, const T* kt, int64_t row_lo,
                 const T* cond_k, RowScratch<T>& R) {
   const int64_t pix = P.pix();
-  load_row_t(P, q + ((b * P.H + i) * P.W) * pix + h * P.D, P.scale, R.a.data());
+  load_row_t(P, q + ((b * P.H + i) * P.W) * pix + h * P.D, P.scale, R.a);
   active_conditioners(P, b, i, R.active, R.allow);
-  window_dot(P, R.a.data(), kt, window_start(i, P.kh, P.H) - row_lo, R.s.data());
+  window_dot(P, R.a, kt, window_start(i, P.kh, P.H) - row_lo, R.s.data());
   if (!R.active.empty())
-    cond_dot(P, R.a.data(), cond_k + (b * P.M * P.NH + h) * P.D, P.NH * P.D, R.active, R.s.data() + P.keys() * P.ld);
+    cond_dot(P, R.a, cond_k + (b * P.M * P.NH + h) * P.D, P.NH * P.D, R.active, R.s.data() + P.keys() * P.ld);
 }
 
 // Transposes image rows [r0, r1) of (b, h) of a heads-last tensor into dst [r1 - r0][D][ld].
@@ -480,12 +558,15 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
     RowScratch<T> R(P);
-    std::vector<T> kt(img, T(0)), vt(img, T(0)), gk(img), gv(img), go_t(P.D * P.ld + P.ld, T(0)),
+    std::vector<T> kt(img, T(0)), vt(img, T(0)), gk(img), gv(img), go_buf(kFront + P.D * P.ld + P.ld, T(0)),
         dp((P.keys() + P.M) * P.ld + P.ld, T(0)), ds((P.keys() + P.M) * P.ld + P.ld, T(0)), delta(P.ld, T(0)),
         gck(P.M * P.D + 1), gcv(P.M * P.D + 1);
+    T* go_t = go_buf.data() + kFront;
+    ScatterScratch<T> Z(P);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / P.NH, h = task % P.NH;
+      Z.reset();
       load_rows_t(P, k, b, h, 0, P.H, kt.data());
       load_rows_t(P, v, b, h, 0, P.H, vt.data());
       std::fill(gk.begin(), gk.end(), T(0));
@@ -510,9 +591,9 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
           for (int64_t d = 0; d < P.D; ++d) acc += g[d] * o[d];
           delta[j] = acc;
         }
-        load_row_t(P, go + row_off, T(1), go_t.data());
-        window_dot(P, go_t.data(), vt.data(), r_first, dp.data());
-        if (na) cond_dot(P, go_t.data(), cond_v + (b * P.M * P.NH + h) * P.D, c_stride, R.active, dp.data() + P.keys() * P.ld);
+        load_row_t(P, go + row_off, T(1), go_t);
+        window_dot(P, go_t, vt.data(), r_first, dp.data());
+        if (na) cond_dot(P, go_t, cond_v + (b * P.M * P.NH + h) * P.D, c_stride, R.active, dp.data() + P.keys() * P.ld);
         for (int64_t key = 0; key < nkeys; ++key) {
           const T* __restrict pp = R.p.data() + key * P.ld;
           const T* __restrict pd = dp.data() + key * P.ld;
@@ -525,16 +606,18 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
         weighted_sum(P, ds.data(), kt.data(), r_first, ck == nullptr ? kt.data() : ck, c_stride, R.active,
                      R.o.data());
         store_row_t(P, R.o.data(), P.scale, dq + row_off);
-        window_scatter(P, ds.data(), R.a.data(), r_first, gk.data());
-        window_scatter(P, R.p.data(), go_t.data(), r_first, gv.data());
+        window_scatter(P, ds.data(), R.a, q + row_off, P.scale, r_first, gk.data(), Z.left_k.data(),
+                       Z.right_k.data(), Z);
+        window_scatter(P, R.p.data(), go_t, go + row_off, T(1), r_first, gv.data(), Z.left_v.data(),
+                       Z.right_v.data(), Z);
         for (size_t a = 0; a < na; ++a) {
           const T* __restrict pds = ds.data() + (P.keys() + a) * P.ld;
           const T* __restrict pp = R.p.data() + (P.keys() + a) * P.ld;
           T* gk_m = gck.data() + R.active[a] * P.D;
           T* gv_m = gcv.data() + R.active[a] * P.D;
           for (int64_t d = 0; d < P.D; ++d) {
-            const T* __restrict pq = R.a.data() + d * P.ld;
-            const T* __restrict pg = go_t.data() + d * P.ld;
+            const T* __restrict pq = R.a + d * P.ld;
+            const T* __restrict pg = go_t + d * P.ld;
             T sk = 0, sv = 0;
 #pragma omp simd reduction(+ : sk, sv)
             for (int64_t j = 0; j < P.W; ++j) {
@@ -546,6 +629,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
           }
         }
       }
+      Z.fold_borders(gk.data(), Z.left_k.data(), Z.right_k.data());
+      Z.fold_borders(gv.data(), Z.left_v.data(), Z.right_v.data());
       for (int64_t r = 0; r < P.H; ++r) {
         const int64_t row_off = ((b * P.H + r) * P.W) * P.pix() + h * P.D;
         store_row_t(P, gk.data() + r * P.D * P.ld, T(1), dk + row_off);
