@@ -154,10 +154,22 @@ inline void window_dot_segment(const Problem<T>& P, const T* a, const T* kt, int
       const T* kt_row = kt + (r_first + dr) * D * ld;
       T* s_row = s + dr * kw * ld + j0;
       const int64_t col = BCAST ? sg.base : j0 + sg.base;
-      int64_t dc = 0;
-      for (; dc + 4 <= kw; dc += 4) window_dot_block<T, JB, 4, BCAST>(a, kt_row, D, ld, j0, col + dc, s_row + dc * ld);
-      for (; dc + 2 <= kw; dc += 2) window_dot_block<T, JB, 2, BCAST>(a, kt_row, D, ld, j0, col + dc, s_row + dc * ld);
-      for (; dc < kw; ++dc) window_dot_block<T, JB, 1, BCAST>(a, kt_row, D, ld, j0, col + dc, s_row + dc * ld);
+      // Up to 8 keys per block: independent accumulator chains hide the FMA latency, and the query
+      // vector loaded for one d serves all of them.
+      for (int64_t dc = 0; dc < kw; dc += 8) {
+        const T* a_ = a;
+        T* out = s_row + dc * ld;
+        switch (std::min<int64_t>(8, kw - dc)) {
+          case 8: window_dot_block<T, JB, 8, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 7: window_dot_block<T, JB, 7, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 6: window_dot_block<T, JB, 6, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 5: window_dot_block<T, JB, 5, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 4: window_dot_block<T, JB, 4, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 3: window_dot_block<T, JB, 3, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 2: window_dot_block<T, JB, 2, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          default: window_dot_block<T, JB, 1, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+        }
+      }
     }
   }
 }
@@ -371,22 +383,42 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
   }
 }
 
-// Transposes W pixels x D of one (b, row, head) from heads-last into dst [D][ld], times `mul`.
+// Transposes W pixels x D of one (b, row, head) from heads-last into dst [D][ld], times `mul`. Blocks of
+// 16 pixels: their 16 source rows stay in L1 across the d loop, and every store is a contiguous run.
 template <typename T>
 inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
-  const int64_t pix = P.pix();
-  for (int64_t j = 0; j < P.W; ++j) {
+  constexpr int JB = 16;
+  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+  int64_t j0 = 0;
+  for (; j0 + JB <= W; j0 += JB) {
+    const T* s = src_row + j0 * pix;
+    for (int64_t d = 0; d < D; ++d) {
+      T* __restrict o = dst + d * ld + j0;
+      for (int jj = 0; jj < JB; ++jj) o[jj] = s[jj * pix + d] * mul;
+    }
+  }
+  for (int64_t j = j0; j < W; ++j) {
     const T* s = src_row + j * pix;
-    for (int64_t d = 0; d < P.D; ++d) dst[d * P.ld + j] = s[d] * mul;
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + j] = s[d] * mul;
   }
 }
 
+// The inverse: src [D][ld] times `mul` into W pixels x D of a heads-last row.
 template <typename T>
 inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row) {
-  const int64_t pix = P.pix();
-  for (int64_t j = 0; j < P.W; ++j) {
+  constexpr int JB = 16;
+  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+  int64_t j0 = 0;
+  for (; j0 + JB <= W; j0 += JB) {
+    T* o = dst_row + j0 * pix;
+    for (int64_t d = 0; d < D; ++d) {
+      const T* __restrict s = src + d * ld + j0;
+      for (int jj = 0; jj < JB; ++jj) o[jj * pix + d] = s[jj] * mul;
+    }
+  }
+  for (int64_t j = j0; j < W; ++j) {
     T* o = dst_row + j * pix;
-    for (int64_t d = 0; d < P.D; ++d) o[d] = src[d * P.ld + j] * mul;
+    for (int64_t d = 0; d < D; ++d) o[d] = src[d * ld + j] * mul;
   }
 }
 
