@@ -517,7 +517,8 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
                   T* lse) {
   // Enough row blocks that every thread has several tasks even when B*heads is small.
   const int64_t bh = P.B * P.NH;
-  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  // (8 per thread: dynamic scheduling then evens out threads slowed by other processes on shared cores)
+  const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
   const int64_t blocks = std::min<int64_t>(P.H, std::max<int64_t>(1, (want + bh - 1) / bh));
   const int64_t rows_per = (P.H + blocks - 1) / blocks;
   const int64_t tasks = bh * blocks;
