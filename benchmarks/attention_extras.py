@@ -5,7 +5,9 @@
   backward counts 2.5x the forward, as for flash attention), next to the float32 matmul GFLOP/s of this
   machine measured in the same run;
 - memory scaling: the peak extra memory of the cpu backend (forward + backward) at 32x32 and at 64x64.
-  An O(H*W) kernel grows ~4x between them; a dense (H*W)^2 one (the reference) ~16x.
+  An O(H*W) kernel grows ~4x between them; a dense (H*W)^2 one (the reference) ~16x. The profiler sees
+  torch allocations (outputs, lse, contiguous copies); the C++ kernel's own scratch is not in that number
+  but is O(H*W*D) per thread by construction (transposed K/V and gradient rows of one (b, head)).
 """
 
 from __future__ import annotations

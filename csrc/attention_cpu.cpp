@@ -392,6 +392,10 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
   int64_t j0 = 0;
   for (; j0 + JB <= W; j0 += JB) {
     const T* s = src_row + j0 * pix;
+    if (j0 + 2 * JB <= W) {  // the next block's pixels: strided lines the hardware prefetcher misses
+      for (int jj = 0; jj < JB; ++jj)
+        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (JB + jj) * pix + d);
+    }
     for (int64_t d = 0; d < D; ++d) {
       T* __restrict o = dst + d * ld + j0;
       for (int jj = 0; jj < JB; ++jj) o[jj] = s[jj * pix + d] * mul;
