@@ -647,22 +647,24 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
                        Z.right_k.data(), Z);
         window_scatter(P, R.p.data(), go_t, go + row_off, T(1), r_first, gv.data(), Z.left_v.data(),
                        Z.right_v.data(), Z);
+        // dcond_k[m] += sum_j dS[m][j] q_j * scale, dcond_v[m] += sum_j P[m][j] dO_j: over D from the
+        // heads-last rows, skipping pixels the conditioner is masked from (P = dS = 0 there).
         for (size_t a = 0; a < na; ++a) {
-          const T* __restrict pds = ds.data() + (P.keys() + a) * P.ld;
-          const T* __restrict pp = R.p.data() + (P.keys() + a) * P.ld;
-          T* gk_m = gck.data() + R.active[a] * P.D;
-          T* gv_m = gcv.data() + R.active[a] * P.D;
-          for (int64_t d = 0; d < P.D; ++d) {
-            const T* __restrict pq = R.a + d * P.ld;
-            const T* __restrict pg = go_t + d * P.ld;
-            T sk = 0, sv = 0;
-#pragma omp simd reduction(+ : sk, sv)
-            for (int64_t j = 0; j < P.W; ++j) {
-              sk += pds[j] * pq[j];
-              sv += pp[j] * pg[j];
+          const T* pds = ds.data() + (P.keys() + a) * P.ld;
+          const T* pp = R.p.data() + (P.keys() + a) * P.ld;
+          const T* allow = R.allow.data() + a * P.ld;
+          T* __restrict gk_m = gck.data() + R.active[a] * P.D;
+          T* __restrict gv_m = gcv.data() + R.active[a] * P.D;
+          for (int64_t j = 0; j < P.W; ++j) {
+            if (allow[j] == T(0)) continue;
+            const T wk = pds[j] * P.scale, wv = pp[j];
+            const T* __restrict qr = q + row_off + j * P.pix();
+            const T* __restrict gr = go + row_off + j * P.pix();
+#pragma omp simd
+            for (int64_t d = 0; d < P.D; ++d) {
+              gk_m[d] = std::fma(wk, qr[d], gk_m[d]);
+              gv_m[d] = std::fma(wv, gr[d], gv_m[d]);
             }
-            gk_m[d] += sk;
-            gv_m[d] += sv;
           }
         }
       }
