@@ -66,9 +66,11 @@ inline int64_t window_start(int64_t i, int64_t k, int64_t n) {
 }
 
 // exp(x) for x <= 0 (scores minus their max), vectorizable: 2^n * poly(r), |r| <= ln2/2, relative error
-// ~1e-7. Clamped at -87 so exp(-inf) is a tiny normal number; masked keys are then multiplied by 0.
+// ~1e-7. Clamped to [-87, 0]: exp(-inf) becomes a tiny normal number, and a masked conditioner (whose
+// score may exceed the max over the allowed keys) stays finite; both are then multiplied by 0, never inf*0.
 inline float exp_neg(float x) {
   x = x < -87.0f ? -87.0f : x;
+  x = x > 0.0f ? 0.0f : x;
   const float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
   float r = std::fma(n, -0.693145751953125f, x);
   r = std::fma(n, -1.428606765330187e-06f, r);
@@ -85,7 +87,7 @@ inline float exp_neg(float x) {
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
 }
-inline double exp_neg(double x) { return std::exp(x); }
+inline double exp_neg(double x) { return std::exp(x > 0.0 ? 0.0 : x); }
 
 template <typename T>
 struct Problem {

@@ -113,6 +113,27 @@ def test_padding_conditioners_and_ragged_batches(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_masked_key_scoring_far_above_the_allowed_ones_changes_nothing(backend):
+    """A conditioner allowed on some pixels of a row and masked on others: where masked, its score may
+    exceed the max over the allowed keys by more than exp can represent (float32: > 88); it must still
+    contribute exactly nothing (no inf * 0 = NaN)."""
+    _backend_or_skip(backend)
+    p = _problem(1, 6, 9, 1, 8, M=2, mask_p=0.5, seed=3)
+    p["q"][..., 0] = 10.0
+    p["cond_k"][:, 0, :, 0] = 1000.0  # scores ~ 10 * 1000 / sqrt(8) ~ 3500: beyond float64 exp too
+    p["cond_mask"][0, 0] = torch.rand(6, 9, generator=torch.Generator().manual_seed(4)) < 0.5
+    ref = local_conditional_attention_reference(p["q"], p["k"], p["v"], (3, 3), p["cond_k"], p["cond_v"],
+                                                p["cond_mask"])
+    for dtype in DTYPES[backend][:2]:
+        args = {n: p[n].to(dtype).requires_grad_() for n in ("q", "k", "v", "cond_k", "cond_v")}
+        out = fastcomp.local_conditional_attention(args["q"], args["k"], args["v"], 3, cond_k=args["cond_k"],
+                                                   cond_v=args["cond_v"], cond_mask=p["cond_mask"], backend=backend)
+        assert_close(out, ref, ratio=1e-4 if dtype == torch.float32 else None, name=f"{dtype} output")
+        grads = torch.autograd.grad(out.sum(), list(args.values()))
+        assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_mask_none_no_cond_and_custom_scale(backend):
     _backend_or_skip(backend)
     dtype = DTYPES[backend][0]
