@@ -58,6 +58,7 @@ class Case:
     provider_names: Callable[[], list[str]]
     fixed_dtype: Optional[torch.dtype] = None  # the case ignores --dtype (probes and masks run in float32)
     note: str = ""
+    size: Any = None  # the case's size record (AttnSize, ...) for reports that need the dimensions
 
     def dtype(self, requested: torch.dtype) -> torch.dtype:
         return self.fixed_dtype or requested
@@ -246,7 +247,7 @@ def attention_cases(size: AttnSize) -> list[Case]:
     return [Case(op, size.label, mode,
                  make_inputs=functools.partial(_attention_inputs, size, mode),
                  make_providers=_attention_providers,
-                 provider_names=lambda: registered_names(op) + ["flex_attention"])
+                 provider_names=lambda: registered_names(op) + ["flex_attention"], size=size)
             for mode in MODES]
 
 

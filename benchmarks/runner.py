@@ -24,6 +24,7 @@ import torch
 
 from fastcomp.backends import BackendUnavailable
 
+from . import attention_extras
 from . import cases as _cases
 from . import harness
 
@@ -211,11 +212,16 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
 
     print(harness.format_table(results))
+    attention, attention_lines = attention_extras.report(cases, results, device)
+    if attention_lines:
+        print("\n" + "\n".join(attention_lines))
     out_dir = Path(args.out) if args.out else Path.cwd() / "benchmarks" / "results"
     settings = {"tier": tier, "quick": args.quick, "ops": ops, "device": str(device),
                 "dtype": _cases.dtype_name(dtype), "repeats": args.repeats, "budget_s": budget_s,
                 "compile_peers": options.compile_peers, "elapsed_s": round(elapsed, 1),
                 "argv": list(argv) if argv is not None else sys.argv[1:]}
+    if attention:
+        settings["local_conditional_attention"] = attention  # GFLOP/s vs matmul, memory scaling
     paths = harness.write_results(out_dir, env, settings, results, plot=not args.no_plot)
     print(f"\n{sum(r.measured for r in results)} measured, {sum(not r.measured for r in results)} not measured, "
           f"{elapsed:.0f} s")

@@ -14,6 +14,7 @@
 #include <omp.h>
 #endif
 
+#include "attention_cpu.h"
 #include "common.h"
 #include "probe_cpu.h"
 #include "tensor_checks.h"
@@ -107,4 +108,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("stride"), pybind11::arg("radius"), pybind11::arg("transpose"), pybind11::arg("sums"),
         pybind11::arg("counts"), pybind11::arg("outside"),
         "g [N, B, K, H, W] probe results; writes sums, counts [N, (2R+1)^2] and outside [N] (float64)");
+  m.def("local_attention_forward_cpu", &fastcomp::local_attention_forward_cpu,
+        "local conditional attention forward (csrc/attention_cpu.h): writes out and lse");
+  m.def("local_attention_backward_cpu", &fastcomp::local_attention_backward_cpu,
+        "local conditional attention backward (csrc/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
 }

@@ -1,3 +1,6 @@
 """Drop-in nn.Modules built on fastcomp.ops (the layers arrive with the fused ops)."""
 
-from .ddl import DDLOutput, DiscreteDistributionLayer  # noqa: E402
+from .attention import LocalConditionalAttention, NeighborhoodAttention2D
+from .ddl import DDLOutput, DiscreteDistributionLayer
+
+__all__ = ["LocalConditionalAttention", "NeighborhoodAttention2D", "DiscreteDistributionLayer", "DDLOutput"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import importlib.util
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -89,17 +90,220 @@ def local_conditional_attention(
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")
         scale = float(scale)
+    else:  # resolved once here, so every backend gets the same number
+        scale = D ** -0.5
 
     if B == 0:  # nothing to attend; the result is empty but shaped and still differentiable
         return q * 0.0
-    return _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask),
-                       (q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale))
+    call_args = (q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale)
+    if torch.compiler.is_compiling():
+        # The registry's checks look at the machine (compilers on PATH, build caches), which dynamo cannot
+        # trace; the choice depends only on constants, so it is made once, at trace time.
+        name = _compile_time_backend(backend, q.device.type, q.dtype)
+        return _b.backends(OP)[[b.name for b in _b.backends(OP)].index(name)].fn(*call_args)
+    return _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args)
+
+
+@torch.compiler.assume_constant_result
+def _compile_time_backend(requested: Optional[str], device_type: str, dtype: torch.dtype) -> str:
+    """The backend eager dispatch would pick for tensors of this device and dtype (run once, while tracing)."""
+    probe = torch.empty(0, device=device_type, dtype=dtype)
+    return _b.select(OP, requested, probe, probe, probe).name
 
 
 @_b.register(OP, "reference", priority=0,
              description="dense masked scaled_dot_product_attention, O((H*W)^2) memory")
 def _attention_reference(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
     return local_conditional_attention_reference(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
+
+
+# --- fused backends: one autograd.Function and one torch.library op over a backend's kernel pair ----
+#
+# A fused backend supplies two kernels with this contract (kernels/local_attention.py for Triton,
+# lca_forward_cpu / lca_backward_cpu below for C++):
+#   forward(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale) -> (out, lse)
+#       q, k, v [B, H, W, heads, D] any strides; cond_k, cond_v [B, M, heads, D] or None (M may be 0);
+#       cond_mask [B, M, H, W] bool or None (None with cond given: every pixel sees every conditioner);
+#       kernel_size (kh, kw); scale already resolved. out [B, H, W, heads, D] in q.dtype; lse opaque,
+#       [B, heads, H, W] (float32, or float64 for float64 inputs on the CPU).
+#   backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_size, scale)
+#       -> (dq, dk, dv, dcond_k, dcond_v), dcond_* None when cond_k is None.
+# Eager calls go through LocalConditionalAttentionFunction; under torch.compile the same kernels run as
+# the custom ops fastcomp::lca_forward / fastcomp::lca_backward (with fake implementations), so a model
+# using the op compiles with fullgraph=True.
+
+TRITON_MODULE = "fastcomp.kernels.local_attention"
+CPU_DTYPES = (torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _empty_cond(q: torch.Tensor) -> torch.Tensor:
+    B, _, _, heads, D = q.shape
+    return q.new_empty(B, 0, heads, D)
+
+
+def lca_forward_cpu(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
+    """C++ forward (csrc/attention_cpu.cpp): (out [B, H, W, heads, D], lse [B, heads, H, W] in q.dtype)."""
+    from .. import _build
+
+    B, H, W, heads, D = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cond_k = _empty_cond(q) if cond_k is None else cond_k.contiguous()
+    cond_v = _empty_cond(q) if cond_v is None else cond_v.contiguous()
+    mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty(B, heads, H, W, dtype=q.dtype)
+    _build.load("cpu").local_attention_forward_cpu(q, k, v, cond_k, cond_v, mask, kernel_size[0], kernel_size[1],
+                                                   float(scale), out, lse)
+    return out, lse
+
+
+def lca_backward_cpu(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_size, scale):
+    """C++ backward: (dq, dk, dv, dcond_k, dcond_v), the last two None when cond_k is None."""
+    from .. import _build
+
+    has_cond = cond_k is not None
+    q, k, v, out, lse = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous()
+    grad_out = grad_out.contiguous()
+    cond_k = _empty_cond(q) if cond_k is None else cond_k.contiguous()
+    cond_v = _empty_cond(q) if cond_v is None else cond_v.contiguous()
+    mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype) for _ in range(3))
+    dcond_k, dcond_v = torch.empty(cond_k.shape, dtype=q.dtype), torch.empty(cond_k.shape, dtype=q.dtype)
+    _build.load("cpu").local_attention_backward_cpu(grad_out, q, k, v, cond_k, cond_v, mask, out, lse,
+                                                    kernel_size[0], kernel_size[1], float(scale),
+                                                    dq, dk, dv, dcond_k, dcond_v)
+    return dq, dk, dv, (dcond_k if has_cond else None), (dcond_v if has_cond else None)
+
+
+def kernels(backend: str) -> tuple[Callable, Callable]:
+    """The (forward, backward) kernel pair of a fused backend ("cpu" or "triton")."""
+    if backend == "cpu":
+        return lca_forward_cpu, lca_backward_cpu
+    if backend == "triton":
+        from ..kernels.local_attention import lca_backward, lca_forward
+
+        return lca_forward, lca_backward
+    raise ValueError(f"{OP}: no fused kernels for backend {backend!r}; choose 'cpu' or 'triton'")
+
+
+class LocalConditionalAttentionFunction(torch.autograd.Function):
+    """Autograd over a backend's kernel pair (see :func:`kernels`); the kernels store lse for the backward."""
+
+    @staticmethod
+    def forward(ctx, backend: str, q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
+        forward_fn, _ = kernels(backend)
+        out, lse = forward_fn(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale)
+        ctx.save_for_backward(q, k, v, cond_k, cond_v, cond_mask, out, lse)
+        ctx.backend, ctx.kernel_size, ctx.scale = backend, kernel_size, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        _, backward_fn = kernels(ctx.backend)
+        q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
+        dq, dk, dv, dck, dcv = backward_fn(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse,
+                                           ctx.kernel_size, ctx.scale)
+        return None, dq, dk, dv, dck, dcv, None, None, None
+
+
+# torch.library ops: what torch.compile sees. Optional conditioners stay Optional; the backward returns
+# empty [B, 0, heads, D] conditioner gradients when there are none (an op's outputs cannot be None).
+
+@torch.library.custom_op("fastcomp::lca_forward", mutates_args=())
+def _lca_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond_k: Optional[torch.Tensor],
+                    cond_v: Optional[torch.Tensor], cond_mask: Optional[torch.Tensor], kh: int, kw: int,
+                    scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = kernels(backend)[0](q, k, v, cond_k, cond_v, cond_mask, (kh, kw), scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def _lse_dtype(q: torch.Tensor, backend: str) -> torch.dtype:
+    return q.dtype if backend == "cpu" else torch.float32
+
+
+@_lca_forward_op.register_fake
+def _(q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale, backend):
+    B, H, W, heads, D = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty(B, heads, H, W, dtype=_lse_dtype(q, backend))
+
+
+@torch.library.custom_op("fastcomp::lca_backward", mutates_args=())
+def _lca_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cond_k: Optional[torch.Tensor], cond_v: Optional[torch.Tensor],
+                     cond_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, kh: int, kw: int,
+                     scale: float, backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = kernels(backend)[1](grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, (kh, kw), scale)
+    dq, dk, dv, dck, dcv = (None if g is None else g.contiguous() for g in grads)
+    if dck is None:
+        dck, dcv = _empty_cond(q), _empty_cond(q)
+    return dq, dk, dv, dck, dcv
+
+
+@_lca_backward_op.register_fake
+def _(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kh, kw, scale, backend):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    cond = _empty_cond(q) if cond_k is None else cond_k
+    return like(q), like(q), like(q), like(cond), like(cond)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cond_k, cond_v, cond_mask, out, lse)
+    ctx.kh, ctx.kw, ctx.scale, ctx.backend = kh, kw, scale, backend
+    ctx.has_cond = cond_k is not None
+
+
+def _backward_op(ctx, grad_out, grad_lse):
+    q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dck, dcv = _lca_backward_op(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse,
+                                            ctx.kh, ctx.kw, ctx.scale, ctx.backend)
+    if not ctx.has_cond:
+        dck = dcv = None
+    return dq, dk, dv, dck, dcv, None, None, None, None, None
+
+
+_lca_forward_op.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def _fused(backend, q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
+    if torch.compiler.is_compiling():
+        out, _ = _lca_forward_op(q, k, v, cond_k, cond_v, cond_mask, kernel_size[0], kernel_size[1], scale,
+                                 backend)
+        return out
+    return LocalConditionalAttentionFunction.apply(backend, q, k, v, cond_k, cond_v, cond_mask,
+                                                   tuple(kernel_size), scale)
+
+
+def _triton_kernels_problem():
+    reason = _b.triton_problem()
+    if reason is not None:
+        return reason
+    if importlib.util.find_spec(TRITON_MODULE) is None:
+        return f"the Triton kernels ({TRITON_MODULE}) are not installed"
+    return None
+
+
+@_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem,
+             input_check=lambda q, *rest: (_b.device_input_problem("cpu", q, *rest)
+                                           or _b.dtype_input_problem(CPU_DTYPES, q)),
+             description="C++ extension, OpenMP over (b, head, rows), vectorized over queries; O(H*W) memory")
+def _attention_cpu(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
+    return _fused("cpu", q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
+
+
+@_b.register(OP, "triton", priority=15, machine_check=_triton_kernels_problem,
+             input_check=lambda q, *rest: (_b.triton_input_problem(q, *rest)
+                                           or _b.dtype_input_problem(TRITON_DTYPES, q)),
+             description="Triton kernels, fused online softmax over window + conditioners")
+def _attention_triton(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
+    return _fused("triton", q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
 
 
 # --- disk masks -----------------------------------------------------------------------------------

@@ -1,0 +1,775 @@
+// Local conditional attention on CPU: forward and backward, float32 and float64.
+//
+// Semantics (fastcomp/reference/attention.py is the spec): pixel (i, j) attends the kh x kw window of
+// image keys whose top-left corner is (clamp(i - kh/2, 0, H - kh), clamp(j - kw/2, 0, W - kw)) plus the
+// conditioner keys m with cond_mask[b, m, i, j], in ONE softmax; the log-sum-exp of every query is
+// stored for the backward.
+//
+// Layout. Inputs arrive heads-last, [B, H, W, heads, D] (D contiguous). Work is done on one (b, head)
+// at a time in a "transposed row" layout, [row][D][W] (columns contiguous): the window of query j in an
+// image row is a run of kw consecutive key columns that shifts by one column when j does, so
+//     score[dc][j] = sum_d q[d][j] * k[d][j - kw/2 + dc]        (interior queries)
+// is a loop over j whose loads are contiguous: it vectorizes over queries with no horizontal sums, for
+// any D. Border queries (the first and last kw/2 of a row) have a clamped window start, the same for all
+// of them, so their key column is a constant: the same loop with a broadcast key. A row is therefore
+// three segments (left broadcast, interior shifted, right broadcast) of one blocked kernel. The K/V rows
+// a task needs are transposed once into a task-local buffer (each is then used by kh query rows); that
+// copy is O(H*W*D) per task, the only extra memory besides per-row score buffers.
+//
+// Softmax: each query's kh*kw + (allowed conditioners) scores are computed into a per-row buffer
+// [keys][W] (at most (kh*kw + M) * W values: no score matrix over the image), then max, exp, sum in two
+// passes. This is the same one-softmax-over-the-union as an online softmax, but with the whole key set
+// of a query known up front (at most kh*kw + M), two passes cost no rescaling of the accumulator.
+//
+// Backward: dq row by row (recompute P from the stored lse, dP = dO . V, dS = P * (dP - delta)), and
+// dk/dv/dcond by scattering into task-local accumulators of the whole (b, head). The backward runs one
+// OpenMP task per (b, head), so every dk/dv/dcond element has exactly one writer: no atomics, no
+// per-thread copies of the gradients to reduce, deterministic results. The cost is parallelism limited to
+// B*heads tasks (fine for B*heads >= threads, the training case); the inverse-window alternative (each
+// key gathers over the queries that see it) needs the same recomputed P twice, so it was not taken.
+//
+// The forward runs tasks of (b, head, block of query rows) so small B*heads still uses every thread.
+//
+// The extension is compiled with -ffp-contract=off (see fastcomp/_build.py); std::fma is used where a
+// fused multiply-add is wanted in the hot loops, so they still get FMA instructions.
+#include <ATen/Parallel.h>
+#include <torch/python.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention_cpu.h"
+#include "common.h"
+#include "tensor_checks.h"
+
+namespace fastcomp {
+namespace {
+
+// Lanes (queries) per register block: one 512-bit vector of T for interior runs, half of it for the short
+// border runs (kw/2 queries each).
+template <typename T>
+struct Lanes {
+  static constexpr int kBlock = 64 / sizeof(T);
+  static constexpr int kBorder = 32 / sizeof(T);
+};
+
+// Query-side transposed rows [D][ld] are read up to kFront lanes before their start by window_scatter
+// (lanes that are multiplied by zero weights): they live kFront elements into a zeroed buffer.
+constexpr int64_t kFront = 64;
+
+inline int64_t window_start(int64_t i, int64_t k, int64_t n) {
+  return std::min(std::max<int64_t>(i - k / 2, 0), n - k);
+}
+
+// exp(x) for x <= 0 (scores minus their max), vectorizable: 2^n * poly(r), |r| <= ln2/2, relative error
+// ~1e-7. Clamped to [-87, 0]: exp(-inf) becomes a tiny normal number, and a masked conditioner (whose
+// score may exceed the max over the allowed keys) stays finite; both are then multiplied by 0, never inf*0.
+inline float exp_neg(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 0.0f ? 0.0f : x;
+  const float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = std::fma(n, -0.693145751953125f, x);
+  r = std::fma(n, -1.428606765330187e-06f, r);
+  float p = 1.0f / 5040.0f;
+  p = std::fma(p, r, 1.0f / 720.0f);
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+inline double exp_neg(double x) { return std::exp(x > 0.0 ? 0.0 : x); }
+
+template <typename T>
+struct Problem {
+  int64_t B, H, W, NH, D, M, kh, kw;
+  T scale;
+  const uint8_t* mask;  // [B, M, H, W] or nullptr (every pixel sees every conditioner)
+  int64_t ld;           // row length of the transposed [D][ld] buffers: W plus a block of padding
+  int64_t pix() const { return NH * D; }  // stride between pixels in the heads-last tensors
+  int64_t keys() const { return kh * kw; }
+};
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& q, int64_t M, int64_t kh, int64_t kw, double scale, const uint8_t* mask) {
+  Problem<T> p{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4), M, kh, kw, static_cast<T>(scale), mask, 0};
+  const int64_t blk = Lanes<T>::kBlock;
+  p.ld = (p.W + 2 * blk + blk - 1) / blk * blk;
+  return p;
+}
+
+// A run of queries [j0, j1) of a row whose key column for window offset dc is
+// (bcast ? base : j + base) + dc.
+struct Segment {
+  int64_t j0, j1;
+  bool bcast;
+  int64_t base;
+};
+
+// Left border, interior, right border, in that order: the blocked kernels write whole blocks, so a later
+// segment overwrites the lanes an earlier one spilled into.
+inline int segments(int64_t W, int64_t kw, Segment* out) {
+  const int64_t half = kw / 2;
+  int n = 0;
+  if (half > 0) out[n++] = {0, half, true, 0};
+  out[n++] = {half, W - half, false, -half};
+  if (half > 0) out[n++] = {W - half, W, true, W - kw};
+  return n;
+}
+
+// Scores of the kh*kw window keys for one query row:
+//   s[(dr*kw + dc)*ld + j] = sum_d a[d*ld + j] * kt[(r0 - lo + dr)][d*ld + col(j, dc)]
+// a: [D][ld] (queries, transposed; or dO for dP = dO . V), kt: transposed key rows [rows][D][ld].
+template <typename T, int JB, int NC, bool BCAST>
+inline void window_dot_block(const T* __restrict a, const T* __restrict kt_row, int64_t D, int64_t ld, int64_t j0,
+                             int64_t col0, T* __restrict s_out) {
+  T acc[NC][JB];
+  for (int c = 0; c < NC; ++c)
+    for (int jj = 0; jj < JB; ++jj) acc[c][jj] = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* __restrict pa = a + d * ld + j0;
+    const T* __restrict pk = kt_row + d * ld + col0;
+    for (int c = 0; c < NC; ++c) {
+#pragma omp simd
+      for (int jj = 0; jj < JB; ++jj) acc[c][jj] = std::fma(pa[jj], BCAST ? pk[c] : pk[jj + c], acc[c][jj]);
+    }
+  }
+  for (int c = 0; c < NC; ++c)
+    for (int jj = 0; jj < JB; ++jj) s_out[c * ld + jj] = acc[c][jj];
+}
+
+template <typename T, int JB, bool BCAST>
+inline void window_dot_segment(const Problem<T>& P, const T* a, const T* kt, int64_t r_first, const Segment& sg,
+                               T* s) {
+  const int64_t D = P.D, ld = P.ld, kw = P.kw;
+  for (int64_t j0 = sg.j0; j0 < sg.j1; j0 += JB) {
+    for (int64_t dr = 0; dr < P.kh; ++dr) {
+      const T* kt_row = kt + (r_first + dr) * D * ld;
+      T* s_row = s + dr * kw * ld + j0;
+      const int64_t col = BCAST ? sg.base : j0 + sg.base;
+      // Up to 8 keys per block: independent accumulator chains hide the FMA latency, and the query
+      // vector loaded for one d serves all of them.
+      for (int64_t dc = 0; dc < kw; dc += 8) {
+        const T* a_ = a;
+        T* out = s_row + dc * ld;
+        switch (std::min<int64_t>(8, kw - dc)) {
+          case 8: window_dot_block<T, JB, 8, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 7: window_dot_block<T, JB, 7, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 6: window_dot_block<T, JB, 6, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 5: window_dot_block<T, JB, 5, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 4: window_dot_block<T, JB, 4, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 3: window_dot_block<T, JB, 3, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          case 2: window_dot_block<T, JB, 2, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+          default: window_dot_block<T, JB, 1, BCAST>(a_, kt_row, D, ld, j0, col + dc, out); break;
+        }
+      }
+    }
+  }
+}
+
+// s[key][j] for every window key of query row i (rows r_first.. of the kt buffer).
+template <typename T>
+void window_dot(const Problem<T>& P, const T* a, const T* kt, int64_t r_first, T* s) {
+  Segment sg[3];
+  const int n = segments(P.W, P.kw, sg);
+  for (int t = 0; t < n; ++t) {
+    if (sg[t].bcast)
+      window_dot_segment<T, Lanes<T>::kBorder, true>(P, a, kt, r_first, sg[t], s);
+    else
+      window_dot_segment<T, Lanes<T>::kBlock, false>(P, a, kt, r_first, sg[t], s);
+  }
+}
+
+// Conditioner scores: s[a][j] = sum_d x[d][j] * c_a[d] for the active conditioners (c: [M, heads, D]
+// rows of this (b, head), stride c_stride between conditioners).
+template <typename T>
+void cond_dot(const Problem<T>& P, const T* x, const T* c, int64_t c_stride, const std::vector<int64_t>& active,
+              T* s) {
+  constexpr int JB = Lanes<T>::kBlock;
+  const int64_t D = P.D, ld = P.ld;
+  for (size_t a = 0; a < active.size(); ++a) {
+    const T* __restrict pc = c + active[a] * c_stride;
+    for (int64_t j0 = 0; j0 < P.W; j0 += JB) {
+      T acc0[JB], acc1[JB];  // two chains hide the FMA latency
+      for (int jj = 0; jj < JB; ++jj) acc0[jj] = acc1[jj] = T(0);
+      int64_t d = 0;
+      for (; d + 2 <= D; d += 2) {
+        const T* __restrict p0 = x + d * ld + j0;
+        const T* __restrict p1 = p0 + ld;
+#pragma omp simd
+        for (int jj = 0; jj < JB; ++jj) {
+          acc0[jj] = std::fma(p0[jj], pc[d], acc0[jj]);
+          acc1[jj] = std::fma(p1[jj], pc[d + 1], acc1[jj]);
+        }
+      }
+      for (; d < D; ++d) {
+        const T* __restrict p0 = x + d * ld + j0;
+#pragma omp simd
+        for (int jj = 0; jj < JB; ++jj) acc0[jj] = std::fma(p0[jj], pc[d], acc0[jj]);
+      }
+      T* __restrict out = s + a * ld + j0;
+      for (int jj = 0; jj < JB; ++jj) out[jj] = acc0[jj] + acc1[jj];
+    }
+  }
+}
+
+// The weighted sum over a query row's keys, transposed:
+//   o[d][j] = sum_{dr,dc} w[(dr*kw+dc)][j] * vt[r_first+dr][d][col(j, dc)]
+//           + sum_a w[keys + a][j] * c_a[d]
+// (out = P V with w = P; dq = dS K with w = dS).
+template <typename T, int JB, int ND, bool BCAST>
+inline void weighted_sum_block(const Problem<T>& P, const T* w, const T* vt, int64_t r_first, int64_t j0, int64_t col,
+                               int64_t d, const T* c, int64_t c_stride, const std::vector<int64_t>& active, T* o) {
+  const int64_t ld = P.ld, D = P.D, kw = P.kw;
+  T acc[ND][JB];
+  for (int n = 0; n < ND; ++n)
+    for (int jj = 0; jj < JB; ++jj) acc[n][jj] = T(0);
+  for (int64_t dr = 0; dr < P.kh; ++dr) {
+    const T* vt_row = vt + (r_first + dr) * D * ld + d * ld + col;
+    for (int64_t dc = 0; dc < kw; ++dc) {
+      const T* __restrict pw = w + (dr * kw + dc) * ld + j0;
+      const T* __restrict pv = vt_row + dc;
+      for (int n = 0; n < ND; ++n) {
+#pragma omp simd
+        for (int jj = 0; jj < JB; ++jj) acc[n][jj] = std::fma(pw[jj], BCAST ? pv[n * ld] : pv[n * ld + jj], acc[n][jj]);
+      }
+    }
+  }
+  for (size_t a = 0; a < active.size(); ++a) {
+    const T* __restrict pw = w + (P.keys() + a) * ld + j0;
+    const T* __restrict pc = c + active[a] * c_stride + d;
+    for (int n = 0; n < ND; ++n) {
+#pragma omp simd
+      for (int jj = 0; jj < JB; ++jj) acc[n][jj] = std::fma(pw[jj], pc[n], acc[n][jj]);
+    }
+  }
+  for (int n = 0; n < ND; ++n)
+    for (int jj = 0; jj < JB; ++jj) o[(d + n) * ld + j0 + jj] = acc[n][jj];
+}
+
+template <typename T, int JB, bool BCAST>
+inline void weighted_sum_segment(const Problem<T>& P, const T* w, const T* vt, int64_t r_first, const Segment& sg,
+                                 const T* c, int64_t c_stride, const std::vector<int64_t>& active, T* o) {
+  for (int64_t j0 = sg.j0; j0 < sg.j1; j0 += JB) {
+    const int64_t col = BCAST ? sg.base : j0 + sg.base;
+    int64_t d = 0;
+    for (; d + 4 <= P.D; d += 4)
+      weighted_sum_block<T, JB, 4, BCAST>(P, w, vt, r_first, j0, col, d, c, c_stride, active, o);
+    for (; d < P.D; ++d) weighted_sum_block<T, JB, 1, BCAST>(P, w, vt, r_first, j0, col, d, c, c_stride, active, o);
+  }
+}
+
+template <typename T>
+void weighted_sum(const Problem<T>& P, const T* w, const T* vt, int64_t r_first, const T* c, int64_t c_stride,
+                  const std::vector<int64_t>& active, T* o) {
+  Segment sg[3];
+  const int n = segments(P.W, P.kw, sg);
+  for (int t = 0; t < n; ++t) {
+    if (sg[t].bcast)
+      weighted_sum_segment<T, Lanes<T>::kBorder, true>(P, w, vt, r_first, sg[t], c, c_stride, active, o);
+    else
+      weighted_sum_segment<T, Lanes<T>::kBlock, false>(P, w, vt, r_first, sg[t], c, c_stride, active, o);
+  }
+}
+
+// Scratch of window_scatter for one (b, head): zero-padded interior weights, and the border queries'
+// contributions kept apart in [H][kw][D] (contiguous in D) until the end of the task.
+template <typename T>
+struct ScatterScratch {
+  const Problem<T>& P;
+  int64_t zld;  // row length of z: kFront lanes before column 0, ld after
+  std::vector<T> z, left_k, right_k, left_v, right_v;
+  explicit ScatterScratch(const Problem<T>& P_)
+      : P(P_), zld(kFront + P_.ld), z(P_.kw * zld + P_.ld, T(0)), left_k(P_.H * P_.kw * P_.D),
+        right_k(P_.H * P_.kw * P_.D), left_v(P_.H * P_.kw * P_.D), right_v(P_.H * P_.kw * P_.D) {}
+  void reset() {
+    for (auto* v : {&left_k, &right_k, &left_v, &right_v}) std::fill(v->begin(), v->end(), T(0));
+  }
+  // g[r][d][c] += left[r][dc][d] (c = dc) and right[r][dc][d] (c = W - kw + dc).
+  void fold_borders(T* g, const T* left, const T* right) const {
+    if (P.kw / 2 == 0) return;
+    for (int64_t r = 0; r < P.H; ++r)
+      for (int64_t dc = 0; dc < P.kw; ++dc)
+        for (int64_t d = 0; d < P.D; ++d) {
+          T* gd = g + (r * P.D + d) * P.ld;
+          gd[dc] += left[(r * P.kw + dc) * P.D + d];
+          gd[P.W - P.kw + dc] += right[(r * P.kw + dc) * P.D + d];
+        }
+  }
+};
+
+// Adjoint of window_dot for one row: g[r_first+dr][d][col(j, dc)] += sum_j w[(dr*kw+dc)][j] * x[d][j]
+// (dk from dS and q, dv from P and dO).
+// Interior queries: for a block of key columns c, the queries that see c at offset dc are j = c + kw/2 - dc;
+// with the weights of non-interior queries zeroed (z), every column gathers over dc with register
+// accumulators and contiguous loads. Border queries (the same window for all of them) add
+// sum_j w[dc][j] x_row[j][:] into left/right [H][kw][D], vectorized over D from the heads-last row
+// x_row (x = x_row^T * mul).
+template <typename T>
+void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row, T mul, int64_t r_first, T* g,
+                    T* left, T* right, ScatterScratch<T>& Z) {
+  constexpr int JB = Lanes<T>::kBlock;
+  constexpr int ND = 4;
+  const int64_t ld = P.ld, D = P.D, kw = P.kw, half = kw / 2, W = P.W, pix = P.pix();
+  for (int64_t dr = 0; dr < P.kh; ++dr) {
+    const int64_t r = r_first + dr;
+    // z[dc][j] = w[dr*kw + dc][j] for interior j, else 0 (lanes kFront before 0 and up to ld after W).
+    for (int64_t dc = 0; dc < kw; ++dc) {
+      const T* __restrict pw = w + (dr * kw + dc) * ld;
+      T* __restrict pz = Z.z.data() + dc * Z.zld + kFront;
+      for (int64_t j = 0; j < half; ++j) pz[j] = T(0);
+#pragma omp simd
+      for (int64_t j = half; j < W - half; ++j) pz[j] = pw[j];
+      for (int64_t j = W - half; j < ld; ++j) pz[j] = T(0);
+    }
+    T* g_row = g + r * D * ld;
+    for (int64_t c0 = 0; c0 < W; c0 += JB) {
+      const int64_t n = std::min<int64_t>(JB, W - c0);
+      int64_t d = 0;
+      for (; d + ND <= D; d += ND) {
+        T acc[ND][JB];
+        for (int m = 0; m < ND; ++m)
+          for (int jj = 0; jj < JB; ++jj) acc[m][jj] = T(0);
+        for (int64_t dc = 0; dc < kw; ++dc) {
+          const int64_t j0 = c0 + half - dc;  // query of lane 0 for this offset; may be < 0 (zero weights)
+          const T* __restrict pz = Z.z.data() + dc * Z.zld + kFront + j0;
+          const T* __restrict px = x + d * ld + j0;
+          for (int m = 0; m < ND; ++m) {
+#pragma omp simd
+            for (int jj = 0; jj < JB; ++jj) acc[m][jj] = std::fma(pz[jj], px[m * ld + jj], acc[m][jj]);
+          }
+        }
+        for (int m = 0; m < ND; ++m) {
+          T* __restrict pg = g_row + (d + m) * ld + c0;
+          for (int jj = 0; jj < n; ++jj) pg[jj] += acc[m][jj];
+        }
+      }
+      for (; d < D; ++d) {
+        T acc[JB];
+        for (int jj = 0; jj < JB; ++jj) acc[jj] = T(0);
+        for (int64_t dc = 0; dc < kw; ++dc) {
+          const int64_t j0 = c0 + half - dc;
+          const T* __restrict pz = Z.z.data() + dc * Z.zld + kFront + j0;
+          const T* __restrict px = x + d * ld + j0;
+#pragma omp simd
+          for (int jj = 0; jj < JB; ++jj) acc[jj] = std::fma(pz[jj], px[jj], acc[jj]);
+        }
+        T* __restrict pg = g_row + d * ld + c0;
+        for (int jj = 0; jj < n; ++jj) pg[jj] += acc[jj];
+      }
+    }
+    // Border queries: left ones see columns [0, kw), right ones [W - kw, W).
+    for (int side = 0; side < 2 && half > 0; ++side) {
+      const int64_t ja = side == 0 ? 0 : W - half;
+      T* acc_row = (side == 0 ? left : right) + r * kw * D;
+      for (int64_t dc = 0; dc < kw; ++dc) {
+        const T* pw = w + (dr * kw + dc) * ld;
+        T* __restrict pa = acc_row + dc * D;
+        for (int64_t j = ja; j < ja + half; ++j) {
+          const T wj = pw[j] * mul;
+          const T* __restrict xr = x_row + j * pix;
+#pragma omp simd
+          for (int64_t dd = 0; dd < D; ++dd) pa[dd] = std::fma(wj, xr[dd], pa[dd]);
+        }
+      }
+    }
+  }
+}
+
+// Transposes W pixels x D of one (b, row, head) from heads-last into dst [D][ld], times `mul`. Blocks of
+// 16 pixels: their 16 source rows stay in L1 across the d loop, and every store is a contiguous run.
+template <typename T>
+inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
+  constexpr int JB = 16;
+  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+  int64_t j0 = 0;
+  for (; j0 + JB <= W; j0 += JB) {
+    const T* s = src_row + j0 * pix;
+    if (j0 + 2 * JB <= W) {  // the next block's pixels: strided lines the hardware prefetcher misses
+      for (int jj = 0; jj < JB; ++jj)
+        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (JB + jj) * pix + d);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      T* __restrict o = dst + d * ld + j0;
+      for (int jj = 0; jj < JB; ++jj) o[jj] = s[jj * pix + d] * mul;
+    }
+  }
+  for (int64_t j = j0; j < W; ++j) {
+    const T* s = src_row + j * pix;
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + j] = s[d] * mul;
+  }
+}
+
+// The inverse: src [D][ld] times `mul` into W pixels x D of a heads-last row.
+template <typename T>
+inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row) {
+  constexpr int JB = 16;
+  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+  int64_t j0 = 0;
+  for (; j0 + JB <= W; j0 += JB) {
+    T* o = dst_row + j0 * pix;
+    for (int64_t d = 0; d < D; ++d) {
+      const T* __restrict s = src + d * ld + j0;
+      for (int jj = 0; jj < JB; ++jj) o[jj * pix + d] = s[jj] * mul;
+    }
+  }
+  for (int64_t j = j0; j < W; ++j) {
+    T* o = dst_row + j * pix;
+    for (int64_t d = 0; d < D; ++d) o[d] = src[d * ld + j] * mul;
+  }
+}
+
+// Conditioners query row i may attend (any allowed pixel in the row): only these are computed. allow[a][j]
+// is 1/0 for each, multiplied into P so a masked key contributes exactly nothing.
+template <typename T>
+void active_conditioners(const Problem<T>& P, int64_t b, int64_t i, std::vector<int64_t>& active,
+                         std::vector<T>& allow) {
+  active.clear();
+  for (int64_t m = 0; m < P.M; ++m) {
+    if (P.mask == nullptr) {
+      active.push_back(m);
+      continue;
+    }
+    const uint8_t* row = P.mask + ((b * P.M + m) * P.H + i) * P.W;
+    bool any = false;
+    for (int64_t j = 0; j < P.W; ++j) any |= row[j] != 0;
+    if (any) active.push_back(m);
+  }
+  for (size_t a = 0; a < active.size(); ++a) {
+    T* out = allow.data() + a * P.ld;
+    if (P.mask == nullptr) {
+      for (int64_t j = 0; j < P.W; ++j) out[j] = T(1);
+    } else {
+      const uint8_t* row = P.mask + ((b * P.M + active[a]) * P.H + i) * P.W;
+      for (int64_t j = 0; j < P.W; ++j) out[j] = row[j] ? T(1) : T(0);
+    }
+  }
+}
+
+// Per-row scratch: scores/probabilities [(keys + M)][ld] and the transposed query-side rows.
+template <typename T>
+struct RowScratch {
+  std::vector<T> a_buf, o, s, p, allow, mx, sum;
+  T* a;  // [D][ld] queries of the row, times scale
+  std::vector<int64_t> active;
+  explicit RowScratch(const Problem<T>& P)
+      : a_buf(kFront + P.D * P.ld + P.ld, T(0)), o(P.D * P.ld + P.ld, T(0)), s((P.keys() + P.M) * P.ld + P.ld, T(0)),
+        p((P.keys() + P.M) * P.ld + P.ld, T(0)), allow(P.M * P.ld + 1, T(0)), mx(P.ld, T(0)), sum(P.ld, T(0)) {
+    a = a_buf.data() + kFront;
+    active.reserve(P.M);
+  }
+};
+
+// P (into p, lanes [0, W)) from scores s: p = exp(s - shift) (* allow for conditioners).
+template <typename T>
+void probabilities(const Problem<T>& P, const T* s, const T* shift, const T* allow, size_t n_active, T* p) {
+  const int64_t ld = P.ld, W = P.W;
+  for (int64_t key = 0; key < P.keys(); ++key) {
+    const T* __restrict ps = s + key * ld;
+    T* __restrict pp = p + key * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) pp[j] = exp_neg(ps[j] - shift[j]);
+  }
+  for (size_t a = 0; a < n_active; ++a) {
+    const T* __restrict ps = s + (P.keys() + a) * ld;
+    const T* __restrict pa = allow + a * ld;
+    T* __restrict pp = p + (P.keys() + a) * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) pp[j] = exp_neg(ps[j] - shift[j]) * pa[j];
+  }
+}
+
+template <typename T>
+void scores_row(const Problem<T>& P, int64_t b, int64_t h, int64_t i, const T* q, const T* kt, int64_t row_lo,
+                const T* cond_k, RowScratch<T>& R) {
+  const int64_t pix = P.pix();
+  load_row_t(P, q + ((b * P.H + i) * P.W) * pix + h * P.D, P.scale, R.a);
+  active_conditioners(P, b, i, R.active, R.allow);
+  window_dot(P, R.a, kt, window_start(i, P.kh, P.H) - row_lo, R.s.data());
+  if (!R.active.empty())
+    cond_dot(P, R.a, cond_k + (b * P.M * P.NH + h) * P.D, P.NH * P.D, R.active, R.s.data() + P.keys() * P.ld);
+}
+
+// Transposes image rows [r0, r1) of (b, h) of a heads-last tensor into dst [r1 - r0][D][ld].
+template <typename T>
+void load_rows_t(const Problem<T>& P, const T* x, int64_t b, int64_t h, int64_t r0, int64_t r1, T* dst) {
+  for (int64_t r = r0; r < r1; ++r)
+    load_row_t(P, x + ((b * P.H + r) * P.W) * P.pix() + h * P.D, T(1), dst + (r - r0) * P.D * P.ld);
+}
+
+// Threads for a region of `tasks` tasks and `work` multiply-adds: below ~1e5 starting threads costs more
+// than it saves (tests and gradcheck make thousands of tiny calls).
+inline int threads_for(int64_t tasks, int64_t work) {
+  if (work < (int64_t{1} << 17)) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads())));
+}
+
+template <typename T>
+int64_t work_of(const Problem<T>& P) {
+  return P.B * P.NH * P.H * P.W * P.D * (P.keys() + P.M);
+}
+
+template <typename T>
+void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const T* cond_k, const T* cond_v, T* out,
+                  T* lse) {
+  // Enough row blocks that every thread has several tasks even when B*heads is small.
+  const int64_t bh = P.B * P.NH;
+  // (8 per thread: dynamic scheduling then evens out threads slowed by other processes on shared cores)
+  const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t blocks = std::min<int64_t>(P.H, std::max<int64_t>(1, (want + bh - 1) / bh));
+  const int64_t rows_per = (P.H + blocks - 1) / blocks;
+  const int64_t tasks = bh * blocks;
+  const int64_t c_stride = P.NH * P.D;
+
+#pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
+  {
+    RowScratch<T> R(P);
+    const int64_t rows_max = std::min<int64_t>(P.H, rows_per + P.kh);
+    std::vector<T> kt(rows_max * P.D * P.ld + P.ld, T(0)), vt(rows_max * P.D * P.ld + P.ld, T(0));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / (P.NH * blocks), h = (task / blocks) % P.NH, blk = task % blocks;
+      const int64_t i0 = blk * rows_per, i1 = std::min(P.H, i0 + rows_per);
+      if (i0 >= i1) continue;
+      const int64_t lo = window_start(i0, P.kh, P.H), hi = window_start(i1 - 1, P.kh, P.H) + P.kh;
+      load_rows_t(P, k, b, h, lo, hi, kt.data());
+      load_rows_t(P, v, b, h, lo, hi, vt.data());
+      const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * P.D;
+      const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * P.D;
+      for (int64_t i = i0; i < i1; ++i) {
+        scores_row(P, b, h, i, q, kt.data(), lo, cond_k, R);
+        const size_t na = R.active.size();
+        // Row max over the window and the allowed conditioners (window keys make it finite).
+        T* __restrict mx = R.mx.data();
+        for (int64_t j = 0; j < P.W; ++j) mx[j] = -std::numeric_limits<T>::infinity();
+        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
+          const T* __restrict ps = R.s.data() + key * P.ld;
+          if (key < P.keys()) {
+#pragma omp simd
+            for (int64_t j = 0; j < P.W; ++j) mx[j] = std::max(mx[j], ps[j]);
+          } else {
+            const T* __restrict pa = R.allow.data() + (key - P.keys()) * P.ld;
+#pragma omp simd
+            for (int64_t j = 0; j < P.W; ++j) mx[j] = pa[j] != T(0) ? std::max(mx[j], ps[j]) : mx[j];
+          }
+        }
+        probabilities(P, R.s.data(), mx, R.allow.data(), na, R.p.data());
+        T* __restrict sum = R.sum.data();
+        for (int64_t j = 0; j < P.W; ++j) sum[j] = T(0);
+        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
+          const T* __restrict pp = R.p.data() + key * P.ld;
+#pragma omp simd
+          for (int64_t j = 0; j < P.W; ++j) sum[j] += pp[j];
+        }
+        T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
+        for (int64_t j = 0; j < P.W; ++j) {
+          lse_row[j] = mx[j] + std::log(sum[j]);
+          sum[j] = T(1) / sum[j];
+        }
+        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
+          T* __restrict pp = R.p.data() + key * P.ld;
+#pragma omp simd
+          for (int64_t j = 0; j < P.W; ++j) pp[j] *= sum[j];
+        }
+        weighted_sum(P, R.p.data(), vt.data(), window_start(i, P.kh, P.H) - lo, cv == nullptr ? vt.data() : cv,
+                     c_stride, R.active, R.o.data());
+        store_row_t(P, R.o.data(), T(1), out + ((b * P.H + i) * P.W) * P.pix() + h * P.D);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, const T* v, const T* cond_k,
+                   const T* cond_v, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dck, T* dcv) {
+  const int64_t tasks = P.B * P.NH;
+  const int64_t c_stride = P.NH * P.D;
+  const int64_t img = P.H * P.D * P.ld + P.ld;
+#pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
+  {
+    RowScratch<T> R(P);
+    std::vector<T> kt(img, T(0)), vt(img, T(0)), gk(img), gv(img), go_buf(kFront + P.D * P.ld + P.ld, T(0)),
+        dp((P.keys() + P.M) * P.ld + P.ld, T(0)), ds((P.keys() + P.M) * P.ld + P.ld, T(0)), delta(P.ld, T(0)),
+        gck(P.M * P.D + 1), gcv(P.M * P.D + 1);
+    T* go_t = go_buf.data() + kFront;
+    ScatterScratch<T> Z(P);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / P.NH, h = task % P.NH;
+      Z.reset();
+      load_rows_t(P, k, b, h, 0, P.H, kt.data());
+      load_rows_t(P, v, b, h, 0, P.H, vt.data());
+      std::fill(gk.begin(), gk.end(), T(0));
+      std::fill(gv.begin(), gv.end(), T(0));
+      std::fill(gck.begin(), gck.end(), T(0));
+      std::fill(gcv.begin(), gcv.end(), T(0));
+      const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * P.D;
+      const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * P.D;
+      for (int64_t i = 0; i < P.H; ++i) {
+        const int64_t r_first = window_start(i, P.kh, P.H);
+        const int64_t row_off = ((b * P.H + i) * P.W) * P.pix() + h * P.D;
+        scores_row(P, b, h, i, q, kt.data(), 0, cond_k, R);
+        const size_t na = R.active.size();
+        const int64_t nkeys = P.keys() + static_cast<int64_t>(na);
+        const T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
+        probabilities(P, R.s.data(), lse_row, R.allow.data(), na, R.p.data());
+        // delta_j = dO_j . O_j (= sum over keys of P dP).
+        for (int64_t j = 0; j < P.W; ++j) {
+          const T* g = go + row_off + j * P.pix();
+          const T* o = out + row_off + j * P.pix();
+          T acc = 0;
+          for (int64_t d = 0; d < P.D; ++d) acc += g[d] * o[d];
+          delta[j] = acc;
+        }
+        load_row_t(P, go + row_off, T(1), go_t);
+        window_dot(P, go_t, vt.data(), r_first, dp.data());
+        if (na) cond_dot(P, go_t, cond_v + (b * P.M * P.NH + h) * P.D, c_stride, R.active, dp.data() + P.keys() * P.ld);
+        for (int64_t key = 0; key < nkeys; ++key) {
+          const T* __restrict pp = R.p.data() + key * P.ld;
+          const T* __restrict pd = dp.data() + key * P.ld;
+          T* __restrict ps = ds.data() + key * P.ld;
+          const T* __restrict dl = delta.data();
+#pragma omp simd
+          for (int64_t j = 0; j < P.W; ++j) ps[j] = pp[j] * (pd[j] - dl[j]);
+        }
+        // dq = scale * dS K (q was loaded pre-scaled, so dk below already carries the scale).
+        weighted_sum(P, ds.data(), kt.data(), r_first, ck == nullptr ? kt.data() : ck, c_stride, R.active,
+                     R.o.data());
+        store_row_t(P, R.o.data(), P.scale, dq + row_off);
+        window_scatter(P, ds.data(), R.a, q + row_off, P.scale, r_first, gk.data(), Z.left_k.data(),
+                       Z.right_k.data(), Z);
+        window_scatter(P, R.p.data(), go_t, go + row_off, T(1), r_first, gv.data(), Z.left_v.data(),
+                       Z.right_v.data(), Z);
+        // dcond_k[m] += sum_j dS[m][j] q_j * scale, dcond_v[m] += sum_j P[m][j] dO_j: over D from the
+        // heads-last rows, skipping pixels the conditioner is masked from (P = dS = 0 there).
+        for (size_t a = 0; a < na; ++a) {
+          const T* pds = ds.data() + (P.keys() + a) * P.ld;
+          const T* pp = R.p.data() + (P.keys() + a) * P.ld;
+          const T* allow = R.allow.data() + a * P.ld;
+          T* __restrict gk_m = gck.data() + R.active[a] * P.D;
+          T* __restrict gv_m = gcv.data() + R.active[a] * P.D;
+          for (int64_t j = 0; j < P.W; ++j) {
+            if (allow[j] == T(0)) continue;
+            const T wk = pds[j] * P.scale, wv = pp[j];
+            const T* __restrict qr = q + row_off + j * P.pix();
+            const T* __restrict gr = go + row_off + j * P.pix();
+#pragma omp simd
+            for (int64_t d = 0; d < P.D; ++d) {
+              gk_m[d] = std::fma(wk, qr[d], gk_m[d]);
+              gv_m[d] = std::fma(wv, gr[d], gv_m[d]);
+            }
+          }
+        }
+      }
+      Z.fold_borders(gk.data(), Z.left_k.data(), Z.right_k.data());
+      Z.fold_borders(gv.data(), Z.left_v.data(), Z.right_v.data());
+      for (int64_t r = 0; r < P.H; ++r) {
+        const int64_t row_off = ((b * P.H + r) * P.W) * P.pix() + h * P.D;
+        store_row_t(P, gk.data() + r * P.D * P.ld, T(1), dk + row_off);
+        store_row_t(P, gv.data() + r * P.D * P.ld, T(1), dv + row_off);
+      }
+      for (int64_t m = 0; m < P.M; ++m) {
+        T* pk = dck + ((b * P.M + m) * P.NH + h) * P.D;
+        T* pv = dcv + ((b * P.M + m) * P.NH + h) * P.D;
+        for (int64_t d = 0; d < P.D; ++d) {
+          pk[d] = gck[m * P.D + d];
+          pv[d] = gcv[m * P.D + d];
+        }
+      }
+    }
+  }
+}
+
+// --- argument checks ----------------------------------------------------------------------------------
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& q, at::IntArrayRef shape) {
+  FASTCOMP_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device().str());
+  FASTCOMP_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                 t.scalar_type());
+  FASTCOMP_CHECK(t.is_contiguous(), name, " must be contiguous");
+  FASTCOMP_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+struct Args {
+  int64_t M;
+  const uint8_t* mask;
+};
+
+Args check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cond_k,
+                  const at::Tensor& cond_v, const at::Tensor& cond_mask, int64_t kh, int64_t kw) {
+  FASTCOMP_CHECK(q.dim() == 5, "q must be [B, H, W, heads, D], got ", q.sizes());
+  FASTCOMP_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+                 "q must be float32 or float64, got ", q.scalar_type());
+  check_like(q, "q", q, q.sizes());
+  check_like(k, "k", q, q.sizes());
+  check_like(v, "v", q, q.sizes());
+  FASTCOMP_CHECK(kh >= 1 && kh % 2 == 1 && kh <= q.size(1), "kh must be odd and in [1, H], got ", kh);
+  FASTCOMP_CHECK(kw >= 1 && kw % 2 == 1 && kw <= q.size(2), "kw must be odd and in [1, W], got ", kw);
+  FASTCOMP_CHECK(cond_k.dim() == 4, "cond_k must be [B, M, heads, D], got ", cond_k.sizes());
+  const int64_t M = cond_k.size(1);
+  const std::vector<int64_t> cshape{q.size(0), M, q.size(3), q.size(4)};
+  check_like(cond_k, "cond_k", q, cshape);
+  check_like(cond_v, "cond_v", q, cshape);
+  const uint8_t* mask = nullptr;
+  if (cond_mask.numel() > 0 || cond_mask.dim() == 4) {
+    FASTCOMP_CHECK(cond_mask.scalar_type() == at::kBool, "cond_mask must be bool, got ", cond_mask.scalar_type());
+    FASTCOMP_CHECK(cond_mask.is_contiguous() && cond_mask.device().is_cpu(), "cond_mask must be a contiguous CPU tensor");
+    FASTCOMP_CHECK(cond_mask.sizes() == at::IntArrayRef({q.size(0), M, q.size(1), q.size(2)}),
+                   "cond_mask must be [B, M, H, W], got ", cond_mask.sizes());
+    mask = reinterpret_cast<const uint8_t*>(cond_mask.data_ptr<bool>());
+  }
+  return {M, mask};
+}
+
+}  // namespace
+
+// See attention_cpu.h. cond_k/cond_v are [B, M, heads, D] (M may be 0); cond_mask is [B, M, H, W] bool,
+// or an empty 1-d tensor for "every pixel sees every conditioner".
+void local_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cond_k, const at::Tensor& cond_v, const at::Tensor& cond_mask,
+                                 int64_t kh, int64_t kw, double scale, at::Tensor& out, at::Tensor& lse) {
+  const Args a = check_common(q, k, v, cond_k, cond_v, cond_mask, kh, kw);
+  check_like(out, "out", q, q.sizes());
+  check_like(lse, "lse", q, {q.size(0), q.size(3), q.size(1), q.size(2)});
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "local_attention_forward_cpu", [&] {
+    const Problem<scalar_t> P = make_problem<scalar_t>(q, a.M, kh, kw, scale, a.mask);
+    const scalar_t* ck = a.M ? cond_k.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cv = a.M ? cond_v.data_ptr<scalar_t>() : nullptr;
+    forward_impl<scalar_t>(P, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ck, cv,
+                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  });
+}
+
+void local_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& cond_k, const at::Tensor& cond_v,
+                                  const at::Tensor& cond_mask, const at::Tensor& out, const at::Tensor& lse,
+                                  int64_t kh, int64_t kw, double scale, at::Tensor& dq, at::Tensor& dk,
+                                  at::Tensor& dv, at::Tensor& dcond_k, at::Tensor& dcond_v) {
+  const Args a = check_common(q, k, v, cond_k, cond_v, cond_mask, kh, kw);
+  check_like(grad_out, "grad_out", q, q.sizes());
+  check_like(out, "out", q, q.sizes());
+  check_like(lse, "lse", q, {q.size(0), q.size(3), q.size(1), q.size(2)});
+  for (const at::Tensor* t : {&dq, &dk, &dv}) check_like(*t, "dq/dk/dv", q, q.sizes());
+  check_like(dcond_k, "dcond_k", q, cond_k.sizes());
+  check_like(dcond_v, "dcond_v", q, cond_k.sizes());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "local_attention_backward_cpu", [&] {
+    const Problem<scalar_t> P = make_problem<scalar_t>(q, a.M, kh, kw, scale, a.mask);
+    const scalar_t* ck = a.M ? cond_k.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cv = a.M ? cond_v.data_ptr<scalar_t>() : nullptr;
+    backward_impl<scalar_t>(P, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(), ck, cv, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                            a.M ? dcond_k.data_ptr<scalar_t>() : nullptr, a.M ? dcond_v.data_ptr<scalar_t>() : nullptr);
+  });
+}
+
+}  // namespace fastcomp
