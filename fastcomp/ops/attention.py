@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Callable, Optional, Union
 
 import torch
@@ -132,9 +131,9 @@ def _attention_reference(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
 # the custom ops fastcomp::lca_forward / fastcomp::lca_backward (with fake implementations), so a model
 # using the op compiles with fullgraph=True.
 
-TRITON_MODULE = "fastcomp.kernels.local_attention"
 CPU_DTYPES = (torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_HEAD_DIMS = (16, 128)  # kernels/local_attention.py pads D to a power of two up to 128
 
 
 def _empty_cond(q: torch.Tensor) -> torch.Tensor:
@@ -281,12 +280,11 @@ def _fused(backend, q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
                                                    tuple(kernel_size), scale)
 
 
-def _triton_kernels_problem():
-    reason = _b.triton_problem()
-    if reason is not None:
-        return reason
-    if importlib.util.find_spec(TRITON_MODULE) is None:
-        return f"the Triton kernels ({TRITON_MODULE}) are not installed"
+def _triton_head_dim_problem(q):
+    D = q.shape[-1]
+    if not TRITON_HEAD_DIMS[0] <= D <= TRITON_HEAD_DIMS[1]:
+        return (f"head dim D = {D} is outside the {TRITON_HEAD_DIMS[0]}..{TRITON_HEAD_DIMS[1]} the Triton kernels "
+                f"support; use the cpu backend, or pad D with zeros (it does not change the result)")
     return None
 
 
@@ -298,9 +296,10 @@ def _attention_cpu(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
     return _fused("cpu", q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
 
 
-@_b.register(OP, "triton", priority=15, machine_check=_triton_kernels_problem,
+@_b.register(OP, "triton", priority=15, machine_check=_b.triton_problem,
              input_check=lambda q, *rest: (_b.triton_input_problem(q, *rest)
-                                           or _b.dtype_input_problem(TRITON_DTYPES, q)),
+                                           or _b.dtype_input_problem(TRITON_DTYPES, q)
+                                           or _triton_head_dim_problem(q)),
              description="Triton kernels, fused online softmax over window + conditioners")
 def _attention_triton(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
     return _fused("triton", q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
