@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -174,7 +176,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)  # same initial weights on both ranks
         layer = DiscreteDistributionLayer(3, 1, 4)
@@ -201,9 +203,16 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_gloo_processes_take_the_same_decision(tmp_path):
-    # fork, not spawn: the children skip re-importing torch and this module (seconds each on busy cores).
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    # spawn, not fork: a child forked after OpenMP has started its thread pool (any earlier test that ran
+    # a parallel op) deadlocks in the OpenMP runtime. A hang fails here instead of eating CI's time.
+    workers = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in workers.processes:
+                proc.kill()
+            pytest.fail("the two DDP worker processes did not finish within 180 s")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["history"] == r1["history"] and r0["history"], "both ranks split the same nodes"
     assert torch.equal(r0["counts"], r1["counts"])
