@@ -261,10 +261,11 @@ def _conditioner_forward(fn, x, cond, C_out, chunk_size, progress) -> torch.Tens
 
 def _conditioner_reverse(fn, x, cond, chunk_size, progress) -> torch.Tensor:
     """[B, M, H, W] float64: one batched VJP per output element (c', i, j), cotangent 1 at all b."""
-    from ._engine import _progress, default_chunk
+    from ._engine import _progress, batched_vjp, default_chunk
 
     B, M, Dc = cond.shape
     H, W = x.shape[-2:]
+    batched = True
     cg = cond.clone().requires_grad_(True)
     y = fn(x, cg)
     C_out = y.shape[1]
@@ -277,10 +278,9 @@ def _conditioner_reverse(fn, x, cond, chunk_size, progress) -> torch.Tensor:
             onehot = torch.zeros(k, n, dtype=y.dtype, device=y.device)  # rows start..start+k of the identity
             onehot[torch.arange(k), torch.arange(start, start + k)] = 1
             cot = onehot.view(k, 1, C_out, H, W).expand(-1, B, -1, -1, -1)  # [k, B, C', H, W]
-            (g,) = torch.autograd.grad(y, cg, cot, retain_graph=True, is_grads_batched=True, allow_unused=True)
-            if g is not None:
-                mass = g.abs().to(torch.float64).sum(dim=3)  # [n, B, M]
-                pix = torch.arange(start, start + cot.shape[0], device=x.device) % (H * W)
-                attribution.index_add_(2, pix, mass.permute(1, 2, 0))
+            g, batched = batched_vjp("conditioner_locality", y, cg, cot, batched)
+            mass = g.abs().to(torch.float64).sum(dim=3)  # [n, B, M]
+            pix = torch.arange(start, start + cot.shape[0], device=x.device) % (H * W)
+            attribution.index_add_(2, pix, mass.permute(1, 2, 0))
             bar.update(cot.shape[0])
     return attribution.view(B, M, H, W)

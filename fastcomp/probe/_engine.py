@@ -85,6 +85,30 @@ def pattern(channels: torch.Tensor, origins: torch.Tensor, stride: int, B: int, 
     return vecs.contiguous()
 
 
+def batched_vjp(op: str, y: torch.Tensor, xg: torch.Tensor, vecs: torch.Tensor, batched: bool = True
+                ) -> tuple[torch.Tensor, bool]:
+    """(d <vecs[i], y> / d xg for every i, stacked [n, *xg.shape], whether batching worked).
+
+    One batched backward (autograd.grad with is_grads_batched) when fn allows it; a fn whose backward
+    cannot run under vmap (an extension kernel that needs real storage, e.g. the fused attention's C++
+    backward) gets one backward pass per probe instead, with a warning, and ``batched`` False from then on.
+    """
+    if batched:
+        try:
+            (g,) = torch.autograd.grad(y, xg, vecs.to(y.dtype), retain_graph=True, is_grads_batched=True,
+                                       allow_unused=True)
+            return (torch.zeros((vecs.shape[0], *xg.shape), dtype=xg.dtype, device=xg.device)
+                    if g is None else g), True
+        except RuntimeError as e:
+            warnings.warn(f"{op}: batched backward failed for this fn ({str(e).splitlines()[0]}); "
+                          f"falling back to one backward pass per probe", RuntimeWarning, stacklevel=4)
+    out = []
+    for v in vecs:
+        (g,) = torch.autograd.grad(y, xg, v.to(y.dtype), retain_graph=True, allow_unused=True)
+        out.append(torch.zeros_like(xg) if g is None else g)
+    return torch.stack(out), False
+
+
 class PixelProber:
     """Evaluates pixel probes of fn at x in one direction, chunked, and demultiplexes them.
 
@@ -122,20 +146,8 @@ class PixelProber:
 
     def _reverse(self, vecs: torch.Tensor) -> torch.Tensor:
         xg, y = self._graph()
-        if self.batched:
-            try:
-                (g,) = torch.autograd.grad(y, xg, vecs.to(y.dtype), retain_graph=True, is_grads_batched=True,
-                                           allow_unused=True)
-                return torch.zeros((vecs.shape[0], *xg.shape), dtype=xg.dtype, device=xg.device) if g is None else g
-            except RuntimeError as e:
-                warnings.warn(f"{self.op}: batched backward failed for this fn ({str(e).splitlines()[0]}); "
-                              f"falling back to one backward pass per probe", RuntimeWarning, stacklevel=4)
-                self.batched = False
-        out = []
-        for v in vecs:
-            (g,) = torch.autograd.grad(y, xg, v.to(y.dtype), retain_graph=True, allow_unused=True)
-            out.append(torch.zeros_like(xg) if g is None else g)
-        return torch.stack(out)
+        g, self.batched = batched_vjp(self.op, y, xg, vecs, self.batched)
+        return g
 
     def _forward(self, vecs: torch.Tensor) -> torch.Tensor:
         from torch.func import jvp, vmap
