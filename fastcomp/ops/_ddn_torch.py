@@ -171,7 +171,9 @@ def _feature_sums(x, e):
 
     x: [B, Cin, HW] (float32, or float64 for float64 inputs); e: [B, Cout, HW] float64.
     """
-    m_fe = torch.bmm(x, e.to(x.dtype).transpose(1, 2).contiguous())  # [B, Cin, Cout]
+    # e [B, Cout, HW] times x^T rather than x times a contiguous e^T: with the inner size Cout (3) on the
+    # right, MKL's batched GEMM took 1.6 ms against 0.3 ms this way (B=32, Cin=64, 32x32).
+    m_fe = torch.bmm(e.to(x.dtype), x.transpose(1, 2)).transpose(1, 2)  # [B, Cin, Cout]
     return m_fe.to(torch.float64), x.sum(dim=2, dtype=torch.float64)
 
 
