@@ -99,6 +99,17 @@ def _window_start(o_pix, size, K):
 
 
 @triton.jit
+def _key_box(r0, c0, H, W, KH, KW, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """(top, left, height, width) of the union of the windows of the query tile whose top-left pixel is
+    (r0, c0): one contiguous box, because the clamped window start is monotone in the query index."""
+    box_r0 = _window_start(r0, H, KH)
+    box_c0 = _window_start(c0, W, KW)
+    box_h = _window_start(tl.minimum(r0 + TILE_H, H) - 1, H, KH) + KH - box_r0
+    box_w = _window_start(tl.minimum(c0 + TILE_W, W) - 1, W, KW) + KW - box_c0
+    return box_r0, box_c0, box_h, box_w
+
+
+@triton.jit
 def _cond_bits(b_word):
     """[BQ] int32 mask words -> [BQ, 32] bool, bit c of word = may the query see conditioner 32*w + c."""
     o_bit = tl.arange(0, 32)  # [32]
@@ -167,11 +178,8 @@ def _lca_fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
 
-    # Key box: union of the tile's windows (contiguous thanks to the clamped window rule).
-    box_r0 = _window_start(r0, H, KH)
-    box_c0 = _window_start(c0, W, KW)
-    box_h = _window_start(tl.minimum(r0 + TILE_H, H) - 1, H, KH) + KH - box_r0
-    box_w = _window_start(tl.minimum(c0 + TILE_W, W) - 1, W, KW) + KW - box_c0
+    # Key box: union of the tile's windows.
+    box_r0, box_c0, box_h, box_w = _key_box(r0, c0, H, W, KH, KW, TILE_H, TILE_W)
     n_box = box_h * box_w
     p_k_bn = p_k + i_b * sk_b + i_n * sk_n
     p_v_bn = p_v + i_b * sv_b + i_n * sv_n
@@ -295,10 +303,7 @@ def _lca_bwd_dq_kernel(
     b_delta = tl.load(p_delta + o_stat, mask=m_q, other=0.0)  # [BQ]
     b_dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
 
-    box_r0 = _window_start(r0, H, KH)
-    box_c0 = _window_start(c0, W, KW)
-    box_h = _window_start(tl.minimum(r0 + TILE_H, H) - 1, H, KH) + KH - box_r0
-    box_w = _window_start(tl.minimum(c0 + TILE_W, W) - 1, W, KW) + KW - box_c0
+    box_r0, box_c0, box_h, box_w = _key_box(r0, c0, H, W, KH, KW, TILE_H, TILE_W)
     n_box = box_h * box_w
     if WRITE_DQ:  # the image keys: dq only
         p_k_bn = p_k + i_b * sk_b + i_n * sk_n
