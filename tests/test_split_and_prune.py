@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import faulthandler
 import os
 import socket
 import time
@@ -174,7 +175,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(90, exit=True)  # a stuck worker prints where it hangs, then exits
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no lookup of the host's own name
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
@@ -202,17 +205,35 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_take_the_same_decision(tmp_path):
+def _run_ddp_workers(out_dir) -> bool:
+    """Run the two workers; False if they hung (a worker stuck for 90 s prints its stack and exits)."""
     # spawn, not fork: a child forked after OpenMP has started its thread pool (any earlier test that ran
-    # a parallel op) deadlocks in the OpenMP runtime. A hang fails here instead of eating CI's time.
-    workers = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+    # a parallel op) deadlocks in the OpenMP runtime.
+    workers = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=False,
                                  start_method="spawn")
-    deadline = time.monotonic() + 180
-    while not workers.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in workers.processes:
-                proc.kill()
-            pytest.fail("the two DDP worker processes did not finish within 180 s")
+    deadline = time.monotonic() + 150
+    try:
+        while not workers.join(timeout=5):
+            if time.monotonic() > deadline:
+                break
+        else:
+            return True
+    except mp.ProcessExitedException:  # killed by its faulthandler deadline (a Python error would re-raise)
+        pass
+    for proc in workers.processes:
+        proc.kill()
+    return False
+
+
+def test_ddp_two_gloo_processes_take_the_same_decision(tmp_path):
+    # Gloo's rendezvous on a shared CI box has been seen to stall once in many runs (the same seeded run
+    # passes alone); a second attempt on a fresh port separates that from a real collective mismatch,
+    # which would hang every time.
+    if not _run_ddp_workers(tmp_path):
+        for f in tmp_path.glob("rank*.pt"):
+            f.unlink()
+        if not _run_ddp_workers(tmp_path):
+            pytest.fail("the two DDP worker processes hung twice (their stacks are in the captured stderr)")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["history"] == r1["history"] and r0["history"], "both ranks split the same nodes"
     assert torch.equal(r0["counts"], r1["counts"])
