@@ -278,3 +278,18 @@ def test_plot_grid(tmp_path):
     plot_grid(bumps.images, bumps.points, path=tmp_path / "bumps.png")
     with pytest.raises(ValueError, match="ncol"):
         plot_grid(b.images, ncol=0)
+
+
+@pytest.mark.gpu
+def test_metrics_on_cuda_match_cpu():
+    b = ShapeScenes(max_objects=4).sample(32, generator=gen(12), device="cuda")
+    assert b.images.is_cuda and b.points.is_cuda and b.valid.is_cuda
+    found = detect_objects(b.images)
+    ref = detect_objects(b.images.cpu())
+    assert all(torch.allclose(f.cpu(), r, atol=1e-4) for f, r in zip(found, ref))
+    assert length_generalization(b.images, b.points, b.valid).score == 1.0
+    again = render_shapes(b.points, b.valid, torch.zeros_like(b.valid, dtype=torch.long),
+                          torch.zeros_like(b.valid, dtype=torch.long), size=32, radius=3)
+    assert again.is_cuda
+    bumps = GaussianBumps().sample(16, generator=gen(), device="cuda")
+    assert bump_accuracy(bumps.images, bumps.points).accuracy == 1.0

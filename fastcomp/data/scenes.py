@@ -48,14 +48,15 @@ def render_shapes(points: Tensor, valid: Tensor, color: Tensor, shape: Tensor, *
     its sub-pixel centre. A square has the disc's area (half side radius * sqrt(pi) / 2).
     """
     n, M = valid.shape
-    ax = torch.arange(size, dtype=torch.float32)
+    points = points.float()
+    ax = torch.arange(size, dtype=torch.float32, device=points.device)
     dr = (ax.view(1, 1, size, 1) - points[..., 0, None, None]).abs()      # [n, M, S, 1]
     dc = (ax.view(1, 1, 1, size) - points[..., 1, None, None]).abs()      # [n, M, 1, S]
     disc = (radius + 0.5 - torch.sqrt(dr * dr + dc * dc)).clamp(0, 1)      # [n, M, S, S]
     half = radius * math.sqrt(math.pi) / 2
     square = (half + 0.5 - dr).clamp(0, 1) * (half + 0.5 - dc).clamp(0, 1)  # [n, M, S, S]
     cover = torch.where(shape[..., None, None] == 1, square, disc) * valid[..., None, None]
-    tint = COLORS[color] - BACKGROUND                                      # [n, M, 3]
+    tint = COLORS.to(points.device)[color] - BACKGROUND                                      # [n, M, 3]
     img = BACKGROUND + torch.einsum("nmhw,nmc->nchw", cover, tint)
     return img.clamp(-1.0, 1.0)
 
