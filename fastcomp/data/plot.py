@@ -46,6 +46,8 @@ def plot_grid(images: Tensor, points: Optional[Tensor] = None, valid: Optional[T
             ax.imshow(imgs[i].permute(1, 2, 0).numpy())
         if points is not None:
             p = points[i][valid[i]]
+            # a white cross under the red one keeps the mark visible on red objects
+            ax.scatter(p[:, 1].numpy(), p[:, 0].numpy(), marker="x", c="white", s=36, linewidths=2.6)
             ax.scatter(p[:, 1].numpy(), p[:, 0].numpy(), marker="x", c="red", s=30, linewidths=1.2)
         if titles is not None and i < len(titles):
             ax.set_title(str(titles[i]), fontsize=7)
