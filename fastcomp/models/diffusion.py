@@ -230,7 +230,11 @@ class ConditionalDenoiser(nn.Module):
             from .. import disk_mask
 
             # The mask is piecewise constant in the points: detached, so probes differentiate the tokens only.
-            cond_mask = disk_mask(points.detach(), self.cond_radius, S, S) & valid[:, :, None, None]
+            # A reference model builds it in plain PyTorch too, so torch.func transforms (forward-mode
+            # probes, vmap) run through the whole model.
+            mask_backend = "reference" if self.config["backend"] == "reference" else None
+            cond_mask = disk_mask(points.detach(), self.cond_radius, S, S, backend=mask_backend)
+            cond_mask = cond_mask & valid[:, :, None, None]  # [B, M, S, S]
         else:
             cond_mask = valid  # [B, M] key-padding mask
         for block in self.blocks:
