@@ -278,3 +278,12 @@ def test_bad_inputs_raise_helpful_errors():
         sample(model, points, solver="rk4", steps=1)
     with pytest.raises(ValueError, match="steps"):
         composed_sample(model, points, steps=0)
+
+
+def test_train_step_bench_runs_the_same_step_on_both_backends():
+    """benchmarks/train_step_bench.py: fused and reference steps start from the same weights and batch."""
+    from fastcomp.benchmarks.train_step_bench import build_step
+
+    tiny = dict(channels=16, depth=1, num_heads=1, image_size=12, kernel_size=3)
+    losses = [float(build_step(b, batch=2, model_kwargs=tiny)()) for b in (None, "reference")]
+    assert math.isfinite(losses[0]) and math.isclose(losses[0], losses[1], rel_tol=1e-4)
