@@ -62,11 +62,12 @@ def test_local_and_global_have_the_same_parameters():
     assert [(n, p.shape) for n, p in local.named_parameters()] == [(n, p.shape) for n, p in glob.named_parameters()]
 
 
-@pytest.mark.parametrize("locality", ["local", "global"])
-def test_no_conditioners_and_padding_rows(locality):
+@pytest.mark.parametrize("locality, patch_size", [("local", 1), ("global", 1), ("local", 2)])
+def test_no_conditioners_and_padding_rows(locality, patch_size):
     """M = 0, all-invalid rows and extra padding rows (random points, valid False) give the same output."""
-    model = make_model(locality)
-    x, sigma, points = inputs(M=2)
+    S = 11 if patch_size == 1 else 12
+    model = make_model(locality, patch_size=patch_size, image_size=S)
+    x, sigma, points = inputs(M=2, S=S)
     none = model(x, sigma, points[:, :0])
     assert none.shape == x.shape
     assert_close(model(x, sigma, points, torch.zeros(3, 2, dtype=torch.bool)), none, name="all invalid")
@@ -126,13 +127,14 @@ def test_edm_preconditioning_identities():
 
 # --- locality ---------------------------------------------------------------------------------------
 
-def test_pixel_locality_local_vs_global():
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_pixel_locality_local_vs_global(patch_size):
     """The local model's Jacobian has no mass beyond its receptive radius; the global one's does."""
-    S = 12
-    local = make_model("local", image_size=S, depth=1, backend="reference")  # vmap-able: batched probes
-    glob = make_model("global", image_size=S, depth=1)
-    R = local.receptive_radius  # 2 + 1 * 3 = 5
-    assert R == 5
+    S = 12 if patch_size == 1 else 16
+    local = make_model("local", image_size=S, depth=1, backend="reference", patch_size=patch_size)  # vmap-able
+    glob = make_model("global", image_size=S, depth=1, patch_size=patch_size)
+    R = local.receptive_radius
+    assert R == {1: 2 + 1 * 3, 2: 2 * 3 + 1}[patch_size]
     x, sigma, points = inputs(B=1, M=2, S=S)
     res = fastcomp.probe.pixel_locality(lambda t: local(t, sigma, points), x, radius=R, method="exact",
                                         progress=False)
@@ -142,12 +144,13 @@ def test_pixel_locality_local_vs_global():
     assert res_g.leakage > 1e-3
 
 
-def test_conditioner_locality_local_vs_global():
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_conditioner_locality_local_vs_global(patch_size):
     """Conditioner m only reaches pixels within cond_radius + the receptive field (a Chebyshev square of
     radius R, so a disk of radius cond_radius + R sqrt 2); the global model spreads it everywhere."""
     S = 16
-    local = make_model("local", image_size=S, depth=1, cond_radius=2.0, backend="reference")
-    glob = make_model("global", image_size=S, depth=1, cond_radius=2.0)
+    local = make_model("local", image_size=S, depth=1, cond_radius=2.0, backend="reference", patch_size=patch_size)
+    glob = make_model("global", image_size=S, depth=1, cond_radius=2.0, patch_size=patch_size)
     x, sigma, _ = inputs(B=1, M=2, S=S)
     points = torch.tensor([[[2.0, 3.0], [13.0, 12.5]]], dtype=torch.float64)
     grown = fastcomp.disk_mask(points, 2.0 + local.receptive_radius * math.sqrt(2), S, S)
@@ -272,6 +275,10 @@ def test_bad_inputs_raise_helpful_errors():
         ConditionalDenoiser(channels=30, num_heads=4)
     with pytest.raises(ValueError, match="kernel_size"):
         ConditionalDenoiser(kernel_size=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        ConditionalDenoiser(image_size=32, patch_size=3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ConditionalDenoiser(image_size=32, patch_size=4, kernel_size=9)
     with pytest.raises(ValueError, match="points"):
         sample(model, points[0])
     with pytest.raises(ValueError, match="solver"):

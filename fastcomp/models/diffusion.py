@@ -115,7 +115,10 @@ class ConditionalDenoiser(nn.Module):
     depth: blocks; num_heads divides channels; kernel_size: the local attention window (odd);
     locality: "local" | "global"; cond_radius: pixels within this distance of a conditioner attend it
     (local only); sigma_data: the data's standard deviation (EDM); backend: the attention op's backend
-    (None = fastest available; "reference" = plain PyTorch).
+    (None = fastest available; "reference" = plain PyTorch); patch_size: 1 = the blocks run at full
+    resolution (3x3 conv stem and output); p > 1 = non-overlapping p x p patches in (a stride-p conv) and
+    out (a stride-p transposed conv), so the blocks run on an (S/p)^2 token grid: p^2 times cheaper and
+    still local (kernel_size and cond_radius then act on tokens of p x p pixels; cond_radius stays in pixels).
 
     forward(x [B, C, S, S], sigma [B] or float, points [B, M, 2] (row, col) in pixels, valid [B, M] bool
     or None = all valid; M may be 0) -> the denoised image [B, C, S, S].
@@ -123,17 +126,21 @@ class ConditionalDenoiser(nn.Module):
 
     def __init__(self, *, img_channels: int = 3, image_size: int = 32, channels: int = 64, depth: int = 4,
                  num_heads: int = 4, kernel_size: int = 7, locality: str = "local", cond_radius: float = 6.0,
-                 sigma_data: float = 0.5, backend: Optional[str] = None):
+                 sigma_data: float = 0.5, backend: Optional[str] = None, patch_size: int = 1):
         super().__init__()
         for name, value in (("img_channels", img_channels), ("image_size", image_size), ("channels", channels),
-                            ("depth", depth), ("num_heads", num_heads), ("kernel_size", kernel_size)):
+                            ("depth", depth), ("num_heads", num_heads), ("kernel_size", kernel_size),
+                            ("patch_size", patch_size)):
             check.positive_int(OP, name, value)
         if locality not in LOCALITIES:
             raise ValueError(f"{OP}: locality must be one of {LOCALITIES}, got {locality!r}")
         if channels % num_heads:
             raise ValueError(f"{OP}: channels ({channels}) must be divisible by num_heads ({num_heads})")
-        if kernel_size % 2 == 0 or kernel_size > image_size:
-            raise ValueError(f"{OP}: kernel_size must be odd and at most image_size ({image_size}), "
+        if image_size % patch_size:
+            raise ValueError(f"{OP}: image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+        grid_size = image_size // patch_size
+        if kernel_size % 2 == 0 or kernel_size > grid_size:
+            raise ValueError(f"{OP}: kernel_size must be odd and at most image_size / patch_size ({grid_size}), "
                              f"got {kernel_size}")
         if isinstance(cond_radius, bool) or not isinstance(cond_radius, (int, float)) or not cond_radius >= 0:
             raise ValueError(f"{OP}: cond_radius must be a number >= 0 (pixels), got {cond_radius!r}")
@@ -141,14 +148,18 @@ class ConditionalDenoiser(nn.Module):
             raise ValueError(f"{OP}: sigma_data must be a positive number, got {sigma_data!r}")
         self.config = dict(img_channels=img_channels, image_size=image_size, channels=channels, depth=depth,
                            num_heads=num_heads, kernel_size=kernel_size, locality=locality,
-                           cond_radius=float(cond_radius), sigma_data=float(sigma_data), backend=backend)
+                           cond_radius=float(cond_radius), sigma_data=float(sigma_data), backend=backend,
+                           patch_size=patch_size)
         self.img_channels, self.image_size, self.locality = img_channels, image_size, locality
-        self.kernel_size, self.depth = kernel_size, depth
+        self.kernel_size, self.depth, self.patch_size, self.grid_size = kernel_size, depth, patch_size, grid_size
         self.cond_radius, self.sigma_data = float(cond_radius), float(sigma_data)
         self.num_freqs = max(1, math.ceil(math.log2(image_size)))  # up to the grid's Nyquist frequency
         pos_dim = 4 * self.num_freqs
 
-        self.stem = nn.Conv2d(img_channels, channels, 3, padding=1)
+        if patch_size == 1:
+            self.stem = nn.Conv2d(img_channels, channels, 3, padding=1)
+        else:
+            self.stem = nn.Conv2d(img_channels, channels, patch_size, stride=patch_size)
         self.pixel_pos = nn.Linear(pos_dim, channels)  # absolute position: per pixel, so still local
         self.noise_emb = NoiseEmbedding(channels)
         self.cond_mlp = nn.Sequential(nn.Linear(pos_dim, channels), nn.SiLU(), nn.Linear(channels, channels))
@@ -157,16 +168,23 @@ class ConditionalDenoiser(nn.Module):
         self.blocks = nn.ModuleList([DenoiserBlock(channels, num_heads, kernel_size, channels, locality, backend)
                                      for _ in range(depth)])
         self.out_norm = nn.LayerNorm(channels)
-        self.out = nn.Conv2d(channels, img_channels, 3, padding=1)
+        if patch_size == 1:
+            self.out = nn.Conv2d(channels, img_channels, 3, padding=1)
+        else:
+            self.out = nn.ConvTranspose2d(channels, img_channels, patch_size, stride=patch_size)
         nn.init.zeros_(self.out.weight)  # a fresh model predicts D = c_skip * x
         nn.init.zeros_(self.out.bias)
 
     @property
     def receptive_radius(self) -> int:
-        """Chebyshev radius (pixels) of F's dependence on x for the local model: the stem and output 3x3
-        convs and each block's conv add 1; each window adds kernel_size - 1 (the window is clamped inside
-        the image, so a border pixel's window reaches kernel_size - 1 pixels inward)."""
-        return 2 + self.depth * (1 + self.kernel_size - 1)
+        """Chebyshev radius (pixels) of F's dependence on x for the local model: each block's 3x3 conv adds
+        1 token and its window kernel_size - 1 (the window is clamped inside the grid, so a border token's
+        window reaches kernel_size - 1 tokens inward); patch_size 1: the 3x3 stem and output convs add 1
+        each; p > 1: a token spans p pixels, so the reach is p * tokens + p - 1 pixels."""
+        tokens = self.depth * self.kernel_size
+        if self.patch_size == 1:
+            return tokens + 2
+        return self.patch_size * tokens + self.patch_size - 1
 
     def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """EDM's (c_skip, c_out, c_in, c_noise) for sigma [B] (Karras et al. 2022, table 1)."""
@@ -219,9 +237,10 @@ class ConditionalDenoiser(nn.Module):
         emb = self.noise_emb(c_noise.to(dtype))  # [B, E]
         points = points.to(dtype)
 
-        rows = torch.arange(S, device=x.device, dtype=dtype)
-        grid = torch.stack(torch.meshgrid(rows, rows, indexing="ij"), dim=-1)  # [S, S, 2]
-        h = self.stem((c_in[:, None, None, None] * x).to(dtype)).permute(0, 2, 3, 1)  # [B, S, S, C]
+        p, G = self.patch_size, self.grid_size
+        centres = torch.arange(G, device=x.device, dtype=dtype) * p + (p - 1) / 2  # token centres in pixels
+        grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1)  # [G, G, 2]
+        h = self.stem((c_in[:, None, None, None] * x).to(dtype)).permute(0, 2, 3, 1)  # [B, G, G, C]
         h = h + self.pixel_pos(fourier_coordinates(grid, self.image_size, self.num_freqs))
 
         cond = self.cond_mlp(fourier_coordinates(points, self.image_size, self.num_freqs))  # [B, M, C]
@@ -233,13 +252,14 @@ class ConditionalDenoiser(nn.Module):
             # A reference model builds it in plain PyTorch too, so torch.func transforms (forward-mode
             # probes, vmap) run through the whole model.
             mask_backend = "reference" if self.config["backend"] == "reference" else None
-            cond_mask = disk_mask(points.detach(), self.cond_radius, S, S, backend=mask_backend)
-            cond_mask = cond_mask & valid[:, :, None, None]  # [B, M, S, S]
+            token_points = (points.detach() - (p - 1) / 2) / p  # token (i, j) has its centre at p i + (p-1)/2
+            cond_mask = disk_mask(token_points, self.cond_radius / p, G, G, backend=mask_backend)
+            cond_mask = cond_mask & valid[:, :, None, None]  # [B, M, G, G]
         else:
             cond_mask = valid  # [B, M] key-padding mask
         for block in self.blocks:
             h = block(h, emb, cond, cond_mask)
-        f = self.out(self.out_norm(h).permute(0, 3, 1, 2))  # [B, C, S, S]
+        f = self.out(self.out_norm(h).permute(0, 3, 1, 2))  # [B, C, S, S] (from [B, C', G, G])
         return c_skip[:, None, None, None] * x + c_out[:, None, None, None] * f.to(x.dtype)
 
     def extra_repr(self) -> str:
