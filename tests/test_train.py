@@ -339,3 +339,14 @@ def test_cli_trains_the_real_model(tmp_path, capsys, task, locality):
     from fastcomp.models import ConditionalDenoiser
     model = ConditionalDenoiser(**ck.model_config)
     model.load_state_dict(ck.state_dict("ema"))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_defaults_bf16_autocast_and_compile():
+    # precision="auto" and compile="auto" turn on bf16 autocast and torch.compile on CUDA.
+    model = fresh().cuda()
+    res = train(model, TinyScenes(), cfg(steps=4, precision="auto", compile="auto"), loss_fn=tiny_loss,
+                progress=False)
+    assert all(torch.isfinite(torch.tensor(res.losses))) and len(res.losses) == 4
+    assert next(res.model.parameters()).dtype == torch.float32 and res.model is model

@@ -169,6 +169,7 @@ class _RowSlicedModel:
         self._runner, self._model = runner, model
         self._n, self._rank, self._world = global_batch, rank, world
         self._rows = slice(rank * (global_batch // world), (rank + 1) * (global_batch // world))
+        self.calls = 0  # forwards through DDP this step: 0 would mean gradients were never synchronized
 
     def _slice(self, v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self._n:
@@ -176,6 +177,7 @@ class _RowSlicedModel:
         return v
 
     def __call__(self, *args, **kwargs):
+        self.calls += 1
         out = self._runner(*(self._slice(a) for a in args), **{k: self._slice(v) for k, v in kwargs.items()})
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"under DDP the model must return one tensor of per-sample rows, got {type(out)}")
@@ -344,8 +346,14 @@ def _train(model, dataset, config, loss_fn, resume, progress, device, rank, worl
         for g in optimizer.param_groups:
             g["lr"] = lr
 
+        if world > 1:
+            loss_model.calls = 0
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = loss_fn(loss_model, batch, noise_gen)
+        if world > 1 and loss_model.calls != 1:
+            raise RuntimeError(f"under DDP loss_fn must call the model it is given exactly once per step (it "
+                               f"called it {loss_model.calls} times): DDP synchronizes gradients through "
+                               "that call; a method other than forward bypasses it")
         if loss.dim() != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {list(loss.shape)}")
         optimizer.zero_grad(set_to_none=True)
