@@ -9,6 +9,8 @@ import sys
 DEMOS = {
     "ddn": ("fastcomp.demos.ddn", "train a small DDN on scikit-learn's digits; PNGs of samples, "
                                   "reconstructions, guided super-resolution, hit frequencies"),
+    "bumps": ("fastcomp.demos.bumps", "train a conditional diffusion model on Gaussian bumps; accuracy at "
+                                      "held-out (x, y) combinations"),
 }
 
 
