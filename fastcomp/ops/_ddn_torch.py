@@ -56,6 +56,7 @@ over pixels, d residual = d out.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -77,12 +78,39 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+# dtypes of the C++ kernels (csrc/ddn_cpu.cpp); float16/bfloat16 CPU tensors take the PyTorch path.
+_EXT_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpu_ext(tensor: torch.Tensor):
+    """The compiled CPU extension when `tensor` is a float32/float64 CPU tensor (the C++ kernels' domain),
+    else None (other devices and dtypes use the PyTorch formulation below)."""
+    if tensor.device.type != "cpu" or tensor.dtype not in _EXT_DTYPES:
+        return None
+    from .. import _build
+
+    try:
+        return _build.load("cpu")
+    except _build.BuildError:
+        return None  # no compiler here: the PyTorch formulation computes the same thing, slower
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().contiguous()
+
+
 # --- the chosen candidate and its backward ----------------------------------------------------------
 
 def chosen_candidate_forward(features, weight, bias, residual, index):
     """[B, Cout, H, W] = einsum(weight[index[b]], features[b]) + bias[index[b]] + residual[b], in the
     input dtype, added in the reference's order."""
     B, Cin, H, W = features.shape
+    ext = _cpu_ext(features)
+    if ext is not None:
+        out = torch.empty(B, weight.shape[1], H, W, dtype=features.dtype)
+        ext.ddn_chosen_forward_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
+                                   _contiguous(residual), index.contiguous(), out)
+        return out
     w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
     out = torch.bmm(w_idx, features.reshape(B, Cin, H * W)).view(B, -1, H, W)
     if bias is not None:
@@ -115,6 +143,20 @@ class ChosenCandidate(torch.autograd.Function):
         K, Cout, _ = weight.shape
         d_flat = d_out.reshape(B, Cout, H * W)
         d_features = d_weight = d_bias = d_residual = None
+        ext = _cpu_ext(features)
+        if ext is not None:
+            # one C++ pass (csrc/ddn_cpu.cpp): d features and the per-sample d weight rows per sample
+            if ctx.needs_input_grad[0]:
+                d_features = torch.empty(B, Cin, H, W, dtype=features.dtype)
+            if ctx.needs_input_grad[1]:
+                d_weight = torch.empty(K, Cout, Cin, dtype=features.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                d_bias = torch.empty(K, Cout, dtype=features.dtype)
+            ext.ddn_chosen_backward_cpu(features.contiguous(), weight.contiguous(), index, d_out.contiguous(),
+                                        d_features, d_weight, d_bias)
+            if ctx.has_residual and ctx.needs_input_grad[3]:
+                d_residual = d_out
+            return d_features, d_weight, d_bias, d_residual, None, None
         if ctx.needs_input_grad[0]:
             w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
             d_features = torch.bmm(w_idx.transpose(1, 2), d_flat).view(B, Cin, H, W)
@@ -177,6 +219,79 @@ def _feature_sums(x, e):
     return m_fe.to(torch.float64), x.sum(dim=2, dtype=torch.float64)
 
 
+def _l2_terms_torch(features, weight, target, residual):
+    """The sample-dependent terms of the expansion in PyTorch (any dtype, any device):
+    (A float64 [B, K], tr(G_b) float64 [B], M_b float64 [B, Cout, Cin], s_b float64 [B, Cin],
+    sum_p e_p float64 [B, Cout], sum_p ||e_p||^2 float64 [B])."""
+    B, Cin, H, W = features.shape
+    K, Cout, _ = weight.shape
+    HW = H * W
+    cd = torch.float64 if features.dtype == torch.float64 else torch.float32  # dtype of A
+    f64 = torch.float64
+
+    # A: one Gram matrix per sample, P_k = W_k^T W_k in chunks of K, one GEMM per chunk.
+    x = features.reshape(B, Cin, HW).to(cd)
+    gram = torch.bmm(x, x.transpose(1, 2)).view(B, Cin * Cin)  # [B, Cin^2]
+    w_cd = weight.to(cd)
+    dist = torch.empty(B, K, dtype=f64, device=features.device)
+    step = max(1, _EXPANSION_ELEMENTS // (Cin * Cin))
+    for k0 in range(0, K, step):
+        w = w_cd[k0:k0 + step]  # [k, Cout, Cin]
+        # (a contiguous W_k^T: MKL's batched GEMM is ~50x slower on the transposed view with inner size Cout)
+        p = torch.bmm(w.transpose(1, 2).contiguous(), w).view(w.shape[0], Cin * Cin)  # [k, Cin^2]
+        dist[:, k0:k0 + w.shape[0]] = torch.mm(gram, p.t())
+    tr_ff = gram.view(B, Cin, Cin).diagonal(dim1=1, dim2=2).sum(dim=1).to(f64)  # [B]
+
+    # e in float64, so that a residual and a target sharing a large offset cancel exactly; M_b in the
+    # dtype of A (its rounding is bounded in expanded_l2), the rest of X and C in float64.
+    e = -target.reshape(B, Cout, HW).to(f64)
+    if residual is not None:
+        e += residual.reshape(B, Cout, HW)
+    m_fe, s_f = _feature_sums(x, e)  # [B, Cin, Cout], [B, Cin]
+    return dist, tr_ff, m_fe.transpose(1, 2), s_f, e.sum(dim=2), e.square().sum(dim=(1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _diagonal_positions(cin: int) -> torch.Tensor:
+    """Positions [Cin] of the diagonal entries in a Cin x Cin upper triangle stored row by row."""
+    i = torch.arange(cin)
+    return i * cin - i * (i - 1) // 2
+
+
+def _l2_terms_cpu(ext, features, weight, target, residual):
+    """_l2_terms_torch for float32/float64 CPU tensors: one C++ pass over the features
+    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is
+    then one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
+    (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices."""
+    B, Cin, _, _ = features.shape
+    K, Cout, _ = weight.shape
+    f64 = torch.float64
+    cd = features.dtype  # float32 or float64: A accumulates in the input dtype, as _l2_terms_torch
+    n_tri = Cin * (Cin + 1) // 2
+    gram = torch.empty(B, n_tri, dtype=cd)
+    m_fe = torch.empty(B, Cout, Cin, dtype=f64)
+    s_f = torch.empty(B, Cin, dtype=f64)
+    e_sum = torch.empty(B, Cout, dtype=f64)
+    e_sq = torch.empty(B, dtype=f64)
+    ext.ddn_l2_stats_cpu(_contiguous(features), _contiguous(residual), _contiguous(target), gram, m_fe, s_f,
+                         e_sum, e_sq)
+    w = _contiguous(weight)
+    step = max(1, _EXPANSION_ELEMENTS // n_tri)
+    if step >= K:
+        p_tri = torch.empty(K, n_tri, dtype=cd)
+        ext.ddn_weight_gram_cpu(w, p_tri)
+        dist = torch.mm(gram, p_tri.t()).to(f64)
+    else:
+        dist = torch.empty(B, K, dtype=f64)
+        for k0 in range(0, K, step):  # chunks of K: at most _EXPANSION_ELEMENTS weight Gram entries at once
+            w_k = w[k0:k0 + step]  # [k, Cout, Cin], contiguous
+            p_tri = torch.empty(w_k.shape[0], n_tri, dtype=cd)
+            ext.ddn_weight_gram_cpu(w_k, p_tri)
+            dist[:, k0:k0 + w_k.shape[0]] = torch.mm(gram, p_tri.t())
+    tr_ff = gram.index_select(1, _diagonal_positions(Cin)).sum(dim=1, dtype=f64)  # [B]
+    return dist, tr_ff, m_fe, s_f, e_sum, e_sq
+
+
 def expanded_l2(features, weight, target, bias, residual):
     """(distances float64 [B, K] by the expansion, their error bound float64 [B, K]).
 
@@ -197,34 +312,19 @@ def expanded_l2(features, weight, target, bias, residual):
     cd = torch.float64 if features.dtype == torch.float64 else torch.float32  # dtype of A
     f64 = torch.float64
 
-    # A: one Gram matrix per sample, P_k = W_k^T W_k in chunks of K, one GEMM per chunk.
-    x = features.reshape(B, Cin, HW).to(cd)
-    gram = torch.bmm(x, x.transpose(1, 2)).view(B, Cin * Cin)  # [B, Cin^2]
-    w_cd = weight.to(cd)
-    dist = torch.empty(B, K, dtype=f64, device=dev)
-    step = max(1, _EXPANSION_ELEMENTS // (Cin * Cin))
-    for k0 in range(0, K, step):
-        w = w_cd[k0:k0 + step]  # [k, Cout, Cin]
-        # (a contiguous W_k^T: MKL's batched GEMM is ~50x slower on the transposed view with inner size Cout)
-        p = torch.bmm(w.transpose(1, 2).contiguous(), w).view(w.shape[0], Cin * Cin)  # [k, Cin^2]
-        dist[:, k0:k0 + w.shape[0]] = torch.mm(gram, p.t())
-    tr_ff = gram.view(B, Cin, Cin).diagonal(dim1=1, dim2=2).sum(dim=1).to(f64)  # [B]
-
-    # e in float64, so that a residual and a target sharing a large offset cancel exactly; M_b in the
-    # dtype of A (its rounding is bounded below), the rest of X and C in float64.
-    e = -target.reshape(B, Cout, HW).to(f64)
-    if residual is not None:
-        e += residual.reshape(B, Cout, HW)
-    m_fe, s_f = _feature_sums(x, e)  # [B, Cin, Cout], [B, Cin]
+    ext = _cpu_ext(features)
+    if ext is not None:
+        dist, tr_ff, m_fe, s_f, e_sum, e_sq = _l2_terms_cpu(ext, features, weight, target, residual)
+    else:
+        dist, tr_ff, m_fe, s_f, e_sum, e_sq = _l2_terms_torch(features, weight, target, residual)
     w64 = weight.to(f64)
-    dist.addmm_(m_fe.transpose(1, 2).reshape(B, Cout * Cin), w64.view(K, Cout * Cin).t(), alpha=2.0)
-    e_sq = e.square().sum(dim=(1, 2))  # [B]
+    dist.addmm_(m_fe.reshape(B, Cout * Cin), w64.view(K, Cout * Cin).t(), alpha=2.0)
     dist += e_sq[:, None]
     if bias is not None:
         b64 = bias.to(f64)
         wtb = torch.bmm(b64[:, None, :], w64).squeeze(1)  # [K, Cin] = W_k^T b_k
         dist.addmm_(s_f, wtb.t(), alpha=2.0)
-        dist.addmm_(e.sum(dim=2), b64.t(), alpha=2.0)
+        dist.addmm_(e_sum, b64.t(), alpha=2.0)
         dist += HW * b64.square().sum(dim=1)[None, :]
     dist /= N
 
@@ -265,6 +365,7 @@ def select_cpu(features, weight, target, bias, residual, metric):
     """The "cpu" backend of ddn_select: (output, index, distances float32 [B, K])."""
     B = features.shape[0]
     K = weight.shape[0]
+    out = None  # the chosen candidate, when the C++ re-ranking has already formed it
     with torch.no_grad():
         if metric == "l1":
             k_all = torch.arange(K, device=features.device).expand(B, K)
@@ -279,10 +380,20 @@ def select_cpu(features, weight, target, bias, residual, metric):
             m = max(1, int(n_close.max()))  # NaN rows count 0
             # The m best by the expansion, in increasing k, so that exact ties go to the smallest k.
             k_near = est.topk(m, dim=1, largest=False).indices.sort(dim=1).values  # [B, m]
-            exact = exact_distances(features, weight, target, bias, residual, metric, k_near)  # [B, m]
-            index = k_near.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
+            ext = _cpu_ext(features)
+            if ext is not None:
+                # one C++ pass: each near-best candidate formed once, its exact distance, and the winner
+                # kept as the output (not recomputed by chosen_candidate)
+                exact = torch.empty(B, m, dtype=features.dtype)
+                index = torch.empty(B, dtype=torch.int64)
+                out = torch.empty_like(target, memory_format=torch.contiguous_format)
+                ext.ddn_rerank_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
+                                   _contiguous(residual), _contiguous(target), k_near, exact, index, out)
+            else:
+                exact = exact_distances(features, weight, target, bias, residual, metric, k_near)  # [B, m]
+                index = k_near.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
             distances = est.float().scatter_(1, k_near, exact.float())
-    output = chosen_candidate(features, weight, bias, residual, index)
+    output = chosen_candidate(features, weight, bias, residual, index, out)
     return output, index, distances
 
 
