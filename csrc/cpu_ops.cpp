@@ -118,7 +118,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ddn_weight_gram_cpu", &fastcomp::ddn_weight_gram_cpu,
         "DDN weight Gram matrices (csrc/ddn_cpu.h): writes p_tri, upper triangles of W_k^T W_k, off-diagonal x2");
   m.def("ddn_rerank_cpu", &fastcomp::ddn_rerank_cpu,
-        "DDN exact re-ranking of k_near (csrc/ddn_cpu.h): writes exact, index and the chosen candidate out");
+        "DDN exact re-ranking of the near-best (csrc/ddn_cpu.h): writes distances, index, the chosen candidate out");
   m.def("ddn_chosen_forward_cpu", &fastcomp::ddn_chosen_forward_cpu,
         "DDN chosen candidate (csrc/ddn_cpu.h): writes out");
   m.def("ddn_chosen_backward_cpu", &fastcomp::ddn_chosen_backward_cpu,

@@ -6,8 +6,9 @@
 // chosen candidate and its backward through bmm + index_add). Here each is one pass over the features:
 // * stats: the Gram matrices only on and above the diagonal (half the flops of x @ x^T), with register
 //   tiles of 4 x 4 rows x one SIMD vector of pixels, plus sum_p e_p f_p^T and the float64 sums;
-// * re-rank: every near-best candidate is formed once in a per-thread buffer, its exact distance summed,
-//   and the winner is written to out (so the forward never computes the chosen candidate twice);
+// * re-rank: each sample's near-best candidates (those its expanded distance does not rule out; a
+//   per-sample set, not the batch's largest) are formed once in a per-thread buffer, their exact
+//   distances summed, and the winner is written to out (the forward never forms it twice);
 // * backward: d features and the per-sample d weight rows in one sweep over the feature rows, then a
 //   serial accumulation into the K rows (never a B x K x ... buffer).
 // All are parallel with OpenMP over samples (or sample x row-block tiles), threads from torch's setting.
@@ -330,11 +331,15 @@ double sq_dist64(const T* a, const T* t, int64_t n) {
   return b_sum;
 }
 
+// Per sample b: every k with est[b, k] <= thresh[b] (in increasing k; all K when none is, e.g. a NaN row)
+// gets its exact distance (written to distances[b, k]; the others get est rounded to float32), the first
+// minimal one (a NaN counting as minimal, as torch.argmin) is the index and its candidate goes to out.
 template <typename T>
-void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, const int64_t* p_knear,
-            int64_t B, int64_t M, int64_t Cin, int64_t Cout, int64_t N, T* p_exact, int64_t* p_index, T* p_out) {
+void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, const double* p_est,
+            const double* p_thresh, int64_t B, int64_t K, int64_t Cin, int64_t Cout, int64_t N, float* p_dist,
+            int64_t* p_index, T* p_out) {
   const int64_t n_el = Cout * N;
-#pragma omp parallel num_threads(threads_for(B * M * n_el * Cin))
+#pragma omp parallel num_threads(threads_for(B * n_el * Cin * 2))
   {
     std::vector<T> b_cand(static_cast<size_t>(n_el)), b_best(static_cast<size_t>(n_el));  // [Cout, N] each
 #pragma omp for schedule(dynamic, 1)
@@ -342,14 +347,22 @@ void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T
       const T* x = p_x + b * Cin * N;
       const T* res = p_res ? p_res + b * n_el : nullptr;
       const T* tgt = p_tgt + b * n_el;
+      const double* est = p_est + b * K;
+      float* dist = p_dist + b * K;
+      const double thresh = p_thresh[b];
+      bool any_near = false;
+      for (int64_t k = 0; k < K; ++k) any_near = any_near || est[k] <= thresh;
       double best = 0;
       int64_t best_k = -1;
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t k = p_knear[b * M + m];
+      for (int64_t k = 0; k < K; ++k) {
+        if (any_near && !(est[k] <= thresh)) {
+          dist[k] = static_cast<float>(est[k]);
+          continue;
+        }
         candidate(x, p_w, p_bias, res, k, Cin, Cout, N, b_cand.data());
-        const double d = sq_dist64(b_cand.data(), tgt, n_el) / static_cast<double>(n_el);
-        p_exact[b * M + m] = static_cast<T>(d);
-        // torch.argmin: the first minimum, a NaN being smaller than everything
+        // the exact distance, rounded to T first as the reference's accumulation dtype
+        const T d = static_cast<T>(sq_dist64(b_cand.data(), tgt, n_el) / static_cast<double>(n_el));
+        dist[k] = static_cast<float>(d);
         const bool better = best_k < 0 || (std::isnan(d) && !std::isnan(best)) || d < best;
         if (better) {
           best = d;
@@ -530,33 +543,32 @@ at::ScalarType check_layer(const at::Tensor& features, const at::Tensor& weight,
 }  // namespace
 
 void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& k_near,
-                    at::Tensor& exact, at::Tensor& index, at::Tensor& out) {
+                    const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& est,
+                    const at::Tensor& thresh, at::Tensor& distances, at::Tensor& index, at::Tensor& out) {
   int64_t B, K, Cin, Cout, N;
   const at::ScalarType st = check_layer(features, weight, bias, residual, B, K, Cin, Cout, N);
   check_cpu(target, "target", st);
   check_numel(target, "target", B * Cout * N, "[B, Cout, H, W]");
-  check_cpu(k_near, "k_near", at::kLong);
-  FASTCOMP_CHECK(k_near.dim() == 2 && k_near.size(0) == B && k_near.size(1) >= 1,
-                 "k_near must be [B, M] with M >= 1, got ", k_near.sizes());
-  const int64_t M = k_near.size(1);
-  const int64_t* p_k = k_near.data_ptr<int64_t>();
-  for (int64_t j = 0; j < B * M; ++j)
-    FASTCOMP_CHECK(p_k[j] >= 0 && p_k[j] < K, "k_near values must lie in [0, K = ", K, "), got ", p_k[j]);
-  check_cpu(exact, "exact", st);
-  check_numel(exact, "exact", B * M, "[B, M]");
+  check_cpu(est, "est", at::kDouble);
+  check_numel(est, "est", B * K, "[B, K]");
+  check_cpu(thresh, "thresh", at::kDouble);
+  check_numel(thresh, "thresh", B, "[B]");
+  check_cpu(distances, "distances", at::kFloat);
+  check_numel(distances, "distances", B * K, "[B, K]");
   check_cpu(index, "index", at::kLong);
   check_numel(index, "index", B, "[B]");
   check_cpu(out, "out", st);
   check_numel(out, "out", B * Cout * N, "[B, Cout, H, W]");
+  const double *p_est = est.data_ptr<double>(), *p_thresh = thresh.data_ptr<double>();
+  float* p_dist = distances.data_ptr<float>();
   if (st == at::kFloat) {
     rerank<float>(features.data_ptr<float>(), weight.data_ptr<float>(), opt_ptr<float>(bias), opt_ptr<float>(residual),
-                  target.data_ptr<float>(), p_k, B, M, Cin, Cout, N, exact.data_ptr<float>(),
-                  index.data_ptr<int64_t>(), out.data_ptr<float>());
+                  target.data_ptr<float>(), p_est, p_thresh, B, K, Cin, Cout, N, p_dist, index.data_ptr<int64_t>(),
+                  out.data_ptr<float>());
   } else {
     rerank<double>(features.data_ptr<double>(), weight.data_ptr<double>(), opt_ptr<double>(bias),
-                   opt_ptr<double>(residual), target.data_ptr<double>(), p_k, B, M, Cin, Cout, N,
-                   exact.data_ptr<double>(), index.data_ptr<int64_t>(), out.data_ptr<double>());
+                   opt_ptr<double>(residual), target.data_ptr<double>(), p_est, p_thresh, B, K, Cin, Cout, N, p_dist,
+                   index.data_ptr<int64_t>(), out.data_ptr<double>());
   }
 }
 

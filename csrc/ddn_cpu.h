@@ -28,13 +28,15 @@ void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor
 // off-diagonal entries doubled, so that <W_k^T W_k, G_b> = p_tri[k] . gram[b] (gram as above).
 void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri);
 
-// Exact distances of the candidates k_near [B, M] (int64, each row in increasing k) as the reference
-// computes them (candidate rounded to scalar_t, squared differences summed in float64, mean), written to
-// exact [B, M] (float32 for float32 inputs, float64 for float64); index [B] = the k of the row's first
-// minimal exact distance (a NaN counts as minimal, as in torch.argmin); out [B, Cout, N] = that candidate.
+// The exact re-ranking of l2: per sample b, every k with est[b, k] <= thresh[b] (est [B, K], thresh [B]
+// float64; every k when no est of the row passes, e.g. NaN rows) gets the distance the reference computes
+// (candidate rounded to scalar_t, squared differences summed in float64, mean rounded to scalar_t),
+// written to distances [B, K] float32, the others est rounded to float32. index [B] (int64) = the k of the
+// first minimal exact distance (a NaN counts as minimal, as in torch.argmin); out [B, Cout, N] = that
+// candidate.
 void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& k_near,
-                    at::Tensor& exact, at::Tensor& index, at::Tensor& out);
+                    const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& est,
+                    const at::Tensor& thresh, at::Tensor& distances, at::Tensor& index, at::Tensor& out);
 
 // out [B, Cout, N] = weight[index[b]] @ features[b] + bias[index[b]] + residual[b].
 void ddn_chosen_forward_cpu(const at::Tensor& features, const at::Tensor& weight,
