@@ -15,8 +15,8 @@
 //
 // Rounding: the Gram tiles (and m_fe) use fused multiply-adds and SIMD-lane partial sums, an accumulation
 // order no worse than the BLAS the bound in _ddn_torch.expanded_l2 was written for. The candidate values
-// are rounded like the reference's (products summed in scalar_t, then + bias, then + residual, each rounded
-// to scalar_t; no FMA: the extension is compiled with -ffp-contract=off), their distances summed in float64.
+// are rounded like the reference's (products summed in scalar_t with FMAs as its GEMM does, then + bias,
+// then + residual, each rounded to scalar_t), their distances summed in float64.
 #include "ddn_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -251,13 +251,14 @@ void weight_gram(const T* p_w, int64_t K, int64_t Cout, int64_t Cin, T* p_tri) {
 }
 
 // Up to kRows output rows at once: rows[r][p] = sum_i w[r * r_stride + i * w_stride] x[i, p]
-// (+ bias[r] + res[r][p]), each step rounded to T as the reference's einsum, + bias, + residual (the sum
-// over i in increasing order, no FMA). Per vector of pixels the RR partial rows stay in registers while
-// the Cin feature rows stream past, instead of a load and store of the row per feature.
+// (+ bias[r] + res[r][p]), rounded to T like the reference's einsum (its GEMM also accumulates with
+// FMAs in T), then + bias, then + residual, each rounded to T. Per vector of pixels the RR partial rows
+// stay in registers while the Cin feature rows stream past, instead of a load and store of the row per
+// feature.
 constexpr int64_t kRows = 4;
 
 template <typename T, int RR>
-void candidate_rows(const T* x, const T* w, int64_t r_stride, int64_t w_stride, int64_t Cin, int64_t N,
+FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, int64_t w_stride, int64_t Cin, int64_t N,
                     const T* bias, int64_t bias_stride, const T* res, T* rows) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
@@ -271,8 +272,9 @@ void candidate_rows(const T* x, const T* w, int64_t r_stride, int64_t w_stride, 
       for (int r = 0; r < RR; ++r) b_acc[r] += w[r * r_stride + i * w_stride] * b_x;
     }
     for (int r = 0; r < RR; ++r) {
-      if (bias) b_acc[r] += bias[r * bias_stride];
-      if (res) b_acc[r] += load(res + r * N + p);
+      // separate statements: the additions of bias and residual are never fused with a product
+      if (bias) b_acc[r] = b_acc[r] + bias[r * bias_stride];
+      if (res) b_acc[r] = b_acc[r] + load(res + r * N + p);
       std::memcpy(rows + r * N + p, &b_acc[r], sizeof(V));
     }
   }
@@ -396,16 +398,16 @@ void chosen_backward(const T* p_x, const T* p_w, const int64_t* p_index, const T
     const int64_t k = p_index[b];
     const T* d = p_dout + b * Cout * N;  // [Cout, N]
     const T* x = p_x + b * Cin * N;
+    if (p_dw)
+      for (int64_t i = 0; i < Cin; ++i)  // each feature row once, against the Cout rows of d (in L1)
+        for (int64_t c = 0; c < Cout; ++c) b_dw[(b * Cout + c) * Cin + i] = dot(d + c * N, x + i * N, N);
+    if (p_db)
+      for (int64_t c = 0; c < Cout; ++c) b_db[b * Cout + c] = static_cast<T>(sum64(d + c * N, N));
     if (p_dx) {
       // d features[i, p] = sum_c W[k, c, i] d[c, p]: a "candidate row" with weights strided by Cin
       candidate_block(d, p_w + k * Cout * Cin, 1, Cin, Cin, Cout, N, static_cast<const T*>(nullptr), 0,
                       static_cast<const T*>(nullptr), p_dx + b * Cin * N);
     }
-    if (p_dw)
-      for (int64_t c = 0; c < Cout; ++c)
-        for (int64_t i = 0; i < Cin; ++i) b_dw[(b * Cout + c) * Cin + i] = dot(d + c * N, x + i * N, N);
-    if (p_db)
-      for (int64_t c = 0; c < Cout; ++c) b_db[b * Cout + c] = static_cast<T>(sum64(d + c * N, N));
   }
   if (p_dw) {
     std::fill(p_dw, p_dw + K * Cout * Cin, T(0));

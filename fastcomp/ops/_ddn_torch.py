@@ -36,22 +36,32 @@ candidates are far from 0 relative to their distance to the target, so it is gua
 l1 has no such expansion: a direct computation, chunked over K so that at most ~2^18 candidate elements
 exist at once, distances for all K, then argmin.
 
-Measured (2 cores shared with other jobs, load ~8; float32, forward + backward, B=32 Cin=64 Cout=3;
-`OMP_WAIT_POLICY=PASSIVE fastcomp bench --op ddn_select`; without PASSIVE, OpenMP's spinning threads
-on oversubscribed cores made every small op cost a time slice and all timings meaningless):
-    K=512 16x16: this expansion 28.9 ms, the reference 623 ms (21.6x), peak 6.9 MB vs 194 MB;
-                 one-thread CPU time 11-14 ms vs 300-330 ms. The direct computation (the l1 path with
-                 the square: B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, what a C++
-                 loop nest over candidates would do at best) took ~140 ms forward alone.
-    K=64 32x32:  this expansion 33.5 ms, the reference 152 ms (4.5x); one-thread CPU time 22-29 ms vs
-                 110-160 ms. The Gram matrices (B*Cin^2*HW = 134M multiply-adds, ~3.5 ms at peak) and
-                 the chosen candidate's forward/backward (~4 ms) are the floor here.
-The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512, so no hand-written direct
-C++ kernel could catch up: the CPU backend is this PyTorch formulation (no C++).
+For float32/float64 CPU tensors the heavy passes are C++ (csrc/ddn_cpu.cpp): the per-sample statistics
+(Gram upper triangles in 4 x 4 register tiles, half the flops of x @ x^T, with M_b, s_b and the e sums
+in the same call), the weight Gram upper triangles (A is then one GEMM over Cin (Cin + 1) / 2 instead of
+Cin^2 terms), the exact re-ranking of each sample's own near-best set (which also writes the chosen
+candidate, so the forward forms it once), and the chosen candidate's forward/backward. float16/bfloat16
+(and a machine without a compiler) take the PyTorch formulation below; the bound and the margins are the
+same for both.
+
+Measured (2 cores shared with other jobs; float32, forward + backward, B=32 Cin=64 Cout=3;
+`OMP_WAIT_POLICY=PASSIVE fastcomp bench --op ddn_select --device cpu --dtype float32 --repeats 21`,
+medians; without PASSIVE, OpenMP's spinning threads on oversubscribed cores made every small op cost a
+time slice):
+    before the C++ kernels (PyTorch formulation), load ~0.8:  K=512 16x16 21.1x, K=64 32x32 3.9x.
+    with them, load ~5 (timings inflated ~2x vs CPU time), 2 threads / OMP_NUM_THREADS=1:
+      K=512 16x16: 9.7 ms vs the reference 488 ms, 50.5x / 54.8x; peak 4.4 MB vs 194 MB;
+      K=64 32x32:  13.4 ms vs 126 ms, 9.4x / 10.1x (one-thread CPU time ~7 ms: Gram tiles ~2.5 ms,
+                   re-rank ~0.6-1.3 ms, backward ~1.6 ms, the rest small torch ops and Python).
+    The same in one process with the three interleaved (reference first touching fresh memory each
+    round, so it runs slower than in fastcomp bench): K=512 51-54x, K=64 17x (old PyTorch path 7.5-8x).
+The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512 (the direct computation,
+B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, took ~140 ms forward alone); at K=64 32x32 the
+Gram matrices (B*Cin^2*HW/2 = 67M multiply-adds) are the floor.
 
 Backward goes only through the chosen candidate (`ChosenCandidate`): d weight[k] = sum over the samples
-b that chose k of d out_b f_b^T (index_add), d features = W_idx^T d out, d bias = index_add of d out summed
-over pixels, d residual = d out.
+b that chose k of d out_b f_b^T (index_add; in C++ per-sample rows summed into the K rows), d features =
+W_idx^T d out, d bias = index_add of d out summed over pixels, d residual = d out.
 """
 
 from __future__ import annotations
