@@ -262,8 +262,30 @@ FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, 
                     const T* bias, int64_t bias_stride, const T* res, T* rows) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
+  constexpr int PV = 4;  // pixel vectors per step: each broadcast weight feeds PV FMAs
   int64_t p = 0;
-  for (; p + L <= N; p += L) {
+  for (; p + PV * L <= N; p += PV * L) {
+    V b_acc[RR][PV];  // RR rows x PV * L pixels
+    for (int v = 0; v < PV; ++v) {
+      const V b_x0 = load(x + p + v * L);
+      for (int r = 0; r < RR; ++r) b_acc[r][v] = w[r * r_stride] * b_x0;
+    }
+    for (int64_t i = 1; i < Cin; ++i) {
+      V b_x[PV];
+      for (int v = 0; v < PV; ++v) pin(b_x[v] = load(x + i * N + p + v * L));
+      for (int r = 0; r < RR; ++r) {
+        const T b_w = w[r * r_stride + i * w_stride];
+        for (int v = 0; v < PV; ++v) b_acc[r][v] += b_w * b_x[v];
+      }
+    }
+    for (int r = 0; r < RR; ++r)
+      for (int v = 0; v < PV; ++v) {
+        if (bias) b_acc[r][v] = b_acc[r][v] + bias[r * bias_stride];
+        if (res) b_acc[r][v] = b_acc[r][v] + load(res + r * N + p + v * L);
+        std::memcpy(rows + r * N + p + v * L, &b_acc[r][v], sizeof(V));
+      }
+  }
+  for (; p + L <= N; p += L) {  // the remaining whole vectors, same order
     V b_acc[RR];  // RR rows x L pixels
     const V b_x0 = load(x + p);
     for (int r = 0; r < RR; ++r) b_acc[r] = w[r * r_stride] * b_x0;
