@@ -143,17 +143,59 @@ void gram_tile_any(int64_t ri, int64_t rj, const T* x, int64_t N, int64_t Cin, i
   }
 }
 
-// sum_p a[p] b[p] in T with SIMD-lane partial sums.
-template <typename T>
-FASTCOMP_CONTRACT T dot(const T* a, const T* b, int64_t N) {
+// out[r * out_stride_r + s * out_stride_s] = sum_p a[r][p] b[s][p] for r < RA, s < RB (a, b: rows of N
+// values at strides N), in register tiles like gram_tile: RA + RB loads feed RA x RB FMAs.
+template <typename T, int RA, int RB>
+FASTCOMP_CONTRACT void cross_tile(const T* a, const T* b, int64_t N, double* out, int64_t out_stride_r,
+                                  int64_t out_stride_s) {
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
-  V b_acc = V{} * 0;
+  V b_acc[RA][RB];  // [RA][RB] x L partial sums
+  for (int r = 0; r < RA; ++r)
+    for (int s = 0; s < RB; ++s) b_acc[r][s] = V{} * 0;
   int64_t p = 0;
-  for (; p + L <= N; p += L) b_acc += load(a + p) * load(b + p);
-  T b_sum = lane_sum<T>(b_acc);
-  for (; p < N; ++p) b_sum += a[p] * b[p];
-  return b_sum;
+  for (; p + L <= N; p += L) {
+    V b_a[RA], b_b[RB];
+    for (int r = 0; r < RA; ++r) pin(b_a[r] = load(a + r * N + p));
+    for (int s = 0; s < RB; ++s) pin(b_b[s] = load(b + s * N + p));
+    for (int r = 0; r < RA; ++r)
+      for (int s = 0; s < RB; ++s) b_acc[r][s] += b_a[r] * b_b[s];
+  }
+  for (int r = 0; r < RA; ++r)
+    for (int s = 0; s < RB; ++s) {
+      T b_sum = lane_sum<T>(b_acc[r][s]);
+      for (int64_t q = p; q < N; ++q) b_sum += a[r * N + q] * b[s * N + q];
+      out[r * out_stride_r + s * out_stride_s] = static_cast<double>(b_sum);
+    }
+}
+
+// All products of n_a rows a with n_b rows b (any counts, tiled by 4 x 4).
+template <typename T>
+void cross_products(const T* a, int64_t n_a, const T* b, int64_t n_b, int64_t N, double* out, int64_t out_stride_r,
+                    int64_t out_stride_s) {
+  for (int64_t r0 = 0; r0 < n_a; r0 += kTile)
+    for (int64_t s0 = 0; s0 < n_b; s0 += kTile) {
+      const T* a0 = a + r0 * N;
+      const T* b0 = b + s0 * N;
+      double* o = out + r0 * out_stride_r + s0 * out_stride_s;
+      const int64_t ra = std::min(kTile, n_a - r0), rb = std::min(kTile, n_b - s0);
+#define FASTCOMP_CROSS(RA_, RB_) cross_tile<T, RA_, RB_>(a0, b0, N, o, out_stride_r, out_stride_s)
+#define FASTCOMP_CROSS_RB(RA_)          \
+  switch (rb) {                         \
+    case 4: FASTCOMP_CROSS(RA_, 4); break; \
+    case 3: FASTCOMP_CROSS(RA_, 3); break; \
+    case 2: FASTCOMP_CROSS(RA_, 2); break; \
+    default: FASTCOMP_CROSS(RA_, 1); break; \
+  }
+      switch (ra) {
+        case 4: FASTCOMP_CROSS_RB(4); break;
+        case 3: FASTCOMP_CROSS_RB(3); break;
+        case 2: FASTCOMP_CROSS_RB(2); break;
+        default: FASTCOMP_CROSS_RB(1); break;
+      }
+#undef FASTCOMP_CROSS_RB
+#undef FASTCOMP_CROSS
+    }
 }
 
 // sum_p a[p] in float64 with 8 independent partial sums (vectorizable without reassociation).
@@ -219,11 +261,9 @@ void l2_stats(const T* p_x, const T* p_res, const T* p_tgt, int64_t B, int64_t C
     const T* x = p_x + b * Cin * N;
     T* g = p_gram + b * T_packed;
     for (int64_t j0 = i0; j0 < Cin; j0 += kTile) gram_tile_any<T>(ri, std::min(kTile, Cin - j0), x, N, Cin, i0, j0, g);
-    for (int64_t i = i0; i < i0 + ri; ++i) {
-      p_sf[b * Cin + i] = sum64(x + i * N, N);
-      for (int64_t c = 0; c < Cout; ++c)
-        p_mfe[(b * Cout + c) * Cin + i] = static_cast<double>(dot(p_e + (b * Cout + c) * N, x + i * N, N));
-    }
+    for (int64_t i = i0; i < i0 + ri; ++i) p_sf[b * Cin + i] = sum64(x + i * N, N);
+    // m_fe[b, c, i] for the block's rows i and every c
+    cross_products(x + i0 * N, ri, p_e + b * Cout * N, Cout, N, p_mfe + b * Cout * Cin + i0, 1, Cin);
   }
 }
 
@@ -413,16 +453,15 @@ template <typename T>
 void chosen_backward(const T* p_x, const T* p_w, const int64_t* p_index, const T* p_dout, int64_t B, int64_t K,
                      int64_t Cin, int64_t Cout, int64_t N, T* p_dx, T* p_dw, T* p_db) {
   // Per-sample d weight [B, Cout, Cin] and d bias [B, Cout], summed into the K rows afterwards in b order.
-  std::vector<T> b_dw(p_dw ? static_cast<size_t>(B * Cout * Cin) : 0);
+  std::vector<double> b_dw(p_dw ? static_cast<size_t>(B * Cout * Cin) : 0);
   std::vector<T> b_db(p_db ? static_cast<size_t>(B * Cout) : 0);
 #pragma omp parallel for schedule(static) num_threads(threads_for(B * Cout * N * Cin))
   for (int64_t b = 0; b < B; ++b) {
     const int64_t k = p_index[b];
     const T* d = p_dout + b * Cout * N;  // [Cout, N]
     const T* x = p_x + b * Cin * N;
-    if (p_dw)
-      for (int64_t i = 0; i < Cin; ++i)  // each feature row once, against the Cout rows of d (in L1)
-        for (int64_t c = 0; c < Cout; ++c) b_dw[(b * Cout + c) * Cin + i] = dot(d + c * N, x + i * N, N);
+    if (p_dw)  // [Cout, Cin] = d x^T: each feature row once, against the Cout rows of d (in L1)
+      cross_products(x, Cin, d, Cout, N, b_dw.data() + b * Cout * Cin, 1, Cin);
     if (p_db)
       for (int64_t c = 0; c < Cout; ++c) b_db[b * Cout + c] = static_cast<T>(sum64(d + c * N, N));
     if (p_dx) {
@@ -435,8 +474,8 @@ void chosen_backward(const T* p_x, const T* p_w, const int64_t* p_index, const T
     std::fill(p_dw, p_dw + K * Cout * Cin, T(0));
     for (int64_t b = 0; b < B; ++b) {
       T* dst = p_dw + p_index[b] * Cout * Cin;
-      const T* src = b_dw.data() + b * Cout * Cin;
-      for (int64_t j = 0; j < Cout * Cin; ++j) dst[j] += src[j];
+      const double* src = b_dw.data() + b * Cout * Cin;  // rounded to T before the sum, as index_add
+      for (int64_t j = 0; j < Cout * Cin; ++j) dst[j] += static_cast<T>(src[j]);
     }
   }
   if (p_db) {
