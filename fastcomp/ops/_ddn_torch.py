@@ -49,12 +49,14 @@ Measured (2 cores shared with other jobs; float32, forward + backward, B=32 Cin=
 medians; without PASSIVE, OpenMP's spinning threads on oversubscribed cores made every small op cost a
 time slice):
     before the C++ kernels (PyTorch formulation), load ~0.8:  K=512 16x16 21.1x, K=64 32x32 3.9x.
-    with them, load ~5 (timings inflated ~2x vs CPU time), 2 threads / OMP_NUM_THREADS=1:
-      K=512 16x16: 9.7 ms vs the reference 488 ms, 50.5x / 54.8x; peak 4.4 MB vs 194 MB;
-      K=64 32x32:  13.4 ms vs 126 ms, 9.4x / 10.1x (one-thread CPU time ~7 ms: Gram tiles ~2.5 ms,
-                   re-rank ~0.6-1.3 ms, backward ~1.6 ms, the rest small torch ops and Python).
-    The same in one process with the three interleaved (reference first touching fresh memory each
-    round, so it runs slower than in fastcomp bench): K=512 51-54x, K=64 17x (old PyTorch path 7.5-8x).
+    with them (07:56 UTC, load ~5: wall times ~1.5-2x the CPU times), 2 threads / OMP_NUM_THREADS=1:
+      K=512 16x16: 6.2 / 10.6 ms vs the reference 494 / 523 ms: 79.6x / 49.2x; peak 4.4 MB vs 194 MB;
+      K=64 32x32:  11.1 / 9.2 ms vs 134 / 108 ms: 12.1x / 11.8x (one-thread CPU time ~6-7 ms: Gram
+                   tiles ~2.5 ms, re-rank ~0.5-1.3 ms, backward ~1.1-1.5 ms, small torch ops + Python).
+    The same in one process with the three interleaved (/tmp script; the reference then touches cold
+    memory every round and runs slower than in fastcomp bench), 1 / 2 threads, wall (CPU time):
+      K=512: 51.4x (61.3x) / 50.7x (50.8x), the PyTorch-only path 30.9x / 30.8x;
+      K=64:  18.4x (20.2x) / 19.9x (19.8x), the PyTorch-only path 7.8x / 7.7x.
 The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512 (the direct computation,
 B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, took ~140 ms forward alone); at K=64 32x32 the
 Gram matrices (B*Cin^2*HW/2 = 67M multiply-adds) are the floor.
