@@ -16,6 +16,7 @@
 
 #include "attention_cpu.h"
 #include "common.h"
+#include "ddn_cpu.h"
 #include "probe_cpu.h"
 #include "tensor_checks.h"
 
@@ -112,4 +113,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "local conditional attention forward (csrc/attention_cpu.h): writes out and lse");
   m.def("local_attention_backward_cpu", &fastcomp::local_attention_backward_cpu,
         "local conditional attention backward (csrc/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
+  m.def("ddn_l2_stats_cpu", &fastcomp::ddn_l2_stats_cpu,
+        "DDN l2 expansion statistics (csrc/ddn_cpu.h): writes gram (upper triangle), m_fe, s_f, e_sum, e_sq");
+  m.def("ddn_weight_gram_cpu", &fastcomp::ddn_weight_gram_cpu,
+        "DDN weight Gram matrices (csrc/ddn_cpu.h): writes p_tri, upper triangles of W_k^T W_k, off-diagonal x2");
+  m.def("ddn_rerank_cpu", &fastcomp::ddn_rerank_cpu,
+        "DDN exact re-ranking of the near-best (csrc/ddn_cpu.h): writes distances, index, the chosen candidate out");
+  m.def("ddn_chosen_forward_cpu", &fastcomp::ddn_chosen_forward_cpu,
+        "DDN chosen candidate (csrc/ddn_cpu.h): writes out");
+  m.def("ddn_chosen_backward_cpu", &fastcomp::ddn_chosen_backward_cpu,
+        "DDN chosen candidate backward (csrc/ddn_cpu.h): writes d_features, d_weight, d_bias (each optional)");
 }

@@ -36,26 +36,39 @@ candidates are far from 0 relative to their distance to the target, so it is gua
 l1 has no such expansion: a direct computation, chunked over K so that at most ~2^18 candidate elements
 exist at once, distances for all K, then argmin.
 
-Measured (2 cores shared with other jobs, load ~8; float32, forward + backward, B=32 Cin=64 Cout=3;
-`OMP_WAIT_POLICY=PASSIVE fastcomp bench --op ddn_select`; without PASSIVE, OpenMP's spinning threads
-on oversubscribed cores made every small op cost a time slice and all timings meaningless):
-    K=512 16x16: this expansion 28.9 ms, the reference 623 ms (21.6x), peak 6.9 MB vs 194 MB;
-                 one-thread CPU time 11-14 ms vs 300-330 ms. The direct computation (the l1 path with
-                 the square: B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, what a C++
-                 loop nest over candidates would do at best) took ~140 ms forward alone.
-    K=64 32x32:  this expansion 33.5 ms, the reference 152 ms (4.5x); one-thread CPU time 22-29 ms vs
-                 110-160 ms. The Gram matrices (B*Cin^2*HW = 134M multiply-adds, ~3.5 ms at peak) and
-                 the chosen candidate's forward/backward (~4 ms) are the floor here.
-The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512, so no hand-written direct
-C++ kernel could catch up: the CPU backend is this PyTorch formulation (no C++).
+For float32/float64 CPU tensors the heavy passes are C++ (csrc/ddn_cpu.cpp): the per-sample statistics
+(Gram upper triangles in 4 x 4 register tiles, half the flops of x @ x^T, with M_b, s_b and the e sums
+in the same call), the weight Gram upper triangles (A is then one GEMM over Cin (Cin + 1) / 2 instead of
+Cin^2 terms), the exact re-ranking of each sample's own near-best set (which also writes the chosen
+candidate, so the forward forms it once), and the chosen candidate's forward/backward. float16/bfloat16
+(and a machine without a compiler) take the PyTorch formulation below; the bound and the margins are the
+same for both.
+
+Measured (2 cores shared with other jobs; float32, forward + backward, B=32 Cin=64 Cout=3;
+`OMP_WAIT_POLICY=PASSIVE fastcomp bench --op ddn_select --device cpu --dtype float32 --repeats 21`,
+medians; without PASSIVE, OpenMP's spinning threads on oversubscribed cores made every small op cost a
+time slice):
+    before the C++ kernels (PyTorch formulation), load ~0.8:  K=512 16x16 21.1x, K=64 32x32 3.9x.
+    with them (07:56 UTC, load ~5: wall times ~1.5-2x the CPU times), 2 threads / OMP_NUM_THREADS=1:
+      K=512 16x16: 6.2 / 10.6 ms vs the reference 494 / 523 ms: 79.6x / 49.2x; peak 4.4 MB vs 194 MB;
+      K=64 32x32:  11.1 / 9.2 ms vs 134 / 108 ms: 12.1x / 11.8x (one-thread CPU time ~6-7 ms: Gram
+                   tiles ~2.5 ms, re-rank ~0.5-1.3 ms, backward ~1.1-1.5 ms, small torch ops + Python).
+    The same in one process with the three interleaved (/tmp script; the reference then touches cold
+    memory every round and runs slower than in fastcomp bench), 1 / 2 threads, wall (CPU time):
+      K=512: 51.4x (61.3x) / 50.7x (50.8x), the PyTorch-only path 30.9x / 30.8x;
+      K=64:  18.4x (20.2x) / 19.9x (19.8x), the PyTorch-only path 7.8x / 7.7x.
+The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512 (the direct computation,
+B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, took ~140 ms forward alone); at K=64 32x32 the
+Gram matrices (B*Cin^2*HW/2 = 67M multiply-adds) are the floor.
 
 Backward goes only through the chosen candidate (`ChosenCandidate`): d weight[k] = sum over the samples
-b that chose k of d out_b f_b^T (index_add), d features = W_idx^T d out, d bias = index_add of d out summed
-over pixels, d residual = d out.
+b that chose k of d out_b f_b^T (index_add; in C++ per-sample rows summed into the K rows), d features =
+W_idx^T d out, d bias = index_add of d out summed over pixels, d residual = d out.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -77,12 +90,39 @@ def _unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+# dtypes of the C++ kernels (csrc/ddn_cpu.cpp); float16/bfloat16 CPU tensors take the PyTorch path.
+_EXT_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpu_ext(tensor: torch.Tensor):
+    """The compiled CPU extension when `tensor` is a float32/float64 CPU tensor (the C++ kernels' domain),
+    else None (other devices and dtypes use the PyTorch formulation below)."""
+    if tensor.device.type != "cpu" or tensor.dtype not in _EXT_DTYPES:
+        return None
+    from .. import _build
+
+    try:
+        return _build.load("cpu")
+    except _build.BuildError:
+        return None  # no compiler here: the PyTorch formulation computes the same thing, slower
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().contiguous()
+
+
 # --- the chosen candidate and its backward ----------------------------------------------------------
 
 def chosen_candidate_forward(features, weight, bias, residual, index):
     """[B, Cout, H, W] = einsum(weight[index[b]], features[b]) + bias[index[b]] + residual[b], in the
     input dtype, added in the reference's order."""
     B, Cin, H, W = features.shape
+    ext = _cpu_ext(features)
+    if ext is not None:
+        out = torch.empty(B, weight.shape[1], H, W, dtype=features.dtype)
+        ext.ddn_chosen_forward_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
+                                   _contiguous(residual), index.contiguous(), out)
+        return out
     w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
     out = torch.bmm(w_idx, features.reshape(B, Cin, H * W)).view(B, -1, H, W)
     if bias is not None:
@@ -115,6 +155,20 @@ class ChosenCandidate(torch.autograd.Function):
         K, Cout, _ = weight.shape
         d_flat = d_out.reshape(B, Cout, H * W)
         d_features = d_weight = d_bias = d_residual = None
+        ext = _cpu_ext(features)
+        if ext is not None:
+            # one C++ pass (csrc/ddn_cpu.cpp): d features and the per-sample d weight rows per sample
+            if ctx.needs_input_grad[0]:
+                d_features = torch.empty(B, Cin, H, W, dtype=features.dtype)
+            if ctx.needs_input_grad[1]:
+                d_weight = torch.empty(K, Cout, Cin, dtype=features.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                d_bias = torch.empty(K, Cout, dtype=features.dtype)
+            ext.ddn_chosen_backward_cpu(features.contiguous(), weight.contiguous(), index, d_out.contiguous(),
+                                        d_features, d_weight, d_bias)
+            if ctx.has_residual and ctx.needs_input_grad[3]:
+                d_residual = d_out
+            return d_features, d_weight, d_bias, d_residual, None, None
         if ctx.needs_input_grad[0]:
             w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
             d_features = torch.bmm(w_idx.transpose(1, 2), d_flat).view(B, Cin, H, W)
@@ -177,6 +231,79 @@ def _feature_sums(x, e):
     return m_fe.to(torch.float64), x.sum(dim=2, dtype=torch.float64)
 
 
+def _l2_terms_torch(features, weight, target, residual):
+    """The sample-dependent terms of the expansion in PyTorch (any dtype, any device):
+    (A float64 [B, K], tr(G_b) float64 [B], M_b float64 [B, Cout, Cin], s_b float64 [B, Cin],
+    sum_p e_p float64 [B, Cout], sum_p ||e_p||^2 float64 [B])."""
+    B, Cin, H, W = features.shape
+    K, Cout, _ = weight.shape
+    HW = H * W
+    cd = torch.float64 if features.dtype == torch.float64 else torch.float32  # dtype of A
+    f64 = torch.float64
+
+    # A: one Gram matrix per sample, P_k = W_k^T W_k in chunks of K, one GEMM per chunk.
+    x = features.reshape(B, Cin, HW).to(cd)
+    gram = torch.bmm(x, x.transpose(1, 2)).view(B, Cin * Cin)  # [B, Cin^2]
+    w_cd = weight.to(cd)
+    dist = torch.empty(B, K, dtype=f64, device=features.device)
+    step = max(1, _EXPANSION_ELEMENTS // (Cin * Cin))
+    for k0 in range(0, K, step):
+        w = w_cd[k0:k0 + step]  # [k, Cout, Cin]
+        # (a contiguous W_k^T: MKL's batched GEMM is ~50x slower on the transposed view with inner size Cout)
+        p = torch.bmm(w.transpose(1, 2).contiguous(), w).view(w.shape[0], Cin * Cin)  # [k, Cin^2]
+        dist[:, k0:k0 + w.shape[0]] = torch.mm(gram, p.t())
+    tr_ff = gram.view(B, Cin, Cin).diagonal(dim1=1, dim2=2).sum(dim=1).to(f64)  # [B]
+
+    # e in float64, so that a residual and a target sharing a large offset cancel exactly; M_b in the
+    # dtype of A (its rounding is bounded in expanded_l2), the rest of X and C in float64.
+    e = -target.reshape(B, Cout, HW).to(f64)
+    if residual is not None:
+        e += residual.reshape(B, Cout, HW)
+    m_fe, s_f = _feature_sums(x, e)  # [B, Cin, Cout], [B, Cin]
+    return dist, tr_ff, m_fe.transpose(1, 2), s_f, e.sum(dim=2), e.square().sum(dim=(1, 2))
+
+
+@functools.lru_cache(maxsize=16)
+def _diagonal_positions(cin: int) -> torch.Tensor:
+    """Positions [Cin] of the diagonal entries in a Cin x Cin upper triangle stored row by row."""
+    i = torch.arange(cin)
+    return i * cin - i * (i - 1) // 2
+
+
+def _l2_terms_cpu(ext, features, weight, target, residual):
+    """_l2_terms_torch for float32/float64 CPU tensors: one C++ pass over the features
+    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is
+    then one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
+    (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices."""
+    B, Cin, _, _ = features.shape
+    K, Cout, _ = weight.shape
+    f64 = torch.float64
+    cd = features.dtype  # float32 or float64: A accumulates in the input dtype, as _l2_terms_torch
+    n_tri = Cin * (Cin + 1) // 2
+    gram = torch.empty(B, n_tri, dtype=cd)
+    m_fe = torch.empty(B, Cout, Cin, dtype=f64)
+    s_f = torch.empty(B, Cin, dtype=f64)
+    e_sum = torch.empty(B, Cout, dtype=f64)
+    e_sq = torch.empty(B, dtype=f64)
+    ext.ddn_l2_stats_cpu(_contiguous(features), _contiguous(residual), _contiguous(target), gram, m_fe, s_f,
+                         e_sum, e_sq)
+    w = _contiguous(weight)
+    step = max(1, _EXPANSION_ELEMENTS // n_tri)
+    if step >= K:
+        p_tri = torch.empty(K, n_tri, dtype=cd)
+        ext.ddn_weight_gram_cpu(w, p_tri)
+        dist = torch.mm(gram, p_tri.t()).to(f64)
+    else:
+        dist = torch.empty(B, K, dtype=f64)
+        for k0 in range(0, K, step):  # chunks of K: at most _EXPANSION_ELEMENTS weight Gram entries at once
+            w_k = w[k0:k0 + step]  # [k, Cout, Cin], contiguous
+            p_tri = torch.empty(w_k.shape[0], n_tri, dtype=cd)
+            ext.ddn_weight_gram_cpu(w_k, p_tri)
+            dist[:, k0:k0 + w_k.shape[0]] = torch.mm(gram, p_tri.t())
+    tr_ff = gram.index_select(1, _diagonal_positions(Cin)).sum(dim=1, dtype=f64)  # [B]
+    return dist, tr_ff, m_fe, s_f, e_sum, e_sq
+
+
 def expanded_l2(features, weight, target, bias, residual):
     """(distances float64 [B, K] by the expansion, their error bound float64 [B, K]).
 
@@ -197,34 +324,19 @@ def expanded_l2(features, weight, target, bias, residual):
     cd = torch.float64 if features.dtype == torch.float64 else torch.float32  # dtype of A
     f64 = torch.float64
 
-    # A: one Gram matrix per sample, P_k = W_k^T W_k in chunks of K, one GEMM per chunk.
-    x = features.reshape(B, Cin, HW).to(cd)
-    gram = torch.bmm(x, x.transpose(1, 2)).view(B, Cin * Cin)  # [B, Cin^2]
-    w_cd = weight.to(cd)
-    dist = torch.empty(B, K, dtype=f64, device=dev)
-    step = max(1, _EXPANSION_ELEMENTS // (Cin * Cin))
-    for k0 in range(0, K, step):
-        w = w_cd[k0:k0 + step]  # [k, Cout, Cin]
-        # (a contiguous W_k^T: MKL's batched GEMM is ~50x slower on the transposed view with inner size Cout)
-        p = torch.bmm(w.transpose(1, 2).contiguous(), w).view(w.shape[0], Cin * Cin)  # [k, Cin^2]
-        dist[:, k0:k0 + w.shape[0]] = torch.mm(gram, p.t())
-    tr_ff = gram.view(B, Cin, Cin).diagonal(dim1=1, dim2=2).sum(dim=1).to(f64)  # [B]
-
-    # e in float64, so that a residual and a target sharing a large offset cancel exactly; M_b in the
-    # dtype of A (its rounding is bounded below), the rest of X and C in float64.
-    e = -target.reshape(B, Cout, HW).to(f64)
-    if residual is not None:
-        e += residual.reshape(B, Cout, HW)
-    m_fe, s_f = _feature_sums(x, e)  # [B, Cin, Cout], [B, Cin]
+    ext = _cpu_ext(features)
+    if ext is not None:
+        dist, tr_ff, m_fe, s_f, e_sum, e_sq = _l2_terms_cpu(ext, features, weight, target, residual)
+    else:
+        dist, tr_ff, m_fe, s_f, e_sum, e_sq = _l2_terms_torch(features, weight, target, residual)
     w64 = weight.to(f64)
-    dist.addmm_(m_fe.transpose(1, 2).reshape(B, Cout * Cin), w64.view(K, Cout * Cin).t(), alpha=2.0)
-    e_sq = e.square().sum(dim=(1, 2))  # [B]
+    dist.addmm_(m_fe.reshape(B, Cout * Cin), w64.view(K, Cout * Cin).t(), alpha=2.0)
     dist += e_sq[:, None]
     if bias is not None:
         b64 = bias.to(f64)
         wtb = torch.bmm(b64[:, None, :], w64).squeeze(1)  # [K, Cin] = W_k^T b_k
         dist.addmm_(s_f, wtb.t(), alpha=2.0)
-        dist.addmm_(e.sum(dim=2), b64.t(), alpha=2.0)
+        dist.addmm_(e_sum, b64.t(), alpha=2.0)
         dist += HW * b64.square().sum(dim=1)[None, :]
     dist /= N
 
@@ -265,6 +377,7 @@ def select_cpu(features, weight, target, bias, residual, metric):
     """The "cpu" backend of ddn_select: (output, index, distances float32 [B, K])."""
     B = features.shape[0]
     K = weight.shape[0]
+    out = None  # the chosen candidate, when the C++ re-ranking has already formed it
     with torch.no_grad():
         if metric == "l1":
             k_all = torch.arange(K, device=features.device).expand(B, K)
@@ -273,16 +386,30 @@ def select_cpu(features, weight, target, bias, residual, metric):
             distances = dist.float()
         else:
             est, bound = expanded_l2(features, weight, target, bias, residual)
-            est_min = est.min(dim=1).values  # [B]
-            margin = 2 * bound.max(dim=1).values + _reference_noise(features.dtype, est_min, target)
-            n_close = (est <= (est_min + margin)[:, None]).sum(dim=1)  # [B], >= 1
-            m = max(1, int(n_close.max()))  # NaN rows count 0
-            # The m best by the expansion, in increasing k, so that exact ties go to the smallest k.
-            k_near = est.topk(m, dim=1, largest=False).indices.sort(dim=1).values  # [B, m]
-            exact = exact_distances(features, weight, target, bias, residual, metric, k_near)  # [B, m]
-            index = k_near.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
-            distances = est.float().scatter_(1, k_near, exact.float())
-    output = chosen_candidate(features, weight, bias, residual, index)
+            # amin/amax, not min(dim)/max(dim): those also compute indices, and in torch 2.13 on CPU they took
+            # ~20 ms even on a [2, 3] tensor when the cores were busy (amin: 2 us)
+            est_min = est.amin(dim=1)  # [B]
+            margin = 2 * bound.amax(dim=1) + _reference_noise(features.dtype, est_min, target)
+            thresh = est_min + margin  # [B]: every k with est <= thresh is re-ranked exactly
+            ext = _cpu_ext(features)
+            if ext is not None:
+                # One C++ pass: each sample's own near-best (not the batch's largest count) formed once, its
+                # exact distance, and the winner kept as the output (not recomputed by chosen_candidate).
+                distances = torch.empty(B, K, dtype=torch.float32)
+                index = torch.empty(B, dtype=torch.int64)
+                out = torch.empty(target.shape, dtype=features.dtype)
+                ext.ddn_rerank_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
+                                   _contiguous(residual), _contiguous(target), est, thresh.contiguous(), distances,
+                                   index, out)
+            else:
+                n_close = (est <= thresh[:, None]).sum(dim=1)  # [B], >= 1
+                m = max(1, int(n_close.max()))  # NaN rows count 0
+                # The m best by the expansion, in increasing k, so that exact ties go to the smallest k.
+                k_near = est.topk(m, dim=1, largest=False).indices.sort(dim=1).values  # [B, m]
+                exact = exact_distances(features, weight, target, bias, residual, metric, k_near)  # [B, m]
+                index = k_near.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
+                distances = est.float().scatter_(1, k_near, exact.float())
+    output = chosen_candidate(features, weight, bias, residual, index, out)
     return output, index, distances
 
 

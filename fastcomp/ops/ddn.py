@@ -124,7 +124,7 @@ def _gather_reference(features, weight, index, bias, residual):
 
 
 # --- fast backends ----------------------------------------------------------------------------------
-# cpu: fastcomp/ops/_ddn_torch.py (float64 expansion + exact re-ranking for l2, chunked direct for l1);
+# cpu: fastcomp/ops/_ddn_torch.py + csrc/ddn_cpu.cpp (expansion + exact re-ranking for l2, chunked direct for l1);
 # triton: kernels/ddn.py; cuda: csrc/ddn.cu. None holds the B x K x Cout x H x W candidates.
 
 def _cpu_input_problem(*tensors):
@@ -132,7 +132,7 @@ def _cpu_input_problem(*tensors):
 
 
 @_b.register(SELECT, "cpu", priority=10, input_check=lambda f, w, t, b, r: _cpu_input_problem(f, w, t, b, r),
-             description="float64 Gram expansion + exact re-ranking of the near-best (l2); chunked over K (l1)")
+             description="Gram expansion + exact re-ranking of the near-best (l2; C++ for float32/64); chunked over K (l1)")
 def _select_cpu(features, weight, target, bias, residual, metric):
     from ._ddn_torch import select_cpu
 

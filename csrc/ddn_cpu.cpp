@@ -1,0 +1,678 @@
+// DDN K-way selection on the CPU: the heavy passes of fastcomp/ops/_ddn_torch.py's l2 expansion, the
+// exact re-ranking of the near-best candidates, and the chosen candidate's forward and backward.
+//
+// Why C++: at B=32, Cin=64, K=64, 32x32 the PyTorch formulation spent most of its time outside the flops
+// (dtype copies, small batched GEMMs with inner size Cout = 3 that MKL runs slowly, ~40 small ops, the
+// chosen candidate and its backward through bmm + index_add). Here each is one pass over the features:
+// * stats: the Gram matrices only on and above the diagonal (half the flops of x @ x^T), with register
+//   tiles of 4 x 4 rows x one SIMD vector of pixels, plus sum_p e_p f_p^T and the float64 sums;
+// * re-rank: each sample's near-best candidates (those its expanded distance does not rule out; a
+//   per-sample set, not the batch's largest) are formed once in a per-thread buffer, their exact
+//   distances summed, and the winner is written to out (the forward never forms it twice);
+// * backward: d features and the per-sample d weight rows in one sweep over the feature rows, then a
+//   serial accumulation into the K rows (never a B x K x ... buffer).
+// All are parallel with OpenMP over samples (or sample x row-block tiles), threads from torch's setting.
+//
+// Rounding: the Gram tiles (and m_fe) use fused multiply-adds and SIMD-lane partial sums, an accumulation
+// order no worse than the BLAS the bound in _ddn_torch.expanded_l2 was written for. The candidate values
+// are rounded like the reference's (products summed in scalar_t with FMAs as its GEMM does, then + bias,
+// then + residual, each rounded to scalar_t), their distances summed in float64.
+#include "ddn_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+// The Gram tiles may contract a * b + c into an FMA: their error is bounded, not compared bit for bit.
+#if defined(__clang__)
+#define FASTCOMP_CONTRACT
+#elif defined(__GNUC__)
+#define FASTCOMP_CONTRACT __attribute__((optimize("fp-contract=fast")))
+#else
+#define FASTCOMP_CONTRACT
+#endif
+
+namespace fastcomp {
+namespace {
+
+// One 64-byte SIMD vector (AVX-512 register; the compiler splits it on narrower targets).
+typedef float vf32 __attribute__((vector_size(64)));
+typedef double vf64 __attribute__((vector_size(64)));
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using type = vf32;
+};
+template <>
+struct Simd<double> {
+  using type = vf64;
+};
+template <typename T>
+using vec_t = typename Simd<T>::type;
+template <typename T>
+constexpr int64_t kLanes = static_cast<int64_t>(64 / sizeof(T));
+
+template <typename T>
+inline vec_t<T> load(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline T lane_sum(const vec_t<T>& v) {
+  T s = 0;
+  for (int64_t l = 0; l < kLanes<T>; ++l) s += v[l];
+  return s;
+}
+
+// Keeps a loaded vector in a register: without it GCC re-reads every row from memory as an FMA operand
+// for each of the RI x RJ products (2 loads per FMA, load-port bound; measured ~2x slower).
+template <typename V>
+inline void pin(V& v) {
+#if defined(__x86_64__) && defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__x86_64__) && defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
+// Below this much work (multiply-adds) a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+int threads_for(int64_t work) { return work < kMinParallelWork ? 1 : std::max(1, at::get_num_threads()); }
+
+// Row-block height of the Gram tiles: RI x RJ accumulators + RI + RJ loaded rows fit 32 vector registers.
+constexpr int64_t kTile = 4;
+
+// G[i0 + r][j0 + s] for r < RI, s < RJ, kept where j >= i, written to the packed upper triangle.
+// x: [Cin, N] one sample's features.
+template <typename T, int RI, int RJ>
+FASTCOMP_CONTRACT void gram_tile(const T* x, int64_t N, int64_t Cin, int64_t i0, int64_t j0, T* g_packed) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V b_acc[RI][RJ];  // [RI][RJ] x L partial sums
+  for (int r = 0; r < RI; ++r)
+    for (int s = 0; s < RJ; ++s) b_acc[r][s] = V{} * 0;
+  int64_t p = 0;
+  for (; p + L <= N; p += L) {
+    V b_i[RI], b_j[RJ];  // one vector of pixels of each row
+    for (int r = 0; r < RI; ++r) pin(b_i[r] = load(x + (i0 + r) * N + p));
+    for (int s = 0; s < RJ; ++s) pin(b_j[s] = load(x + (j0 + s) * N + p));
+    for (int r = 0; r < RI; ++r)
+      for (int s = 0; s < RJ; ++s) b_acc[r][s] += b_i[r] * b_j[s];
+  }
+  for (int r = 0; r < RI; ++r) {
+    const int64_t i = i0 + r;
+    for (int s = 0; s < RJ; ++s) {
+      const int64_t j = j0 + s;
+      if (j < i) continue;
+      T b_sum = lane_sum<T>(b_acc[r][s]);
+      for (int64_t q = p; q < N; ++q) b_sum += x[i * N + q] * x[j * N + q];  // the N % L tail
+      g_packed[i * Cin - i * (i - 1) / 2 + (j - i)] = b_sum;
+    }
+  }
+}
+
+template <typename T, int RI>
+void gram_tile_rj(int64_t rj, const T* x, int64_t N, int64_t Cin, int64_t i0, int64_t j0, T* g) {
+  switch (rj) {
+    case 4: gram_tile<T, RI, 4>(x, N, Cin, i0, j0, g); break;
+    case 3: gram_tile<T, RI, 3>(x, N, Cin, i0, j0, g); break;
+    case 2: gram_tile<T, RI, 2>(x, N, Cin, i0, j0, g); break;
+    default: gram_tile<T, RI, 1>(x, N, Cin, i0, j0, g); break;
+  }
+}
+
+template <typename T>
+void gram_tile_any(int64_t ri, int64_t rj, const T* x, int64_t N, int64_t Cin, int64_t i0, int64_t j0, T* g) {
+  switch (ri) {
+    case 4: gram_tile_rj<T, 4>(rj, x, N, Cin, i0, j0, g); break;
+    case 3: gram_tile_rj<T, 3>(rj, x, N, Cin, i0, j0, g); break;
+    case 2: gram_tile_rj<T, 2>(rj, x, N, Cin, i0, j0, g); break;
+    default: gram_tile_rj<T, 1>(rj, x, N, Cin, i0, j0, g); break;
+  }
+}
+
+// out[r * out_stride_r + s * out_stride_s] = sum_p a[r][p] b[s][p] for r < RA, s < RB (a, b: rows of N
+// values at strides N), in register tiles like gram_tile: RA + RB loads feed RA x RB FMAs.
+template <typename T, int RA, int RB>
+FASTCOMP_CONTRACT void cross_tile(const T* a, const T* b, int64_t N, double* out, int64_t out_stride_r,
+                                  int64_t out_stride_s) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V b_acc[RA][RB];  // [RA][RB] x L partial sums
+  for (int r = 0; r < RA; ++r)
+    for (int s = 0; s < RB; ++s) b_acc[r][s] = V{} * 0;
+  int64_t p = 0;
+  for (; p + L <= N; p += L) {
+    V b_a[RA], b_b[RB];
+    for (int r = 0; r < RA; ++r) pin(b_a[r] = load(a + r * N + p));
+    for (int s = 0; s < RB; ++s) pin(b_b[s] = load(b + s * N + p));
+    for (int r = 0; r < RA; ++r)
+      for (int s = 0; s < RB; ++s) b_acc[r][s] += b_a[r] * b_b[s];
+  }
+  for (int r = 0; r < RA; ++r)
+    for (int s = 0; s < RB; ++s) {
+      T b_sum = lane_sum<T>(b_acc[r][s]);
+      for (int64_t q = p; q < N; ++q) b_sum += a[r * N + q] * b[s * N + q];
+      out[r * out_stride_r + s * out_stride_s] = static_cast<double>(b_sum);
+    }
+}
+
+// All products of n_a rows a with n_b rows b (any counts, tiled by 4 x 4).
+template <typename T>
+void cross_products(const T* a, int64_t n_a, const T* b, int64_t n_b, int64_t N, double* out, int64_t out_stride_r,
+                    int64_t out_stride_s) {
+  for (int64_t r0 = 0; r0 < n_a; r0 += kTile)
+    for (int64_t s0 = 0; s0 < n_b; s0 += kTile) {
+      const T* a0 = a + r0 * N;
+      const T* b0 = b + s0 * N;
+      double* o = out + r0 * out_stride_r + s0 * out_stride_s;
+      const int64_t ra = std::min(kTile, n_a - r0), rb = std::min(kTile, n_b - s0);
+#define FASTCOMP_CROSS(RA_, RB_) cross_tile<T, RA_, RB_>(a0, b0, N, o, out_stride_r, out_stride_s)
+#define FASTCOMP_CROSS_RB(RA_)          \
+  switch (rb) {                         \
+    case 4: FASTCOMP_CROSS(RA_, 4); break; \
+    case 3: FASTCOMP_CROSS(RA_, 3); break; \
+    case 2: FASTCOMP_CROSS(RA_, 2); break; \
+    default: FASTCOMP_CROSS(RA_, 1); break; \
+  }
+      switch (ra) {
+        case 4: FASTCOMP_CROSS_RB(4); break;
+        case 3: FASTCOMP_CROSS_RB(3); break;
+        case 2: FASTCOMP_CROSS_RB(2); break;
+        default: FASTCOMP_CROSS_RB(1); break;
+      }
+#undef FASTCOMP_CROSS_RB
+#undef FASTCOMP_CROSS
+    }
+}
+
+// sum_p a[p] in float64 with 8 independent partial sums (vectorizable without reassociation).
+template <typename T>
+double sum64(const T* a, int64_t N) {
+  double b_acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+  for (; p + 8 <= N; p += 8)
+    for (int l = 0; l < 8; ++l) b_acc[l] += static_cast<double>(a[p + l]);
+  double b_sum = 0;
+  for (int l = 0; l < 8; ++l) b_sum += b_acc[l];
+  for (; p < N; ++p) b_sum += static_cast<double>(a[p]);
+  return b_sum;
+}
+
+template <typename T>
+void l2_stats(const T* p_x, const T* p_res, const T* p_tgt, int64_t B, int64_t Cin, int64_t Cout, int64_t N,
+              T* p_gram, double* p_mfe, double* p_sf, double* p_esum, double* p_esq) {
+  const int64_t T_packed = Cin * (Cin + 1) / 2;
+  // e = residual - target in float64 for its sums, rounded to T for m_fe: [B, Cout, N]
+  std::vector<T> b_e(static_cast<size_t>(B * Cout * N));
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * Cout * N))
+  for (int64_t b = 0; b < B; ++b) {
+    double b_sq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t c = 0; c < Cout; ++c) {
+      const int64_t o_row = (b * Cout + c) * N;
+      double b_sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t p = 0;
+      for (; p + 8 <= N; p += 8) {
+        for (int l = 0; l < 8; ++l) {
+          const double b_r = p_res ? static_cast<double>(p_res[o_row + p + l]) : 0.0;
+          const double b_diff = b_r - static_cast<double>(p_tgt[o_row + p + l]);
+          b_e[o_row + p + l] = static_cast<T>(b_diff);
+          b_sum[l] += b_diff;
+          b_sq[l] += b_diff * b_diff;
+        }
+      }
+      double b_tail = 0;
+      for (; p < N; ++p) {
+        const double b_r = p_res ? static_cast<double>(p_res[o_row + p]) : 0.0;
+        const double b_diff = b_r - static_cast<double>(p_tgt[o_row + p]);
+        b_e[o_row + p] = static_cast<T>(b_diff);
+        b_tail += b_diff;
+        b_sq[0] += b_diff * b_diff;
+      }
+      for (int l = 0; l < 8; ++l) b_tail += b_sum[l];
+      p_esum[b * Cout + c] = b_tail;
+    }
+    double b_total = 0;
+    for (int l = 0; l < 8; ++l) b_total += b_sq[l];
+    p_esq[b] = b_total;
+  }
+
+  // Tasks: (sample, block of kTile rows i); each does its rows' tiles on and right of the diagonal, and
+  // the rows' s_f and m_fe. Dynamic: the first blocks of a sample have the most tiles.
+  const int64_t n_blocks = (Cin + kTile - 1) / kTile;
+  const T* p_e = b_e.data();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_for(B * T_packed * N))
+  for (int64_t task = 0; task < B * n_blocks; ++task) {
+    const int64_t b = task / n_blocks;
+    const int64_t i0 = (task % n_blocks) * kTile;
+    const int64_t ri = std::min(kTile, Cin - i0);
+    const T* x = p_x + b * Cin * N;
+    T* g = p_gram + b * T_packed;
+    for (int64_t j0 = i0; j0 < Cin; j0 += kTile) gram_tile_any<T>(ri, std::min(kTile, Cin - j0), x, N, Cin, i0, j0, g);
+    for (int64_t i = i0; i < i0 + ri; ++i) p_sf[b * Cin + i] = sum64(x + i * N, N);
+    // m_fe[b, c, i] for the block's rows i and every c
+    cross_products(x + i0 * N, ri, p_e + b * Cout * N, Cout, N, p_mfe + b * Cout * Cin + i0, 1, Cin);
+  }
+}
+
+// p_tri [K, Cin (Cin + 1) / 2]: the upper triangle of W_k^T W_k, off-diagonal entries doubled, so that
+// <W_k^T W_k, G> = sum_t p_tri[k, t] g_packed[t] for a symmetric G stored as its upper triangle.
+template <typename T>
+void weight_gram(const T* p_w, int64_t K, int64_t Cout, int64_t Cin, T* p_tri) {
+  const int64_t n_tri = Cin * (Cin + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(threads_for(K * n_tri * Cout))
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = p_w + k * Cout * Cin;  // [Cout, Cin]
+    T* dst = p_tri + k * n_tri;
+    for (int64_t i = 0; i < Cin; ++i) {
+      T* row = dst + i * Cin - i * (i - 1) / 2 - i;  // row[j] for j >= i
+      const T b_wi0 = w[i];
+      for (int64_t j = i; j < Cin; ++j) row[j] = b_wi0 * w[j];
+      for (int64_t c = 1; c < Cout; ++c) {
+        const T b_wi = w[c * Cin + i];
+        const T* w_c = w + c * Cin;
+        for (int64_t j = i; j < Cin; ++j) row[j] += b_wi * w_c[j];
+      }
+      for (int64_t j = i + 1; j < Cin; ++j) row[j] *= T(2);
+    }
+  }
+}
+
+// Up to kRows output rows at once: rows[r][p] = sum_i w[r * r_stride + i * w_stride] x[i, p]
+// (+ bias[r] + res[r][p]), rounded to T like the reference's einsum (its GEMM also accumulates with
+// FMAs in T), then + bias, then + residual, each rounded to T. Per vector of pixels the RR partial rows
+// stay in registers while the Cin feature rows stream past, instead of a load and store of the row per
+// feature.
+constexpr int64_t kRows = 4;
+
+template <typename T, int RR>
+FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, int64_t w_stride, int64_t Cin, int64_t N,
+                    const T* bias, int64_t bias_stride, const T* res, T* rows) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  constexpr int PV = 4;  // pixel vectors per step: each broadcast weight feeds PV FMAs
+  int64_t p = 0;
+  for (; p + PV * L <= N; p += PV * L) {
+    V b_acc[RR][PV];  // RR rows x PV * L pixels
+    for (int v = 0; v < PV; ++v) {
+      const V b_x0 = load(x + p + v * L);
+      for (int r = 0; r < RR; ++r) b_acc[r][v] = w[r * r_stride] * b_x0;
+    }
+    for (int64_t i = 1; i < Cin; ++i) {
+      V b_x[PV];
+      for (int v = 0; v < PV; ++v) pin(b_x[v] = load(x + i * N + p + v * L));
+      for (int r = 0; r < RR; ++r) {
+        const T b_w = w[r * r_stride + i * w_stride];
+        for (int v = 0; v < PV; ++v) b_acc[r][v] += b_w * b_x[v];
+      }
+    }
+    for (int r = 0; r < RR; ++r)
+      for (int v = 0; v < PV; ++v) {
+        if (bias) b_acc[r][v] = b_acc[r][v] + bias[r * bias_stride];
+        if (res) b_acc[r][v] = b_acc[r][v] + load(res + r * N + p + v * L);
+        std::memcpy(rows + r * N + p + v * L, &b_acc[r][v], sizeof(V));
+      }
+  }
+  for (; p + L <= N; p += L) {  // the remaining whole vectors, same order
+    V b_acc[RR];  // RR rows x L pixels
+    const V b_x0 = load(x + p);
+    for (int r = 0; r < RR; ++r) b_acc[r] = w[r * r_stride] * b_x0;
+    for (int64_t i = 1; i < Cin; ++i) {
+      const V b_x = load(x + i * N + p);
+      for (int r = 0; r < RR; ++r) b_acc[r] += w[r * r_stride + i * w_stride] * b_x;
+    }
+    for (int r = 0; r < RR; ++r) {
+      // separate statements: the additions of bias and residual are never fused with a product
+      if (bias) b_acc[r] = b_acc[r] + bias[r * bias_stride];
+      if (res) b_acc[r] = b_acc[r] + load(res + r * N + p);
+      std::memcpy(rows + r * N + p, &b_acc[r], sizeof(V));
+    }
+  }
+  for (; p < N; ++p) {  // the N % L tail, same order
+    for (int r = 0; r < RR; ++r) {
+      T b_v = w[r * r_stride] * x[p];
+      for (int64_t i = 1; i < Cin; ++i) b_v += w[r * r_stride + i * w_stride] * x[i * N + p];
+      if (bias) b_v += bias[r * bias_stride];
+      if (res) b_v += res[r * N + p];
+      rows[r * N + p] = b_v;
+    }
+  }
+}
+
+// n_rows rows (any count) by blocks of kRows; row r's weights start at w + r * r_stride.
+template <typename T>
+void candidate_block(const T* x, const T* w, int64_t r_stride, int64_t w_stride, int64_t n_rows, int64_t Cin,
+                     int64_t N, const T* bias, int64_t bias_stride, const T* res, T* rows) {
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kRows) {
+    const T* w_r = w + r0 * r_stride;
+    const T* b_r = bias ? bias + r0 * bias_stride : nullptr;
+    const T* res_r = res ? res + r0 * N : nullptr;
+    T* out_r = rows + r0 * N;
+    switch (std::min(kRows, n_rows - r0)) {
+      case 4: candidate_rows<T, 4>(x, w_r, r_stride, w_stride, Cin, N, b_r, bias_stride, res_r, out_r); break;
+      case 3: candidate_rows<T, 3>(x, w_r, r_stride, w_stride, Cin, N, b_r, bias_stride, res_r, out_r); break;
+      case 2: candidate_rows<T, 2>(x, w_r, r_stride, w_stride, Cin, N, b_r, bias_stride, res_r, out_r); break;
+      default: candidate_rows<T, 1>(x, w_r, r_stride, w_stride, Cin, N, b_r, bias_stride, res_r, out_r); break;
+    }
+  }
+}
+
+// One sample's candidate k into cand [Cout, N].
+template <typename T>
+void candidate(const T* x, const T* p_w, const T* p_bias, const T* res, int64_t k, int64_t Cin, int64_t Cout,
+               int64_t N, T* cand) {
+  candidate_block(x, p_w + k * Cout * Cin, Cin, 1, Cout, Cin, N, p_bias ? p_bias + k * Cout : nullptr, 1, res, cand);
+}
+
+// sum_p (a[p] - t[p])^2 in float64 with 8 partial sums.
+template <typename T>
+double sq_dist64(const T* a, const T* t, int64_t n) {
+  double b_acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8)
+    for (int l = 0; l < 8; ++l) {
+      const double b_d = static_cast<double>(a[p + l]) - static_cast<double>(t[p + l]);
+      b_acc[l] += b_d * b_d;
+    }
+  double b_sum = 0;
+  for (; p < n; ++p) {
+    const double b_d = static_cast<double>(a[p]) - static_cast<double>(t[p]);
+    b_sum += b_d * b_d;
+  }
+  for (int l = 0; l < 8; ++l) b_sum += b_acc[l];
+  return b_sum;
+}
+
+// Per sample b: every k with est[b, k] <= thresh[b] (in increasing k; all K when none is, e.g. a NaN row)
+// gets its exact distance (written to distances[b, k]; the others get est rounded to float32), the first
+// minimal one (a NaN counting as minimal, as torch.argmin) is the index and its candidate goes to out.
+template <typename T>
+void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, const double* p_est,
+            const double* p_thresh, int64_t B, int64_t K, int64_t Cin, int64_t Cout, int64_t N, float* p_dist,
+            int64_t* p_index, T* p_out) {
+  const int64_t n_el = Cout * N;
+#pragma omp parallel num_threads(threads_for(B * n_el * Cin * 2))
+  {
+    std::vector<T> b_cand(static_cast<size_t>(n_el)), b_best(static_cast<size_t>(n_el));  // [Cout, N] each
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      const T* x = p_x + b * Cin * N;
+      const T* res = p_res ? p_res + b * n_el : nullptr;
+      const T* tgt = p_tgt + b * n_el;
+      const double* est = p_est + b * K;
+      float* dist = p_dist + b * K;
+      const double thresh = p_thresh[b];
+      bool any_near = false;
+      for (int64_t k = 0; k < K; ++k) any_near = any_near || est[k] <= thresh;
+      double best = 0;
+      int64_t best_k = -1;
+      for (int64_t k = 0; k < K; ++k) {
+        if (any_near && !(est[k] <= thresh)) {
+          dist[k] = static_cast<float>(est[k]);
+          continue;
+        }
+        candidate(x, p_w, p_bias, res, k, Cin, Cout, N, b_cand.data());
+        // the exact distance, rounded to T first as the reference's accumulation dtype
+        const T d = static_cast<T>(sq_dist64(b_cand.data(), tgt, n_el) / static_cast<double>(n_el));
+        dist[k] = static_cast<float>(d);
+        const bool better = best_k < 0 || (std::isnan(d) && !std::isnan(best)) || d < best;
+        if (better) {
+          best = d;
+          best_k = k;
+          b_cand.swap(b_best);
+        }
+      }
+      p_index[b] = best_k;
+      std::copy(b_best.begin(), b_best.end(), p_out + b * n_el);
+    }
+  }
+}
+
+template <typename T>
+void chosen_forward(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const int64_t* p_index, int64_t B,
+                    int64_t Cin, int64_t Cout, int64_t N, T* p_out) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * Cout * N * Cin))
+  for (int64_t b = 0; b < B; ++b)
+    candidate(p_x + b * Cin * N, p_w, p_bias, p_res ? p_res + b * Cout * N : nullptr, p_index[b], Cin, Cout, N,
+              p_out + b * Cout * N);
+}
+
+template <typename T>
+void chosen_backward(const T* p_x, const T* p_w, const int64_t* p_index, const T* p_dout, int64_t B, int64_t K,
+                     int64_t Cin, int64_t Cout, int64_t N, T* p_dx, T* p_dw, T* p_db) {
+  // Per-sample d weight [B, Cout, Cin] and d bias [B, Cout], summed into the K rows afterwards in b order.
+  std::vector<double> b_dw(p_dw ? static_cast<size_t>(B * Cout * Cin) : 0);
+  std::vector<T> b_db(p_db ? static_cast<size_t>(B * Cout) : 0);
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * Cout * N * Cin))
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t k = p_index[b];
+    const T* d = p_dout + b * Cout * N;  // [Cout, N]
+    const T* x = p_x + b * Cin * N;
+    if (p_dw)  // [Cout, Cin] = d x^T: each feature row once, against the Cout rows of d (in L1)
+      cross_products(x, Cin, d, Cout, N, b_dw.data() + b * Cout * Cin, 1, Cin);
+    if (p_db)
+      for (int64_t c = 0; c < Cout; ++c) b_db[b * Cout + c] = static_cast<T>(sum64(d + c * N, N));
+    if (p_dx) {
+      // d features[i, p] = sum_c W[k, c, i] d[c, p]: a "candidate row" with weights strided by Cin
+      candidate_block(d, p_w + k * Cout * Cin, 1, Cin, Cin, Cout, N, static_cast<const T*>(nullptr), 0,
+                      static_cast<const T*>(nullptr), p_dx + b * Cin * N);
+    }
+  }
+  if (p_dw) {
+    std::fill(p_dw, p_dw + K * Cout * Cin, T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      T* dst = p_dw + p_index[b] * Cout * Cin;
+      const double* src = b_dw.data() + b * Cout * Cin;  // rounded to T before the sum, as index_add
+      for (int64_t j = 0; j < Cout * Cin; ++j) dst[j] += static_cast<T>(src[j]);
+    }
+  }
+  if (p_db) {
+    std::fill(p_db, p_db + K * Cout, T(0));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < Cout; ++c) p_db[p_index[b] * Cout + c] += b_db[b * Cout + c];
+  }
+}
+
+// --- argument checks (tensor_checks.h restated without torch/python.h) -------------------------------
+
+void check_cpu(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  FASTCOMP_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device().str());
+  FASTCOMP_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  FASTCOMP_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_numel(const at::Tensor& t, const char* name, int64_t numel, const char* layout) {
+  FASTCOMP_CHECK(t.numel() == numel, name, " must be ", layout, " (", numel, " elements), got ", t.sizes());
+}
+
+// features [B, Cin, N] (or [B, Cin, H, W]): float32 or float64, contiguous, on the CPU.
+at::ScalarType check_features(const at::Tensor& features) {
+  FASTCOMP_CHECK(features.device().is_cpu(), "features must be a CPU tensor, got ", features.device().str());
+  const at::ScalarType st = features.scalar_type();
+  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "features must be float32 or float64, got ", st);
+  FASTCOMP_CHECK(features.is_contiguous(), "features must be contiguous");
+  FASTCOMP_CHECK(features.dim() >= 3, "features must be [B, Cin, H, W] or [B, Cin, N], got ", features.sizes());
+  return st;
+}
+
+int64_t pixels(const at::Tensor& features) { return features.numel() / (features.size(0) * features.size(1)); }
+
+template <typename T>
+const T* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* opt_mut_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+void check_optional(const std::optional<at::Tensor>& t, const char* name, at::ScalarType st, int64_t numel,
+                    const char* layout) {
+  if (!t.has_value() || !t->defined()) return;
+  check_cpu(*t, name, st);
+  check_numel(*t, name, numel, layout);
+}
+
+void check_index(const at::Tensor& index, int64_t B, int64_t K) {
+  check_cpu(index, "index", at::kLong);
+  check_numel(index, "index", B, "[B]");
+  const int64_t* p = index.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    FASTCOMP_CHECK(p[b] >= 0 && p[b] < K, "index[", b, "] = ", p[b], " must lie in [0, K = ", K, ")");
+}
+
+}  // namespace
+
+void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor>& residual,
+                      const at::Tensor& target, at::Tensor& gram, at::Tensor& m_fe, at::Tensor& s_f,
+                      at::Tensor& e_sum, at::Tensor& e_sq) {
+  const at::ScalarType st = check_features(features);
+  const int64_t B = features.size(0), Cin = features.size(1), N = pixels(features);
+  check_cpu(target, "target", st);
+  FASTCOMP_CHECK(target.dim() >= 2 && target.size(0) == B && target.numel() % (B * N) == 0,
+                 "target must be [B, Cout, H, W] with B, H, W from features, got ", target.sizes());
+  const int64_t Cout = target.numel() / (B * N);
+  check_optional(residual, "residual", st, B * Cout * N, "[B, Cout, H, W]");
+  check_cpu(gram, "gram", st);
+  check_numel(gram, "gram", B * Cin * (Cin + 1) / 2, "[B, Cin (Cin + 1) / 2]");
+  check_cpu(m_fe, "m_fe", at::kDouble);
+  check_numel(m_fe, "m_fe", B * Cout * Cin, "[B, Cout, Cin]");
+  check_cpu(s_f, "s_f", at::kDouble);
+  check_numel(s_f, "s_f", B * Cin, "[B, Cin]");
+  check_cpu(e_sum, "e_sum", at::kDouble);
+  check_numel(e_sum, "e_sum", B * Cout, "[B, Cout]");
+  check_cpu(e_sq, "e_sq", at::kDouble);
+  check_numel(e_sq, "e_sq", B, "[B]");
+  double *p_mfe = m_fe.data_ptr<double>(), *p_sf = s_f.data_ptr<double>();
+  double *p_esum = e_sum.data_ptr<double>(), *p_esq = e_sq.data_ptr<double>();
+  if (st == at::kFloat) {
+    l2_stats<float>(features.data_ptr<float>(), opt_ptr<float>(residual), target.data_ptr<float>(), B, Cin, Cout, N,
+                    gram.data_ptr<float>(), p_mfe, p_sf, p_esum, p_esq);
+  } else {
+    l2_stats<double>(features.data_ptr<double>(), opt_ptr<double>(residual), target.data_ptr<double>(), B, Cin,
+                     Cout, N, gram.data_ptr<double>(), p_mfe, p_sf, p_esum, p_esq);
+  }
+}
+
+void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri) {
+  FASTCOMP_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device().str());
+  const at::ScalarType st = weight.scalar_type();
+  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "weight must be float32 or float64, got ", st);
+  FASTCOMP_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  FASTCOMP_CHECK(weight.dim() == 3, "weight must be [K, Cout, Cin], got ", weight.sizes());
+  const int64_t K = weight.size(0), Cout = weight.size(1), Cin = weight.size(2);
+  check_cpu(p_tri, "p_tri", st);
+  check_numel(p_tri, "p_tri", K * Cin * (Cin + 1) / 2, "[K, Cin (Cin + 1) / 2]");
+  if (st == at::kFloat) {
+    weight_gram<float>(weight.data_ptr<float>(), K, Cout, Cin, p_tri.data_ptr<float>());
+  } else {
+    weight_gram<double>(weight.data_ptr<double>(), K, Cout, Cin, p_tri.data_ptr<double>());
+  }
+}
+
+namespace {
+
+// Shared checks of the candidate-producing arguments; returns (B, K, Cin, Cout, N) through references.
+at::ScalarType check_layer(const at::Tensor& features, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                           int64_t& B, int64_t& K, int64_t& Cin, int64_t& Cout, int64_t& N) {
+  const at::ScalarType st = check_features(features);
+  check_cpu(weight, "weight", st);
+  FASTCOMP_CHECK(weight.dim() == 3 && weight.size(2) == features.size(1),
+                 "weight must be [K, Cout, Cin] with Cin = features.size(1), got ", weight.sizes());
+  B = features.size(0);
+  Cin = features.size(1);
+  N = pixels(features);
+  K = weight.size(0);
+  Cout = weight.size(1);
+  check_optional(bias, "bias", st, K * Cout, "[K, Cout]");
+  check_optional(residual, "residual", st, B * Cout * N, "[B, Cout, H, W]");
+  return st;
+}
+
+}  // namespace
+
+void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& est,
+                    const at::Tensor& thresh, at::Tensor& distances, at::Tensor& index, at::Tensor& out) {
+  int64_t B, K, Cin, Cout, N;
+  const at::ScalarType st = check_layer(features, weight, bias, residual, B, K, Cin, Cout, N);
+  check_cpu(target, "target", st);
+  check_numel(target, "target", B * Cout * N, "[B, Cout, H, W]");
+  check_cpu(est, "est", at::kDouble);
+  check_numel(est, "est", B * K, "[B, K]");
+  check_cpu(thresh, "thresh", at::kDouble);
+  check_numel(thresh, "thresh", B, "[B]");
+  check_cpu(distances, "distances", at::kFloat);
+  check_numel(distances, "distances", B * K, "[B, K]");
+  check_cpu(index, "index", at::kLong);
+  check_numel(index, "index", B, "[B]");
+  check_cpu(out, "out", st);
+  check_numel(out, "out", B * Cout * N, "[B, Cout, H, W]");
+  const double *p_est = est.data_ptr<double>(), *p_thresh = thresh.data_ptr<double>();
+  float* p_dist = distances.data_ptr<float>();
+  if (st == at::kFloat) {
+    rerank<float>(features.data_ptr<float>(), weight.data_ptr<float>(), opt_ptr<float>(bias), opt_ptr<float>(residual),
+                  target.data_ptr<float>(), p_est, p_thresh, B, K, Cin, Cout, N, p_dist, index.data_ptr<int64_t>(),
+                  out.data_ptr<float>());
+  } else {
+    rerank<double>(features.data_ptr<double>(), weight.data_ptr<double>(), opt_ptr<double>(bias),
+                   opt_ptr<double>(residual), target.data_ptr<double>(), p_est, p_thresh, B, K, Cin, Cout, N, p_dist,
+                   index.data_ptr<int64_t>(), out.data_ptr<double>());
+  }
+}
+
+void ddn_chosen_forward_cpu(const at::Tensor& features, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                            const at::Tensor& index, at::Tensor& out) {
+  int64_t B, K, Cin, Cout, N;
+  const at::ScalarType st = check_layer(features, weight, bias, residual, B, K, Cin, Cout, N);
+  check_index(index, B, K);
+  check_cpu(out, "out", st);
+  check_numel(out, "out", B * Cout * N, "[B, Cout, H, W]");
+  if (st == at::kFloat) {
+    chosen_forward<float>(features.data_ptr<float>(), weight.data_ptr<float>(), opt_ptr<float>(bias),
+                          opt_ptr<float>(residual), index.data_ptr<int64_t>(), B, Cin, Cout, N, out.data_ptr<float>());
+  } else {
+    chosen_forward<double>(features.data_ptr<double>(), weight.data_ptr<double>(), opt_ptr<double>(bias),
+                           opt_ptr<double>(residual), index.data_ptr<int64_t>(), B, Cin, Cout, N,
+                           out.data_ptr<double>());
+  }
+}
+
+void ddn_chosen_backward_cpu(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& index,
+                             const at::Tensor& d_out, const std::optional<at::Tensor>& d_features,
+                             const std::optional<at::Tensor>& d_weight, const std::optional<at::Tensor>& d_bias) {
+  int64_t B, K, Cin, Cout, N;
+  const at::ScalarType st = check_layer(features, weight, std::nullopt, std::nullopt, B, K, Cin, Cout, N);
+  check_index(index, B, K);
+  check_cpu(d_out, "d_out", st);
+  check_numel(d_out, "d_out", B * Cout * N, "[B, Cout, H, W]");
+  check_optional(d_features, "d_features", st, B * Cin * N, "[B, Cin, H, W]");
+  check_optional(d_weight, "d_weight", st, K * Cout * Cin, "[K, Cout, Cin]");
+  check_optional(d_bias, "d_bias", st, K * Cout, "[K, Cout]");
+  if (st == at::kFloat) {
+    chosen_backward<float>(features.data_ptr<float>(), weight.data_ptr<float>(), index.data_ptr<int64_t>(),
+                           d_out.data_ptr<float>(), B, K, Cin, Cout, N, opt_mut_ptr<float>(d_features),
+                           opt_mut_ptr<float>(d_weight), opt_mut_ptr<float>(d_bias));
+  } else {
+    chosen_backward<double>(features.data_ptr<double>(), weight.data_ptr<double>(), index.data_ptr<int64_t>(),
+                            d_out.data_ptr<double>(), B, K, Cin, Cout, N, opt_mut_ptr<double>(d_features),
+                            opt_mut_ptr<double>(d_weight), opt_mut_ptr<double>(d_bias));
+  }
+}
+
+}  // namespace fastcomp
