@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             print(f"fastcomp demo bumps: --{k.replace('_', '-')} must be >= 1, got {s[k]}", file=sys.stderr)
             return 2
     os.makedirs(args.out, exist_ok=True)
-    progress = False if args.no_progress else None
+    progress = not args.no_progress
     bumps = GaussianBumps(size=32, seed=args.seed)
     t0 = time.perf_counter()
     localities = ("local", "global") if args.locality == "both" else (args.locality,)
