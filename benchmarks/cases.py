@@ -27,6 +27,7 @@ from fastcomp import backends as _backends
 from fastcomp.ops._checks import dtype_name  # noqa: F401  (re-exported: the runner and suites name dtypes)
 
 OPS = ("local_conditional_attention", "ddn_select", "ddn_gather", "pixel_locality", "disk_mask")
+OPS = OPS + ("train_step",)  # one training step of the local ConditionalDenoiser (train_step_bench.py)
 TIERS = ("quick", "cpu", "gpu")
 MODES = ("fwd", "fwd+bwd")
 
@@ -392,6 +393,34 @@ def disk_cases(B=8, M=16, H=128, W=128) -> list[Case]:
                  fixed_dtype=torch.float32)]
 
 
+# --- one training step of the local ConditionalDenoiser ----------------------------------------------
+
+TRAIN_STEP_SIZES = {"quick": dict(batch=4, channels=32, depth=2), "cpu": dict(batch=16, channels=64, depth=4),
+                    "gpu": dict(batch=64, channels=64, depth=4)}
+
+
+def _train_step_providers(inp: dict, options: Options) -> list[Provider]:
+    from .train_step_bench import build_step
+
+    probe = torch.empty(0, device=inp["device"], dtype=inp["dtype"])
+    precision = "fp32" if inp["dtype"] in (torch.float32, torch.float64) else "bf16"
+    size = inp["size"]
+    return backend_providers("local_conditional_attention", (probe, probe, probe), lambda backend: build_step(
+        backend, batch=size["batch"], device=inp["device"], precision=precision,
+        model_kwargs=dict(channels=size["channels"], depth=size["depth"])))
+
+
+def train_step_cases(tier: str) -> list[Case]:
+    size = TRAIN_STEP_SIZES[tier]
+    return [Case("train_step", f"B{size['batch']} 32x32 C{size['channels']} depth{size['depth']}", "fwd+bwd",
+                 make_inputs=lambda device, dtype: dict(device=device, dtype=dtype, size=size),
+                 make_providers=_train_step_providers,
+                 provider_names=lambda: registered_names("local_conditional_attention"),
+                 fixed_dtype=torch.float32 if tier != "gpu" else None,
+                 note="EDM loss forward + backward + AdamW of the local model; bf16 = autocast",
+                 size=size)]
+
+
 # --- the tiers ----------------------------------------------------------------------------------------
 
 def cases_for(tier: str) -> list[Case]:
@@ -420,6 +449,7 @@ def cases_for(tier: str) -> list[Case]:
             out += ddn_cases(op, size)
     out += probe_cases(probe)
     out += disk_cases()
+    out += train_step_cases(tier)
     return out
 
 
