@@ -28,7 +28,7 @@ def _pieces_available() -> bool:
 def test_demo_bumps_quick_pipeline(tmp_path, capsys):
     out = tmp_path / "bumps"
     assert cli.main(["demo", "bumps", "--quick", "--locality", "both", "--steps", "12", "--out", str(out),
-                     "--no-progress", "--checkpoints"]) == 0
+                     "--no-progress", "--checkpoints", "--samples", "6", "--sampler-steps", "4"]) == 0
     printed = capsys.readouterr().out
     assert "| local | held-out |" in printed and "| global | seen |" in printed
     results = json.loads((out / "results.json").read_text())
@@ -37,7 +37,7 @@ def test_demo_bumps_quick_pipeline(tmp_path, capsys):
     for m in results["models"]:
         assert set(m["splits"]) == {"held-out", "seen"}
         for r in m["splits"].values():
-            assert 0.0 <= r["accuracy"] <= r["one_bump"] <= 1.0 and r["n"] == 16
+            assert 0.0 <= r["accuracy"] <= r["one_bump"] <= 1.0 and r["n"] == 6
     assert "| model | split |" in (out / "results.md").read_text()
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints-local").iterdir()) == [

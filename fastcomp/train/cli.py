@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             json.dump({"command": "fastcomp train", "args": vars(args), "model_config":
                        getattr(model, "config", None)}, f, indent=1, default=str)
     result = train(model, dataset, config, loss_fn=build_loss(args),
-                   resume=args.resume, progress=False if args.no_progress else None)
+                   resume=args.resume, progress=not args.no_progress)
     if rank == 0:
         last = result.losses[-1] if result.losses else float("nan")
         print(f"trained {result.step} steps: final loss {last:.4f}, "

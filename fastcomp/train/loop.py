@@ -46,6 +46,7 @@ class TrainConfig:
     out_dir None writes no checkpoints. precision: "auto" = bf16 autocast on CUDA, fp32 on CPU.
     compile: "auto" = torch.compile on CUDA only (on CPU compile time dominates short runs).
     keep_checkpoints: how many of the newest periodic checkpoints to keep (0: all).
+    ddp_find_unused_parameters: DDP's flag, for models whose forward leaves some parameters unused.
     """
     steps: int = 1000
     batch_size: int = 64
@@ -62,6 +63,7 @@ class TrainConfig:
     compile: Union[str, bool] = "auto"
     betas: tuple = (0.9, 0.999)
     keep_checkpoints: int = 3
+    ddp_find_unused_parameters: bool = False
 
     def __post_init__(self):
         def need(ok: bool, name: str, why: str) -> None:
@@ -312,8 +314,9 @@ def _train(model, dataset, config, loss_fn, resume, progress, device, rank, worl
 
     runner = model
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None)
+        runner = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.ddp_find_unused_parameters)
     if use_compile:
         runner = torch.compile(runner)
     loss_model = runner if world == 1 else _RowSlicedModel(runner, model, config.batch_size, rank, world)
@@ -394,7 +397,8 @@ def _train(model, dataset, config, loss_fn, resume, progress, device, rank, worl
     if world > 1:
         dist.barrier()  # rank 0 finished its checkpoint before anyone returns (and maybe reads it)
     if config.out_dir is not None and last_ckpt is None:  # other ranks, or nothing left to train
-        last_ckpt = find_checkpoint(config.out_dir)
+        with contextlib.suppress(FileNotFoundError):
+            last_ckpt = find_checkpoint(config.out_dir)
     trained = config.steps - start
     return TrainResult(losses=losses, step=config.steps, model=model, ema=ema, checkpoint=last_ckpt,
                        seconds=seconds,
