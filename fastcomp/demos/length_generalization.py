@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> dict:
     base = QUICK if args.quick else DEFAULTS
-    return {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    return {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
 
 
 def _log(msg: str, progress) -> None:
