@@ -44,11 +44,12 @@ EXPERIMENTS = {  # name -> (locality, labelling, what it shows)
 
 # Defaults: about 25 minutes on 2 idle CPU cores (three trainings ~80 %, sampling and probes the rest).
 DEFAULTS = dict(steps=1500, batch_size=32, channels=64, depth=3, kernel_size=3, patch_size=2, cond_radius=5.0,
-                lr=1e-3, samples=64, sampler_steps=12, max_objects_eval=6, cond_dropout=0.1, probe_images=1)
+                lr=1e-3, samples=64, sampler_steps=12, max_objects_eval=6, cond_dropout=0.1, probe_images=1,
+                probe_radius=8)
 QUICK = dict(steps=12, batch_size=8, channels=16, depth=1, kernel_size=3, patch_size=2, cond_radius=5.0,
-             lr=2e-3, samples=4, sampler_steps=3, max_objects_eval=4, cond_dropout=0.1, probe_images=1)
+             lr=2e-3, samples=4, sampler_steps=3, max_objects_eval=4, cond_dropout=0.1, probe_images=1,
+             probe_radius=3)
 PROBE_SIGMAS = (0.05, 0.5, 5.0)
-PROBE_RADIUS = 8  # pixels: the pixel probe's square is 17 x 17
 INSIDE_RADIUS = 10.0  # pixels: the conditioner-locality disk (objects have radius 3)
 
 
@@ -175,7 +176,7 @@ def probe(net, s: dict, args) -> dict:
         # a global model is not radius-local: the probe reports its sampled leakage instead of aliasing
         warnings.simplefilter("ignore", LeakageWarning)
         noise = locality_vs_noise(lambda x, sigma: twin(x, sigma, points, valid), x0, PROBE_SIGMAS,
-                                  radius=PROBE_RADIUS, quantiles=(0.5, 0.95), on_leakage="report", progress=False)
+                                  radius=s["probe_radius"], quantiles=(0.5, 0.95), on_leakage="report", progress=False)
     sigma_mid = 0.5
     x = x0 + sigma_mid * torch.randn(x0.shape, generator=g)
     inside_mask = disk_mask(points, INSIDE_RADIUS, 32, 32) & valid[:, :, None, None]
@@ -225,6 +226,7 @@ def write_locality_plot(path: str, probes: dict) -> None:
 
 
 def markdown_table(rows: list, probes: dict, max_k: int) -> str:
+    """Experiment x object count scores, the mean over 4+ objects, and the locality columns."""
     ks = list(range(max_k + 1))
     far = [k for k in ks if k >= 4]
     head = (["experiment", "model", "labels", "sampler"] + [f"k={k}" for k in ks]
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
         "training": trained,
         "scores": {label: {str(k): c for k, c in ev["counts"].items()} for label, _, _, ev in rows},
         "probes": {name: {k: v for k, v in p.items() if k != "noise_locality"} for name, p in probes.items()},
-        "probe_settings": dict(sigmas=PROBE_SIGMAS, radius_px=PROBE_RADIUS, inside_radius_px=INSIDE_RADIUS),
+        "probe_settings": dict(sigmas=PROBE_SIGMAS, radius_px=s["probe_radius"], inside_radius_px=INSIDE_RADIUS),
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
                 f"{s['kernel_size']} tokens, cond radius {s['cond_radius']:g} px; {s['steps']} steps of batch "
                 f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g}; EMA weights; Heun "
                 f"with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) of the denoiser's "
-                f"pixel Jacobian within a {2 * PROBE_RADIUS + 1}-px square, its leakage beyond it, and the "
+                f"pixel Jacobian within a {2 * s['probe_radius'] + 1}-px square, its leakage beyond it, and the "
                 f"fraction of each conditioner's influence within {INSIDE_RADIUS:g} px of it (sigma 0.5). "
                 f"Total {total:.0f} s.\n\n{table}\n")
     print(table)
