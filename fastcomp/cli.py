@@ -16,6 +16,7 @@ commands:
   build    compile the C++/CUDA extensions now instead of on first use
   demo     end-to-end demos (`fastcomp demo ddn`; `fastcomp demo --help` lists them)
   probe    Jacobian locality of a saved model (torch.save'd module or TorchScript): profile, radii, PNG
+  train    train a conditional diffusion model on bumps or shape scenes (DDP under torchrun)
 
 `fastcomp <command> --help` shows a command's options."""
 
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
         from .demos import main as run
     elif command == "probe":
         from .probe.cli import main as run
+    elif command == "train":
+        from .train.cli import main as run
     else:
         print(f"fastcomp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -54,3 +54,64 @@ def assert_low_precision_close(out: torch.Tensor, ref64: torch.Tensor, torch_sam
     theirs = rms_error_ratio(torch_same_dtype, ref64)
     assert ours <= factor * theirs + 1e-6, (f"{name}: error {ours:.3e} vs float64 exceeds {factor}x plain "
                                            f"PyTorch's {theirs:.3e} in {out.dtype}")
+
+
+# --- multi-process (DDP) tests on gloo CPU processes ------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker_env(rank: int, world: int, port: int, *, set_rank_env: bool = True) -> None:
+    """Inside a spawned worker: loopback rendezvous on `port`, one torch thread, a stack dump + exit after
+    90 s stuck (so a hang fails instead of stalling CI). set_rank_env also sets RANK / WORLD_SIZE as
+    torchrun does, for code that initializes the process group itself."""
+    import faulthandler
+    import os
+
+    faulthandler.dump_traceback_later(90, exit=True)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no lookup of the host's own name
+    if set_rank_env:
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(rank), str(world)
+    torch.set_num_threads(1)
+
+
+def run_spawned(fn, args: tuple, nprocs: int = 2, *, deadline_s: float = 150.0, retries: int = 1,
+                on_retry=None) -> None:
+    """Run fn(rank, *args) in `nprocs` spawned processes; a hung attempt (its workers' faulthandler
+    deadline or `deadline_s`) is retried `retries` times, on a fresh port when args[0] is the port
+    placeholder None. A Python error in a worker re-raises here. Fails the test if every attempt hung.
+
+    spawn, not fork: a child forked after OpenMP has started its thread pool deadlocks in the OpenMP
+    runtime. Gloo's rendezvous on a shared CI box has been seen to stall once in many runs; a collective
+    mismatch would hang every attempt, so a retry separates the two."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    for attempt in range(retries + 1):
+        call_args = (free_port(),) + tuple(args[1:]) if args and args[0] is None else tuple(args)
+        workers = mp.start_processes(fn, args=call_args, nprocs=nprocs, join=False, start_method="spawn")
+        deadline = time.monotonic() + deadline_s
+        try:
+            while not workers.join(timeout=2):
+                if time.monotonic() > deadline:
+                    break
+            else:
+                return
+        except mp.ProcessExitedException:  # killed by its faulthandler deadline (a Python error re-raises)
+            pass
+        for proc in workers.processes:
+            proc.kill()
+        if on_retry is not None:
+            on_retry()
+    pytest.fail(f"the {nprocs} spawned worker processes hung {retries + 1} times "
+                "(their stacks are in the captured stderr)")
