@@ -42,10 +42,12 @@ EXPERIMENTS = {  # name -> (locality, labelling, what it shows)
     "exp3": ("local", "one", "local model, one object labelled"),
 }
 
-# Defaults: about 25 minutes on 2 idle CPU cores (three trainings ~80 %, sampling and probes the rest).
+# Defaults: about 36 CPU-minutes on one thread (training ~0.35 s a step, ~75 %; sampling ~15 %; probes ~10 %),
+# so roughly 20-25 minutes on 2 idle cores. The prototype at 800 steps (32 samples per count) gave exp3 0.05-0.10
+# and exp2 0.00 on 4-6 objects; the objects are still blurry there, hence the longer default.
 DEFAULTS = dict(steps=1500, batch_size=32, channels=64, depth=3, kernel_size=3, patch_size=2, cond_radius=5.0,
-                lr=1e-3, samples=64, sampler_steps=12, max_objects_eval=6, cond_dropout=0.1, probe_images=1,
-                probe_radius=8)
+                lr=1e-3, samples=48, sampler_steps=12, max_objects_eval=6, cond_dropout=0.1, probe_images=1,
+                probe_radius=6)
 QUICK = dict(steps=12, batch_size=8, channels=16, depth=1, kernel_size=3, patch_size=2, cond_radius=5.0,
              lr=2e-3, samples=4, sampler_steps=3, max_objects_eval=4, cond_dropout=0.1, probe_images=1,
              probe_radius=3)
@@ -69,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lr", float, "peak learning rate"), ("samples", int, "generated images per object count"),
                              ("sampler_steps", int, "Heun steps of the sampler"),
                              ("max_objects_eval", int, "evaluate 0..N requested objects"),
-                             ("cond_dropout", float, "training: probability of dropping a sample's conditioners "
-                                                     "(teaches D(x | none) for the composed sampler)")):
+                             ("cond_dropout", float, "training the global models: probability of dropping a sample's "
+                                                     "conditioners (teaches D(x | none) for the composed sampler; "
+                                                     "a local model learns it far from its conditioners, and "
+                                                     "dropping the label would teach it unlabelled objects)")):
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                        help=f"{help_} (default {DEFAULTS[key]}, --quick {QUICK[key]})")
     p.add_argument("--tolerance", type=float, default=None, help="matching tolerance in pixels (default: the "
@@ -113,7 +117,7 @@ def train_model(name: str, s: dict, args, progress):
                          out_dir=os.path.join(args.out, f"checkpoints-{name}") if args.checkpoints else None,
                          precision="auto", compile=False)
     sigma_dist = LogNormalSigma()
-    dropout = s["cond_dropout"]
+    dropout = s["cond_dropout"] if locality == "global" else 0.0
 
     def loss_fn(m, batch, generator):
         return edm_loss(m, batch, sigma_dist, generator=generator, cond_dropout=dropout)
@@ -123,7 +127,8 @@ def train_model(name: str, s: dict, args, progress):
     result = train(model, data, config, loss_fn=loss_fn, progress=progress)
     net = (result.ema if result.ema is not None else result.model).eval()
     tail = result.losses[-50:]
-    info = dict(locality=locality, labelling=labelling, config=net.config, train_seconds=result.seconds,
+    info = dict(locality=locality, labelling=labelling, config=net.config, cond_dropout=dropout,
+                train_seconds=result.seconds,
                 samples_per_second=result.samples_per_second, final_loss=sum(tail) / len(tail),
                 losses_every_25=[float(v) for v in result.losses[::25]])
     return net, info
@@ -316,8 +321,8 @@ def main(argv=None) -> int:
                 f"detected objects match the k requested locations one-to-one (fastcomp.data.length_generalization). "
                 f"Models: {s['channels']} channels, depth {s['depth']}, patch {s['patch_size']}, window "
                 f"{s['kernel_size']} tokens, cond radius {s['cond_radius']:g} px; {s['steps']} steps of batch "
-                f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g}; EMA weights; Heun "
-                f"with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) of the denoiser's "
+                f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g} (global models only); "
+                f"EMA weights; Heun with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) of the denoiser's "
                 f"pixel Jacobian within a {2 * s['probe_radius'] + 1}-px square, its leakage beyond it, and the "
                 f"fraction of each conditioner's influence within {INSIDE_RADIUS:g} px of it (sigma 0.5). "
                 f"Total {total:.0f} s.\n\n{table}\n")
