@@ -322,7 +322,8 @@ def main(argv=None) -> int:
                 f"Models: {s['channels']} channels, depth {s['depth']}, patch {s['patch_size']}, window "
                 f"{s['kernel_size']} tokens, cond radius {s['cond_radius']:g} px; {s['steps']} steps of batch "
                 f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g} (global models only); "
-                f"EMA weights; Heun with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) of the denoiser's "
+                f"EMA weights; Heun with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) "
+                f"of the denoiser's "
                 f"pixel Jacobian within a {2 * s['probe_radius'] + 1}-px square, its leakage beyond it, and the "
                 f"fraction of each conditioner's influence within {INSIDE_RADIUS:g} px of it (sigma 0.5). "
                 f"Total {total:.0f} s.\n\n{table}\n")
