@@ -5,6 +5,7 @@ weights and same batch on the reference op (dense masked scaled_dot_product_atte
     python -m fastcomp.benchmarks.train_step_bench                       # CPU: B16 32x32, 64 ch, depth 4
     python -m fastcomp.benchmarks.train_step_bench --batch 64 --rounds 7 --out step.json
     python -m fastcomp.benchmarks.train_step_bench --device cuda --precision bf16
+    python -m fastcomp.benchmarks.train_step_bench --batch 32 --depth 3 --kernel-size 3 --patch-size 2  # the demo's
 
 Providers are timed in interleaved rounds (one step each per round, after warm-up steps) so load drift on a
 shared machine affects them alike; reported: median and p20/p80 seconds per step, samples per second, and
@@ -123,6 +124,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--channels", type=int, default=MODEL["channels"])
     ap.add_argument("--depth", type=int, default=MODEL["depth"])
     ap.add_argument("--image-size", type=int, default=MODEL["image_size"])
+    ap.add_argument("--kernel-size", type=int, default=MODEL["kernel_size"])
+    ap.add_argument("--patch-size", type=int, default=1, help="2: the length-generalization demo's model")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -132,7 +135,8 @@ def main(argv=None) -> dict:
     batch = args.batch or (64 if cuda else 16)
     precision = args.precision or ("bf16" if cuda else "fp32")
     result = run(batch=batch, device=args.device, precision=precision, rounds=args.rounds, warmup=args.warmup,
-                 model_kwargs=dict(channels=args.channels, depth=args.depth, image_size=args.image_size))
+                 model_kwargs=dict(channels=args.channels, depth=args.depth, image_size=args.image_size,
+                                   kernel_size=args.kernel_size, patch_size=args.patch_size))
     print(f"\ntrain step, local ConditionalDenoiser {result['settings']['model']}, batch {batch}, {precision}, "
           f"{result['device']}")
     print(f"{'provider':<10} {'median s':>9} {'p20':>7} {'p80':>7} {'samples/s':>10} {'speedup':>8}")

@@ -11,6 +11,9 @@ DEMOS = {
                                   "reconstructions, guided super-resolution, hit frequencies"),
     "bumps": ("fastcomp.demos.bumps", "train a conditional diffusion model on Gaussian bumps; accuracy at "
                                       "held-out (x, y) combinations"),
+    "length-generalization": ("fastcomp.demos.length_generalization",
+                              "Bradley's experiments 1-3 on ShapeScenes: global vs local models trained on 1-3 "
+                              "objects, asked for 0-6; scores, locality probes, sample grids"),
 }
 
 

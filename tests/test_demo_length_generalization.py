@@ -1,0 +1,51 @@
+"""`fastcomp demo length-generalization --quick`: the whole pipeline (train exp1-3, sample 0..k objects with
+both samplers, score, probe locality, table, JSON, figures) in well under 2 minutes. Pipeline only: a
+12-step model is not expected to generate anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastcomp import cli
+
+pytest.importorskip("matplotlib", reason="the demo draws its sample grids with matplotlib")
+
+
+def _pieces_available() -> bool:
+    try:
+        from fastcomp.data import ShapeScenes, length_generalization, plot_grid, request_locations  # noqa: F401
+        from fastcomp.train import TrainConfig, train  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _pieces_available(),
+                    reason="fastcomp.data / fastcomp.train (issue 6 items 1, 3) are not merged yet")
+def test_demo_length_generalization_quick_pipeline(tmp_path, capsys):
+    out = tmp_path / "lg"
+    assert cli.main(["demo", "length-generalization", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("| exp1 | global | all | heun |", "| exp2 | global | one | heun |", "| exp3 | local | one | heun |",
+                "| exp3+composed | local | one | composed |"):
+        assert row in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] is True and results["settings"]["steps"] == 12
+    assert set(results["scores"]) == {"exp1", "exp2", "exp2+composed", "exp3", "exp3+composed"}
+    for scores in results["scores"].values():
+        assert sorted(scores, key=int) == [str(k) for k in range(results["settings"]["max_objects_eval"] + 1)]
+        assert all(0.0 <= c["score"] <= 1.0 for c in scores.values())
+    for name in ("exp1", "exp2", "exp3"):
+        probe = results["probes"][name]
+        assert len(probe["pixel"]) == len(results["probe_settings"]["sigmas"])
+        assert 0.0 <= probe["cond_inside_fraction"] <= 1.0
+    assert "| experiment |" in (out / "results.md").read_text()
+    for png in ("samples.png", "locality.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_length_generalization_rejects_unknown_experiments(capsys):
+    assert cli.main(["demo", "length-generalization", "--experiments", "exp9", "--no-progress"]) == 2
+    assert "exp9" in capsys.readouterr().err
