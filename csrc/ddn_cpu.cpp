@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -287,6 +288,110 @@ void weight_gram(const T* p_w, int64_t K, int64_t Cout, int64_t Cin, T* p_tri) {
       }
       for (int64_t j = i + 1; j < Cin; ++j) row[j] *= T(2);
     }
+  }
+}
+
+// The expanded distances, their error bound and each row's re-ranking threshold in one pass over B x K
+// (what _ddn_torch.expanded_l2 and select_cpu compute in ~30 small torch ops, each costing tens of
+// microseconds of dispatch, far more on busy cores). Same formulas, float64 throughout; p_a [B, K] is
+// A = <W_k^T W_k, G_b> in T. Per k, ||W_k||^2, ||b_k||^2 and W_k^T b_k are formed once.
+template <typename T>
+void l2_threshold(const T* p_a, const T* p_gram, const double* p_mfe, const double* p_sf, const double* p_esum,
+                  const double* p_esq, const T* p_w, const T* p_bias, const T* p_tgt, int64_t B, int64_t K,
+                  int64_t Cin, int64_t Cout, int64_t HW, double lambda, double* p_est, double* p_bound,
+                  double* p_thresh) {
+  const int64_t n_tri = Cin * (Cin + 1) / 2, n_w = Cout * Cin;
+  const double N = static_cast<double>(Cout * HW);
+  const double u_a = std::numeric_limits<T>::epsilon(), u64 = std::numeric_limits<double>::epsilon();
+  const double n_a = static_cast<double>(HW + Cin * Cin + 4), n_x = static_cast<double>(HW + Cin * Cout + 2);
+  // the bound's three coefficients, as in expanded_l2 (probabilistic lambda sqrt(n) for the float32 sums)
+  const double c_a = std::min(n_a, lambda * std::sqrt(n_a)) * u_a / N;
+  const double c_64 = static_cast<double>(HW + Cin * Cout + 8) * u64 / N;
+  const double c_x = 2 * std::min(n_x, lambda * std::sqrt(n_x)) * u_a / N;
+  // the reference's own noise (_ddn_torch._reference_noise): u of the dtype, u of the accumulation dtype
+  const double u = u_a / 2, u_acc = u_a / 2;
+  const double noise_c = 4 * std::sqrt(N + 8) * u_acc;
+
+  // Per k, transposed so that the per-sample dot products run along k (independent sums, vectorized)
+  // rather than as one serial float64 sum per (b, k): that version was latency bound, ~0.5 ms at K = 64.
+  std::vector<double> b_wt(static_cast<size_t>(n_w * K));      // [Cout * Cin, K] weight in float64
+  std::vector<double> b_wtb(static_cast<size_t>(Cin * K), 0);  // [Cin, K] W_k^T b_k
+  std::vector<double> b_wn(static_cast<size_t>(K)), b_bn(static_cast<size_t>(K), 0);  // ||W_k||^2, ||b_k||^2
+  for (int64_t k = 0; k < K; ++k) {
+    double b_sq = 0;
+    for (int64_t j = 0; j < n_w; ++j) {
+      const double b_v = static_cast<double>(p_w[k * n_w + j]);
+      b_wt[j * K + k] = b_v;
+      b_sq += b_v * b_v;
+    }
+    b_wn[k] = b_sq;
+    if (p_bias) {
+      double b_bsq = 0;
+      for (int64_t c = 0; c < Cout; ++c) {
+        const double b_b = static_cast<double>(p_bias[k * Cout + c]);
+        b_bsq += b_b * b_b;
+        for (int64_t i = 0; i < Cin; ++i) b_wtb[i * K + k] += b_b * b_wt[(c * Cin + i) * K + k];
+      }
+      b_bn[k] = b_bsq;
+    }
+  }
+
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * K * (n_w + Cin)))
+  for (int64_t b = 0; b < B; ++b) {
+    const double* mfe = p_mfe + b * n_w;  // [Cout, Cin]
+    const double* sf = p_sf + b * Cin;
+    const double* esum = p_esum + b * Cout;
+    const double e_sq = p_esq[b];
+    double tr_ff = 0;  // tr(G_b) from the packed diagonal, summed in float64
+    for (int64_t i = 0; i < Cin; ++i) tr_ff += static_cast<double>(p_gram[b * n_tri + i * Cin - i * (i - 1) / 2]);
+    const double tr_aug = tr_ff + static_cast<double>(HW) + e_sq;
+    double* est = p_est + b * K;
+    double* bound = p_bound + b * K;
+    // X_k = <W_k, M_b> and s_b . W_k^T b_k for all k at once, along k
+    std::vector<double> b_x(static_cast<size_t>(K), 0), b_sw(static_cast<size_t>(K), 0);  // [K] each
+    for (int64_t j = 0; j < n_w; ++j) {
+      const double b_m = mfe[j];
+      const double* wt = b_wt.data() + j * K;
+      for (int64_t k = 0; k < K; ++k) b_x[k] += b_m * wt[k];
+    }
+    if (p_bias)
+      for (int64_t i = 0; i < Cin; ++i) {
+        const double b_s = sf[i];
+        const double* wtb = b_wtb.data() + i * K;
+        for (int64_t k = 0; k < K; ++k) b_sw[k] += b_s * wtb[k];
+      }
+    bool any_nan = false;
+    double est_min = INFINITY, bound_max = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) {
+      double b_d = static_cast<double>(p_a[b * K + k]) + 2 * b_x[k] + e_sq;
+      if (p_bias) {
+        double b_eb = 0;  // sum_p e_p . b_k
+        for (int64_t c = 0; c < Cout; ++c) b_eb += esum[c] * static_cast<double>(p_bias[k * Cout + c]);
+        b_d += 2 * b_sw[k] + 2 * b_eb + static_cast<double>(HW) * b_bn[k];
+      }
+      b_d /= N;
+      const double w_aug = b_wn[k] + static_cast<double>(Cout) + b_bn[k];  // ||[W | b | I]||_F^2
+      const double b_bound = c_a * tr_ff * b_wn[k] + c_64 * tr_aug * w_aug + c_x * std::sqrt(tr_ff * b_wn[k] * e_sq);
+      est[k] = b_d;
+      bound[k] = b_bound;
+      // amin / amax semantics: a NaN anywhere in the row makes the result NaN
+      any_nan = any_nan || std::isnan(b_d) || std::isnan(b_bound);
+      est_min = std::min(est_min, b_d);
+      bound_max = std::max(bound_max, b_bound);
+    }
+    const T* tgt = p_tgt + b * Cout * HW;
+    double b_tsq[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // sum of target^2 in float64, 8 partial sums
+    int64_t p = 0;
+    for (; p + 8 <= Cout * HW; p += 8)
+      for (int l = 0; l < 8; ++l) b_tsq[l] += static_cast<double>(tgt[p + l]) * static_cast<double>(tgt[p + l]);
+    double t_sq = 0;
+    for (; p < Cout * HW; ++p) t_sq += static_cast<double>(tgt[p]) * static_cast<double>(tgt[p]);
+    for (int l = 0; l < 8; ++l) t_sq += b_tsq[l];
+    const double rms_t = std::sqrt(t_sq / N);
+    const double rms_d = std::sqrt(std::max(est_min, 0.0));
+    const double rms_c = rms_d + rms_t;
+    const double noise = 4 * u * rms_c * rms_d + 2 * u * u * rms_c * rms_c + noise_c * std::fabs(est_min);
+    p_thresh[b] = any_nan ? NAN : est_min + (2 * bound_max + noise);
   }
 }
 
@@ -580,6 +685,54 @@ void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri) {
     weight_gram<float>(weight.data_ptr<float>(), K, Cout, Cin, p_tri.data_ptr<float>());
   } else {
     weight_gram<double>(weight.data_ptr<double>(), K, Cout, Cin, p_tri.data_ptr<double>());
+  }
+}
+
+void ddn_l2_threshold_cpu(const at::Tensor& a, const at::Tensor& gram, const at::Tensor& m_fe, const at::Tensor& s_f,
+                          const at::Tensor& e_sum, const at::Tensor& e_sq, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& target, double lambda,
+                          at::Tensor& est, at::Tensor& bound, at::Tensor& thresh) {
+  FASTCOMP_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device().str());
+  const at::ScalarType st = weight.scalar_type();
+  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "weight must be float32 or float64, got ", st);
+  check_cpu(weight, "weight", st);
+  FASTCOMP_CHECK(weight.dim() == 3, "weight must be [K, Cout, Cin], got ", weight.sizes());
+  const int64_t K = weight.size(0), Cout = weight.size(1), Cin = weight.size(2);
+  check_cpu(e_sq, "e_sq", at::kDouble);
+  const int64_t B = e_sq.numel();
+  FASTCOMP_CHECK(B > 0, "e_sq must be [B] with B >= 1, got ", e_sq.sizes());
+  check_cpu(target, "target", st);
+  FASTCOMP_CHECK(target.numel() % (B * Cout) == 0, "target must be [B, Cout, H, W] with B = e_sq.numel() and Cout = ",
+                 "weight.size(1), got ", target.sizes());
+  const int64_t HW = target.numel() / (B * Cout);
+  check_cpu(a, "a", st);
+  check_numel(a, "a", B * K, "[B, K]");
+  check_cpu(gram, "gram", st);
+  check_numel(gram, "gram", B * Cin * (Cin + 1) / 2, "[B, Cin (Cin + 1) / 2]");
+  check_cpu(m_fe, "m_fe", at::kDouble);
+  check_numel(m_fe, "m_fe", B * Cout * Cin, "[B, Cout, Cin]");
+  check_cpu(s_f, "s_f", at::kDouble);
+  check_numel(s_f, "s_f", B * Cin, "[B, Cin]");
+  check_cpu(e_sum, "e_sum", at::kDouble);
+  check_numel(e_sum, "e_sum", B * Cout, "[B, Cout]");
+  check_optional(bias, "bias", st, K * Cout, "[K, Cout]");
+  check_cpu(est, "est", at::kDouble);
+  check_numel(est, "est", B * K, "[B, K]");
+  check_cpu(bound, "bound", at::kDouble);
+  check_numel(bound, "bound", B * K, "[B, K]");
+  check_cpu(thresh, "thresh", at::kDouble);
+  check_numel(thresh, "thresh", B, "[B]");
+  const double *p_mfe = m_fe.data_ptr<double>(), *p_sf = s_f.data_ptr<double>();
+  const double *p_esum = e_sum.data_ptr<double>(), *p_esq = e_sq.data_ptr<double>();
+  double *p_est = est.data_ptr<double>(), *p_bound = bound.data_ptr<double>(), *p_thresh = thresh.data_ptr<double>();
+  if (st == at::kFloat) {
+    l2_threshold<float>(a.data_ptr<float>(), gram.data_ptr<float>(), p_mfe, p_sf, p_esum, p_esq, weight.data_ptr<float>(),
+                        opt_ptr<float>(bias), target.data_ptr<float>(), B, K, Cin, Cout, HW, lambda, p_est, p_bound,
+                        p_thresh);
+  } else {
+    l2_threshold<double>(a.data_ptr<double>(), gram.data_ptr<double>(), p_mfe, p_sf, p_esum, p_esq,
+                         weight.data_ptr<double>(), opt_ptr<double>(bias), target.data_ptr<double>(), B, K, Cin, Cout,
+                         HW, lambda, p_est, p_bound, p_thresh);
   }
 }
 

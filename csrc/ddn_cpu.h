@@ -28,6 +28,16 @@ void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor
 // off-diagonal entries doubled, so that <W_k^T W_k, G_b> = p_tri[k] . gram[b] (gram as above).
 void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri);
 
+// The expanded distances and the re-ranking threshold (as _ddn_torch.expanded_l2 and select_cpu compute
+// them): from a [B, K] scalar_t = <W_k^T W_k, G_b> (gram @ p_tri^T), gram, m_fe, s_f, e_sum, e_sq as
+// written by ddn_l2_stats_cpu, weight [K, Cout, Cin], bias [K, Cout] (optional), target [B, Cout, N] and the
+// bound's confidence factor lambda, writes est [B, K], bound [B, K] and thresh [B] = min_k est + 2 max_k
+// bound + the reference's own rounding noise (NaN when the row has a NaN), all float64.
+void ddn_l2_threshold_cpu(const at::Tensor& a, const at::Tensor& gram, const at::Tensor& m_fe, const at::Tensor& s_f,
+                          const at::Tensor& e_sum, const at::Tensor& e_sq, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& target, double lambda,
+                          at::Tensor& est, at::Tensor& bound, at::Tensor& thresh);
+
 // The exact re-ranking of l2: per sample b, every k with est[b, k] <= thresh[b] (est [B, K], thresh [B]
 // float64; every k when no est of the row passes, e.g. NaN rows) gets the distance the reference computes
 // (candidate rounded to scalar_t, squared differences summed in float64, mean rounded to scalar_t),

@@ -270,11 +270,14 @@ def _diagonal_positions(cin: int) -> torch.Tensor:
     return i * cin - i * (i - 1) // 2
 
 
-def _l2_terms_cpu(ext, features, weight, target, residual):
-    """_l2_terms_torch for float32/float64 CPU tensors: one C++ pass over the features
-    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is
-    then one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
-    (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices."""
+def _gram_terms_cpu(ext, features, weight, target, residual):
+    """The C++ passes of the expansion for float32/float64 CPU tensors: one pass over the features
+    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is then
+    one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
+    (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices.
+
+    Returns (A [B, K] in the input dtype, gram [B, Cin (Cin + 1) / 2] in the input dtype, M_b float64
+    [B, Cout, Cin], s_b float64 [B, Cin], sum_p e_p float64 [B, Cout], sum_p ||e_p||^2 float64 [B])."""
     B, Cin, _, _ = features.shape
     K, Cout, _ = weight.shape
     f64 = torch.float64
@@ -292,16 +295,40 @@ def _l2_terms_cpu(ext, features, weight, target, residual):
     if step >= K:
         p_tri = torch.empty(K, n_tri, dtype=cd)
         ext.ddn_weight_gram_cpu(w, p_tri)
-        dist = torch.mm(gram, p_tri.t()).to(f64)
+        a = torch.mm(gram, p_tri.t())
     else:
-        dist = torch.empty(B, K, dtype=f64)
+        a = torch.empty(B, K, dtype=cd)
         for k0 in range(0, K, step):  # chunks of K: at most _EXPANSION_ELEMENTS weight Gram entries at once
             w_k = w[k0:k0 + step]  # [k, Cout, Cin], contiguous
             p_tri = torch.empty(w_k.shape[0], n_tri, dtype=cd)
             ext.ddn_weight_gram_cpu(w_k, p_tri)
-            dist[:, k0:k0 + w_k.shape[0]] = torch.mm(gram, p_tri.t())
-    tr_ff = gram.index_select(1, _diagonal_positions(Cin)).sum(dim=1, dtype=f64)  # [B]
-    return dist, tr_ff, m_fe, s_f, e_sum, e_sq
+            a[:, k0:k0 + w_k.shape[0]] = torch.mm(gram, p_tri.t())
+    return a, gram, m_fe, s_f, e_sum, e_sq
+
+
+def _l2_terms_cpu(ext, features, weight, target, residual):
+    """_l2_terms_torch for float32/float64 CPU tensors through `_gram_terms_cpu`."""
+    Cin = features.shape[1]
+    a, gram, m_fe, s_f, e_sum, e_sq = _gram_terms_cpu(ext, features, weight, target, residual)
+    tr_ff = gram.index_select(1, _diagonal_positions(Cin)).sum(dim=1, dtype=torch.float64)  # [B]
+    return a.to(torch.float64), tr_ff, m_fe, s_f, e_sum, e_sq
+
+
+def l2_threshold_cpu(ext, features, weight, target, bias, residual):
+    """(est float64 [B, K], bound float64 [B, K], thresh float64 [B]) for float32/float64 CPU tensors: what
+    `expanded_l2` returns and select_cpu's re-ranking threshold min_k est + 2 max_k bound +
+    `_reference_noise`, with everything after the Gram GEMM in one C++ pass (ddn_l2_threshold_cpu) instead
+    of ~30 small torch ops (each tens of microseconds; ~1.5 ms of the ~6 ms forward at B=32, Cin=64, K=64,
+    32x32, more on busy cores). Same formulas; float64 rounding differences only."""
+    B = features.shape[0]
+    K = weight.shape[0]
+    a, gram, m_fe, s_f, e_sum, e_sq = _gram_terms_cpu(ext, features, weight, target, residual)
+    est = torch.empty(B, K, dtype=torch.float64)
+    bound = torch.empty(B, K, dtype=torch.float64)
+    thresh = torch.empty(B, dtype=torch.float64)
+    ext.ddn_l2_threshold_cpu(a, gram, m_fe, s_f, e_sum, e_sq, _contiguous(weight), _contiguous(bias),
+                             _contiguous(target), _LAMBDA, est, bound, thresh)
+    return est, bound, thresh
 
 
 def expanded_l2(features, weight, target, bias, residual):
@@ -385,13 +412,16 @@ def select_cpu(features, weight, target, bias, residual, metric):
             index = dist.argmin(dim=1)  # first minimum: ties -> smallest k
             distances = dist.float()
         else:
-            est, bound = expanded_l2(features, weight, target, bias, residual)
-            # amin/amax, not min(dim)/max(dim): those also compute indices, and in torch 2.13 on CPU they took
-            # ~20 ms even on a [2, 3] tensor when the cores were busy (amin: 2 us)
-            est_min = est.amin(dim=1)  # [B]
-            margin = 2 * bound.amax(dim=1) + _reference_noise(features.dtype, est_min, target)
-            thresh = est_min + margin  # [B]: every k with est <= thresh is re-ranked exactly
             ext = _cpu_ext(features)
+            if ext is not None:  # the same est and thresh, all but the Gram GEMM in C++
+                est, _, thresh = l2_threshold_cpu(ext, features, weight, target, bias, residual)
+            else:
+                est, bound = expanded_l2(features, weight, target, bias, residual)
+                # amin/amax, not min(dim)/max(dim): those also compute indices, and in torch 2.13 on CPU they
+                # took ~20 ms even on a [2, 3] tensor when the cores were busy (amin: 2 us)
+                est_min = est.amin(dim=1)  # [B]
+                margin = 2 * bound.amax(dim=1) + _reference_noise(features.dtype, est_min, target)
+                thresh = est_min + margin  # [B]: every k with est <= thresh is re-ranked exactly
             if ext is not None:
                 # One C++ pass: each sample's own near-best (not the batch's largest count) formed once, its
                 # exact distance, and the winner kept as the output (not recomputed by chosen_candidate).
