@@ -116,6 +116,37 @@ def test_l2_threshold_nan_row(ext):
     assert thresh[1].isnan() and not thresh[[0, 2]].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("extras", ["bias_res", "none"])
+@pytest.mark.parametrize("size", SIZES, ids=IDS)
+def test_l2_select_fused(size, extras, dtype, monkeypatch):
+    """The fused per-sample selection (ddn_l2_select_cpu, small K) and the batched C++ passes (stats, GEMM,
+    threshold, re-rank: large K) against the float64 reference: same index, output and distances, and
+    the gradients through the fused path."""
+    B, Cin, Cout, K, H, W = size
+    f, w, b, r, t = _inputs(*size, dtype=dtype)
+    if extras == "none":
+        b = r = None
+    leaves = [x.detach().requires_grad_() for x in (f, w)]
+    got = {}
+    for fused_elements in (1 << 18, 0):  # fused, then the batched passes
+        monkeypatch.setattr(_ddn_torch, "_FUSED_ELEMENTS", fused_elements)
+        got[fused_elements] = fastcomp.ddn_select(leaves[0], leaves[1], t, bias=b, residual=r, backend="cpu")
+    f64 = [x.detach().double().requires_grad_() for x in (f, w)]
+    ref_out, ref_index, ref_dist = ddn_select_reference(f64[0], f64[1], t.double(),
+                                                        None if b is None else b.double(),
+                                                        None if r is None else r.double())
+    for sel in got.values():
+        assert torch.equal(sel.index, ref_index)
+        assert_close(sel.output, ref_out, name="output", dtype=dtype)
+        assert_close(sel.distances, ref_dist, name="distances", dtype=dtype)
+    d_out = torch.randn(ref_out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(got[1 << 18].output, leaves, d_out.to(dtype))
+    want = torch.autograd.grad(ref_out, f64, d_out)
+    for name, g, h in zip(("features", "weight"), grads, want):
+        assert_close(g, h, name=f"d {name}", dtype=dtype)
+
+
 @pytest.mark.parametrize("near", ["expansion", "none", "all"])
 @pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_rerank(ext, size, near):

@@ -79,6 +79,9 @@ _CHUNK_ELEMENTS = 1 << 18
 _LAMBDA = 8.0
 # At most this many float64 elements (4 MiB) per temporary in the expansion (Gram chunk, P chunk).
 _EXPANSION_ELEMENTS = 1 << 19
+# The fused per-sample l2 selection (ddn_l2_select_cpu) reads the K weight Gram triangles once per sample:
+# worth it while they stay in cache (K <= 126 at Cin = 64); larger K takes the batched GEMM.
+_FUSED_ELEMENTS = 1 << 18
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -413,7 +416,21 @@ def select_cpu(features, weight, target, bias, residual, metric):
             distances = dist.float()
         else:
             ext = _cpu_ext(features)
-            if ext is not None:  # the same est and thresh, all but the Gram GEMM in C++
+            Cin = features.shape[1]
+            n_tri = Cin * (Cin + 1) // 2
+            fused = ext is not None and K * n_tri <= _FUSED_ELEMENTS
+            if fused:
+                # Small K: the whole selection per sample in one C++ pass while the sample's features are in
+                # cache (statistics, A against the weight Grams, est, bound, threshold, re-ranking).
+                p_tri = torch.empty(K, n_tri, dtype=features.dtype)
+                ext.ddn_weight_gram_cpu(_contiguous(weight), p_tri)
+                distances = torch.empty(B, K, dtype=torch.float32)
+                index = torch.empty(B, dtype=torch.int64)
+                out = torch.empty(target.shape, dtype=features.dtype)
+                ext.ddn_l2_select_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
+                                      _contiguous(residual), _contiguous(target), p_tri, _LAMBDA, distances, index,
+                                      out)
+            elif ext is not None:  # the same est and thresh, all but the Gram GEMM in C++
                 est, _, thresh = l2_threshold_cpu(ext, features, weight, target, bias, residual)
             else:
                 est, bound = expanded_l2(features, weight, target, bias, residual)
@@ -422,7 +439,9 @@ def select_cpu(features, weight, target, bias, residual, metric):
                 est_min = est.amin(dim=1)  # [B]
                 margin = 2 * bound.amax(dim=1) + _reference_noise(features.dtype, est_min, target)
                 thresh = est_min + margin  # [B]: every k with est <= thresh is re-ranked exactly
-            if ext is not None:
+            if fused:
+                pass  # distances, index and out are written
+            elif ext is not None:
                 # One C++ pass: each sample's own near-best (not the batch's largest count) formed once, its
                 # exact distance, and the winner kept as the output (not recomputed by chosen_candidate).
                 distances = torch.empty(B, K, dtype=torch.float32)
