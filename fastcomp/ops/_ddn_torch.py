@@ -60,6 +60,12 @@ time slice):
     memory every round and runs slower than in fastcomp bench), 1 / 2 threads, wall (CPU time):
       K=512: 51.4x (61.3x) / 50.7x (50.8x), the PyTorch-only path 30.9x / 30.8x;
       K=64:  18.4x (20.2x) / 19.9x (19.8x), the PyTorch-only path 7.8x / 7.7x.
+    With the threshold pass and the fused small-K path (08:23-08:25 UTC, load 1.7-2.9, same command,
+    2 threads, four runs): K=64 32x32 13.8x / 14.9x / 16.0x / 14.9x (cpu 3.0-6.0 ms; the reference
+    43-97 ms moves most with the load), K=512 16x16 51-74x; OMP_NUM_THREADS=1: 12.9x / 70x. Interleaved
+    in one process at K=64 (/tmp script, 61 rounds, load ~1.8), 2 threads: 3.6-3.9 ms vs 5.0-6.9 ms for
+    the PyTorch threshold ops + batched passes; one-thread CPU time ~5.4 ms (fused select ~3.3 ms, of
+    which the Gram tiles ~2.3; backward ~1.3-1.5 ms, ~0.5 of it page faults of the fresh d features).
 The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512 (the direct computation,
 B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, took ~140 ms forward alone); at K=64 32x32 the
 Gram matrices (B*Cin^2*HW/2 = 67M multiply-adds) are the floor.
