@@ -11,6 +11,10 @@
 //   distances summed, and the winner is written to out (the forward never forms it twice);
 // * backward: d features and the per-sample d weight rows in one sweep over the feature rows, then a
 //   serial accumulation into the K rows (never a B x K x ... buffer).
+// * threshold: the expanded distances, their bound and each row's re-ranking threshold in one pass over
+//   B x K (in PyTorch ~30 small ops, ~1 ms of dispatch at K = 64);
+// * small K (the K weight Gram triangles fit in cache): stats, A, threshold and re-rank per sample in one
+//   task (l2_select), while the sample's features are in cache, instead of four sweeps over the batch.
 // All are parallel with OpenMP over samples (or sample x row-block tiles), threads from torch's setting.
 //
 // Rounding: the Gram tiles (and m_fe) use fused multiply-adds and SIMD-lane partial sums, an accumulation
@@ -25,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common.h"
@@ -211,6 +216,50 @@ double sum64(const T* a, int64_t N) {
   return b_sum;
 }
 
+// One sample's e = residual - target: rounded to T into e [Cout, N] (for m_fe), its sums in float64.
+template <typename T>
+void sample_e(const T* res, const T* tgt, int64_t Cout, int64_t N, T* e, double* esum, double* esq) {
+  double b_sq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t c = 0; c < Cout; ++c) {
+    const int64_t o_row = c * N;
+    double b_sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t p = 0;
+    for (; p + 8 <= N; p += 8) {
+      for (int l = 0; l < 8; ++l) {
+        const double b_r = res ? static_cast<double>(res[o_row + p + l]) : 0.0;
+        const double b_diff = b_r - static_cast<double>(tgt[o_row + p + l]);
+        e[o_row + p + l] = static_cast<T>(b_diff);
+        b_sum[l] += b_diff;
+        b_sq[l] += b_diff * b_diff;
+      }
+    }
+    double b_tail = 0;
+    for (; p < N; ++p) {
+      const double b_r = res ? static_cast<double>(res[o_row + p]) : 0.0;
+      const double b_diff = b_r - static_cast<double>(tgt[o_row + p]);
+      e[o_row + p] = static_cast<T>(b_diff);
+      b_tail += b_diff;
+      b_sq[0] += b_diff * b_diff;
+    }
+    for (int l = 0; l < 8; ++l) b_tail += b_sum[l];
+    esum[c] = b_tail;
+  }
+  double b_total = 0;
+  for (int l = 0; l < 8; ++l) b_total += b_sq[l];
+  *esq = b_total;
+}
+
+// One sample's block of kTile rows i0..: its Gram tiles on and right of the diagonal (into g, the packed
+// upper triangle), its rows' s_f and m_fe[c, i] for every c. x [Cin, N], e [Cout, N].
+template <typename T>
+void sample_block(const T* x, const T* e, int64_t Cin, int64_t Cout, int64_t N, int64_t i0, T* g, double* sf,
+                  double* mfe) {
+  const int64_t ri = std::min(kTile, Cin - i0);
+  for (int64_t j0 = i0; j0 < Cin; j0 += kTile) gram_tile_any<T>(ri, std::min(kTile, Cin - j0), x, N, Cin, i0, j0, g);
+  for (int64_t i = i0; i < i0 + ri; ++i) sf[i] = sum64(x + i * N, N);
+  cross_products(x + i0 * N, ri, e, Cout, N, mfe + i0, 1, Cin);
+}
+
 template <typename T>
 void l2_stats(const T* p_x, const T* p_res, const T* p_tgt, int64_t B, int64_t Cin, int64_t Cout, int64_t N,
               T* p_gram, double* p_mfe, double* p_sf, double* p_esum, double* p_esq) {
@@ -218,36 +267,9 @@ void l2_stats(const T* p_x, const T* p_res, const T* p_tgt, int64_t B, int64_t C
   // e = residual - target in float64 for its sums, rounded to T for m_fe: [B, Cout, N]
   std::vector<T> b_e(static_cast<size_t>(B * Cout * N));
 #pragma omp parallel for schedule(static) num_threads(threads_for(B * Cout * N))
-  for (int64_t b = 0; b < B; ++b) {
-    double b_sq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t c = 0; c < Cout; ++c) {
-      const int64_t o_row = (b * Cout + c) * N;
-      double b_sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t p = 0;
-      for (; p + 8 <= N; p += 8) {
-        for (int l = 0; l < 8; ++l) {
-          const double b_r = p_res ? static_cast<double>(p_res[o_row + p + l]) : 0.0;
-          const double b_diff = b_r - static_cast<double>(p_tgt[o_row + p + l]);
-          b_e[o_row + p + l] = static_cast<T>(b_diff);
-          b_sum[l] += b_diff;
-          b_sq[l] += b_diff * b_diff;
-        }
-      }
-      double b_tail = 0;
-      for (; p < N; ++p) {
-        const double b_r = p_res ? static_cast<double>(p_res[o_row + p]) : 0.0;
-        const double b_diff = b_r - static_cast<double>(p_tgt[o_row + p]);
-        b_e[o_row + p] = static_cast<T>(b_diff);
-        b_tail += b_diff;
-        b_sq[0] += b_diff * b_diff;
-      }
-      for (int l = 0; l < 8; ++l) b_tail += b_sum[l];
-      p_esum[b * Cout + c] = b_tail;
-    }
-    double b_total = 0;
-    for (int l = 0; l < 8; ++l) b_total += b_sq[l];
-    p_esq[b] = b_total;
-  }
+  for (int64_t b = 0; b < B; ++b)
+    sample_e(p_res ? p_res + b * Cout * N : nullptr, p_tgt + b * Cout * N, Cout, N, b_e.data() + b * Cout * N,
+             p_esum + b * Cout, p_esq + b);
 
   // Tasks: (sample, block of kTile rows i); each does its rows' tiles on and right of the diagonal, and
   // the rows' s_f and m_fe. Dynamic: the first blocks of a sample have the most tiles.
@@ -257,13 +279,8 @@ void l2_stats(const T* p_x, const T* p_res, const T* p_tgt, int64_t B, int64_t C
   for (int64_t task = 0; task < B * n_blocks; ++task) {
     const int64_t b = task / n_blocks;
     const int64_t i0 = (task % n_blocks) * kTile;
-    const int64_t ri = std::min(kTile, Cin - i0);
-    const T* x = p_x + b * Cin * N;
-    T* g = p_gram + b * T_packed;
-    for (int64_t j0 = i0; j0 < Cin; j0 += kTile) gram_tile_any<T>(ri, std::min(kTile, Cin - j0), x, N, Cin, i0, j0, g);
-    for (int64_t i = i0; i < i0 + ri; ++i) p_sf[b * Cin + i] = sum64(x + i * N, N);
-    // m_fe[b, c, i] for the block's rows i and every c
-    cross_products(x + i0 * N, ri, p_e + b * Cout * N, Cout, N, p_mfe + b * Cout * Cin + i0, 1, Cin);
+    sample_block(p_x + b * Cin * N, p_e + b * Cout * N, Cin, Cout, N, i0, p_gram + b * T_packed, p_sf + b * Cin,
+                 p_mfe + b * Cout * Cin);
   }
 }
 
@@ -288,6 +305,137 @@ void weight_gram(const T* p_w, int64_t K, int64_t Cout, int64_t Cin, T* p_tri) {
       for (int64_t j = i + 1; j < Cin; ++j) row[j] *= T(2);
     }
   }
+}
+
+// What the expanded distances and their bound need of the weights, per k (transposed so that the
+// per-sample dot products run along k: independent sums, vectorized, instead of one serial float64 sum
+// per (b, k), which was latency bound, ~0.5 ms at K = 64), and the bound's constants (as in expanded_l2).
+struct ThresholdTables {
+  std::vector<double> wt;   // [Cout * Cin, K] weight in float64
+  std::vector<double> wtb;  // [Cin, K] W_k^T b_k
+  std::vector<double> wn;   // [K] ||W_k||^2
+  std::vector<double> bn;   // [K] ||b_k||^2
+  double N, c_a, c_64, c_x, u, noise_c;
+};
+
+template <typename T>
+ThresholdTables threshold_tables(const T* p_w, const T* p_bias, int64_t K, int64_t Cin, int64_t Cout, int64_t HW,
+                                 double lambda) {
+  const int64_t n_w = Cout * Cin;
+  ThresholdTables tab;
+  tab.wt.assign(static_cast<size_t>(n_w * K), 0);
+  tab.wtb.assign(static_cast<size_t>(Cin * K), 0);
+  tab.wn.assign(static_cast<size_t>(K), 0);
+  tab.bn.assign(static_cast<size_t>(K), 0);
+  // The transpose in blocks of 16 k (16 weight rows in L1), every other pass contiguous along k: element
+  // by element along k with stride K, the tables cost ~3 ms at K = 512 (cache and TLB misses).
+  constexpr int64_t kBlockK = 16;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t k1 = std::min(K, k0 + kBlockK);
+    for (int64_t j = 0; j < n_w; ++j)
+      for (int64_t k = k0; k < k1; ++k) tab.wt[j * K + k] = static_cast<double>(p_w[k * n_w + j]);
+  }
+  for (int64_t j = 0; j < n_w; ++j)
+    for (int64_t k = 0; k < K; ++k) tab.wn[k] += tab.wt[j * K + k] * tab.wt[j * K + k];
+  if (p_bias) {
+    for (int64_t c = 0; c < Cout; ++c)
+      for (int64_t k = 0; k < K; ++k) {
+        const double b_b = static_cast<double>(p_bias[k * Cout + c]);
+        tab.bn[k] += b_b * b_b;
+      }
+    for (int64_t i = 0; i < Cin; ++i)
+      for (int64_t c = 0; c < Cout; ++c) {
+        const double* wt = tab.wt.data() + (c * Cin + i) * K;
+        double* wtb = tab.wtb.data() + i * K;
+        for (int64_t k = 0; k < K; ++k) wtb[k] += static_cast<double>(p_bias[k * Cout + c]) * wt[k];
+      }
+  }
+  tab.N = static_cast<double>(Cout * HW);
+  const double u_a = std::numeric_limits<T>::epsilon(), u64 = std::numeric_limits<double>::epsilon();
+  const double n_a = static_cast<double>(HW + Cin * Cin + 4), n_x = static_cast<double>(HW + Cin * Cout + 2);
+  // the bound's three coefficients (probabilistic lambda sqrt(n) for the sums in T)
+  tab.c_a = std::min(n_a, lambda * std::sqrt(n_a)) * u_a / tab.N;
+  tab.c_64 = static_cast<double>(HW + Cin * Cout + 8) * u64 / tab.N;
+  tab.c_x = 2 * std::min(n_x, lambda * std::sqrt(n_x)) * u_a / tab.N;
+  // the reference's own noise (_ddn_torch._reference_noise): u of the dtype = u of the accumulation dtype
+  tab.u = u_a / 2;
+  tab.noise_c = 4 * std::sqrt(tab.N + 8) * tab.u;
+  return tab;
+}
+
+// One sample's est [K], bound [K] (float64) from its A [K] (in T), packed Gram g, m_fe [Cout, Cin], s_f
+// [Cin], sum_p e_p [Cout], sum_p ||e_p||^2 and target [Cout, HW]; returns the re-ranking threshold.
+template <typename T>
+double threshold_row(const ThresholdTables& tab, const T* a, const T* g, const double* mfe, const double* sf,
+                     const double* esum, double e_sq, const T* p_bias, const T* tgt, int64_t K, int64_t Cin,
+                     int64_t Cout, int64_t HW, double* est, double* bound) {
+  const int64_t n_w = Cout * Cin;
+  double tr_ff = 0;  // tr(G_b) from the packed diagonal, summed in float64
+  for (int64_t i = 0; i < Cin; ++i) tr_ff += static_cast<double>(g[i * Cin - i * (i - 1) / 2]);
+  const double tr_aug = tr_ff + static_cast<double>(HW) + e_sq;
+  // X_k = <W_k, M_b> and s_b . W_k^T b_k for all k at once, along k
+  std::vector<double> b_x(static_cast<size_t>(K), 0), b_sw(static_cast<size_t>(K), 0);  // [K] each
+  for (int64_t j = 0; j < n_w; ++j) {
+    const double b_m = mfe[j];
+    const double* wt = tab.wt.data() + j * K;
+    for (int64_t k = 0; k < K; ++k) b_x[k] += b_m * wt[k];
+  }
+  if (p_bias)
+    for (int64_t i = 0; i < Cin; ++i) {
+      const double b_s = sf[i];
+      const double* wtb = tab.wtb.data() + i * K;
+      for (int64_t k = 0; k < K; ++k) b_sw[k] += b_s * wtb[k];
+    }
+  bool any_nan = false;
+  double est_min = INFINITY, bound_max = -INFINITY;
+  for (int64_t k = 0; k < K; ++k) {
+    double b_d = static_cast<double>(a[k]) + 2 * b_x[k] + e_sq;
+    if (p_bias) {
+      double b_eb = 0;  // sum_p e_p . b_k
+      for (int64_t c = 0; c < Cout; ++c) b_eb += esum[c] * static_cast<double>(p_bias[k * Cout + c]);
+      b_d += 2 * b_sw[k] + 2 * b_eb + static_cast<double>(HW) * tab.bn[k];
+    }
+    b_d /= tab.N;
+    const double w_aug = tab.wn[k] + static_cast<double>(Cout) + tab.bn[k];  // ||[W | b | I]||_F^2
+    const double b_bound = tab.c_a * tr_ff * tab.wn[k] + tab.c_64 * tr_aug * w_aug +
+                           tab.c_x * std::sqrt(tr_ff * tab.wn[k] * e_sq);
+    est[k] = b_d;
+    bound[k] = b_bound;
+    // amin / amax semantics: a NaN anywhere in the row makes the result NaN
+    any_nan = any_nan || std::isnan(b_d) || std::isnan(b_bound);
+    est_min = std::min(est_min, b_d);
+    bound_max = std::max(bound_max, b_bound);
+  }
+  double b_tsq[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // sum of target^2 in float64, 8 partial sums
+  int64_t p = 0;
+  for (; p + 8 <= Cout * HW; p += 8)
+    for (int l = 0; l < 8; ++l) b_tsq[l] += static_cast<double>(tgt[p + l]) * static_cast<double>(tgt[p + l]);
+  double t_sq = 0;
+  for (; p < Cout * HW; ++p) t_sq += static_cast<double>(tgt[p]) * static_cast<double>(tgt[p]);
+  for (int l = 0; l < 8; ++l) t_sq += b_tsq[l];
+  const double rms_t = std::sqrt(t_sq / tab.N);
+  const double rms_d = std::sqrt(std::max(est_min, 0.0));
+  const double rms_c = rms_d + rms_t;
+  const double noise = 4 * tab.u * rms_c * rms_d + 2 * tab.u * tab.u * rms_c * rms_c + tab.noise_c * std::fabs(est_min);
+  return any_nan ? NAN : est_min + (2 * bound_max + noise);
+}
+
+// The expanded distances, their error bound and each row's re-ranking threshold in one pass over B x K
+// (what _ddn_torch.expanded_l2 and select_cpu compute in ~30 small torch ops, each costing tens of
+// microseconds of dispatch, far more on busy cores). Same formulas, float64 throughout; p_a [B, K] is
+// A = <W_k^T W_k, G_b> in T.
+template <typename T>
+void l2_threshold(const T* p_a, const T* p_gram, const double* p_mfe, const double* p_sf, const double* p_esum,
+                  const double* p_esq, const T* p_w, const T* p_bias, const T* p_tgt, int64_t B, int64_t K,
+                  int64_t Cin, int64_t Cout, int64_t HW, double lambda, double* p_est, double* p_bound,
+                  double* p_thresh) {
+  const int64_t n_tri = Cin * (Cin + 1) / 2, n_w = Cout * Cin;
+  const ThresholdTables tab = threshold_tables(p_w, p_bias, K, Cin, Cout, HW, lambda);
+#pragma omp parallel for schedule(static) num_threads(threads_for(B * K * (n_w + Cin)))
+  for (int64_t b = 0; b < B; ++b)
+    p_thresh[b] = threshold_row(tab, p_a + b * K, p_gram + b * n_tri, p_mfe + b * n_w, p_sf + b * Cin,
+                                p_esum + b * Cout, p_esq[b], p_bias, p_tgt + b * Cout * HW, K, Cin, Cout, HW,
+                                p_est + b * K, p_bound + b * K);
 }
 
 // Up to kRows output rows at once: rows[r][p] = sum_i w[r * r_stride + i * w_stride] x[i, p]
@@ -395,9 +543,40 @@ double sq_dist64(const T* a, const T* t, int64_t n) {
   return b_sum;
 }
 
-// Per sample b: every k with est[b, k] <= thresh[b] (in increasing k; all K when none is, e.g. a NaN row)
-// gets its exact distance (written to distances[b, k]; the others get est rounded to float32), the first
-// minimal one (a NaN counting as minimal, as torch.argmin) is the index and its candidate goes to out.
+// One sample: every k with est[k] <= thresh (in increasing k; all K when none is, e.g. a NaN row) gets its
+// exact distance (written to dist[k]; the others get est rounded to float32), the first minimal one (a
+// NaN counting as minimal, as torch.argmin) is returned and its candidate copied to out [Cout, N].
+// cand and best: [Cout, N] scratch rows of the calling thread.
+template <typename T>
+int64_t rerank_row(const T* x, const T* p_w, const T* p_bias, const T* res, const T* tgt, const double* est,
+                   double thresh, int64_t K, int64_t Cin, int64_t Cout, int64_t N, float* dist, T* out,
+                   std::vector<T>& cand, std::vector<T>& best_cand) {
+  const int64_t n_el = Cout * N;
+  bool any_near = false;
+  for (int64_t k = 0; k < K; ++k) any_near = any_near || est[k] <= thresh;
+  double best = 0;
+  int64_t best_k = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    if (any_near && !(est[k] <= thresh)) {
+      dist[k] = static_cast<float>(est[k]);
+      continue;
+    }
+    candidate(x, p_w, p_bias, res, k, Cin, Cout, N, cand.data());
+    // the exact distance, rounded to T first as the reference's accumulation dtype
+    const T d = static_cast<T>(sq_dist64(cand.data(), tgt, n_el) / static_cast<double>(n_el));
+    dist[k] = static_cast<float>(d);
+    const bool better = best_k < 0 || (std::isnan(d) && !std::isnan(best)) || d < best;
+    if (better) {
+      best = d;
+      best_k = k;
+      cand.swap(best_cand);
+    }
+  }
+  std::copy(best_cand.begin(), best_cand.end(), out);
+  return best_k;
+}
+
+// rerank_row for every sample (est [B, K], thresh [B]).
 template <typename T>
 void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, const double* p_est,
             const double* p_thresh, int64_t B, int64_t K, int64_t Cin, int64_t Cout, int64_t N, float* p_dist,
@@ -407,35 +586,61 @@ void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T
   {
     std::vector<T> b_cand(static_cast<size_t>(n_el)), b_best(static_cast<size_t>(n_el));  // [Cout, N] each
 #pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b)
+      p_index[b] = rerank_row(p_x + b * Cin * N, p_w, p_bias, p_res ? p_res + b * n_el : nullptr, p_tgt + b * n_el,
+                              p_est + b * K, p_thresh[b], K, Cin, Cout, N, p_dist + b * K, p_out + b * n_el, b_cand,
+                              b_best);
+  }
+}
+
+// sum_t a[t] b[t] in T with SIMD-lane partial sums and FMAs (as a GEMM accumulates).
+template <typename T>
+FASTCOMP_CONTRACT T dot_simd(const T* a, const T* b, int64_t n) {
+  using V = vec_t<T>;
+  constexpr int64_t L = kLanes<T>;
+  V b_acc0 = V{} * 0, b_acc1 = V{} * 0;  // two chains: L x 2 partial sums
+  int64_t t = 0;
+  for (; t + 2 * L <= n; t += 2 * L) {
+    b_acc0 += load(a + t) * load(b + t);
+    b_acc1 += load(a + t + L) * load(b + t + L);
+  }
+  for (; t + L <= n; t += L) b_acc0 += load(a + t) * load(b + t);
+  T b_sum = lane_sum<T>(b_acc0 + b_acc1);
+  for (; t < n; ++t) b_sum += a[t] * b[t];
+  return b_sum;
+}
+
+// The whole l2 selection per sample, while the sample's features are in cache (one task per sample):
+// statistics, A = p_tri . G_b (p_tri [K, n_tri] from weight_gram), est / bound / threshold, the exact
+// re-ranking and the chosen candidate. The same arithmetic as l2_stats + GEMM + l2_threshold + rerank,
+// except A's sum order (a SIMD dot product instead of the GEMM's; its rounding is within the bound).
+template <typename T>
+void l2_select(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, const T* p_tri, int64_t B,
+               int64_t K, int64_t Cin, int64_t Cout, int64_t N, double lambda, float* p_dist, int64_t* p_index,
+               T* p_out) {
+  const int64_t n_el = Cout * N, n_tri = Cin * (Cin + 1) / 2, n_w = Cout * Cin;
+  const ThresholdTables tab = threshold_tables(p_w, p_bias, K, Cin, Cout, N, lambda);
+#pragma omp parallel num_threads(threads_for(B * n_tri * N))
+  {
+    // per-thread scratch: e [Cout, N], the packed Gram, m_fe, s_f, e sums, A, est, bound, candidates
+    std::vector<T> b_e(static_cast<size_t>(n_el)), b_g(static_cast<size_t>(n_tri)), b_a(static_cast<size_t>(K));
+    std::vector<double> b_mfe(static_cast<size_t>(n_w)), b_sf(static_cast<size_t>(Cin));
+    std::vector<double> b_esum(static_cast<size_t>(Cout)), b_est(static_cast<size_t>(K)), b_bound(static_cast<size_t>(K));
+    std::vector<T> b_cand(static_cast<size_t>(n_el)), b_best(static_cast<size_t>(n_el));
+#pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       const T* x = p_x + b * Cin * N;
       const T* res = p_res ? p_res + b * n_el : nullptr;
       const T* tgt = p_tgt + b * n_el;
-      const double* est = p_est + b * K;
-      float* dist = p_dist + b * K;
-      const double thresh = p_thresh[b];
-      bool any_near = false;
-      for (int64_t k = 0; k < K; ++k) any_near = any_near || est[k] <= thresh;
-      double best = 0;
-      int64_t best_k = -1;
-      for (int64_t k = 0; k < K; ++k) {
-        if (any_near && !(est[k] <= thresh)) {
-          dist[k] = static_cast<float>(est[k]);
-          continue;
-        }
-        candidate(x, p_w, p_bias, res, k, Cin, Cout, N, b_cand.data());
-        // the exact distance, rounded to T first as the reference's accumulation dtype
-        const T d = static_cast<T>(sq_dist64(b_cand.data(), tgt, n_el) / static_cast<double>(n_el));
-        dist[k] = static_cast<float>(d);
-        const bool better = best_k < 0 || (std::isnan(d) && !std::isnan(best)) || d < best;
-        if (better) {
-          best = d;
-          best_k = k;
-          b_cand.swap(b_best);
-        }
-      }
-      p_index[b] = best_k;
-      std::copy(b_best.begin(), b_best.end(), p_out + b * n_el);
+      double e_sq = 0;
+      sample_e(res, tgt, Cout, N, b_e.data(), b_esum.data(), &e_sq);
+      for (int64_t i0 = 0; i0 < Cin; i0 += kTile)
+        sample_block(x, b_e.data(), Cin, Cout, N, i0, b_g.data(), b_sf.data(), b_mfe.data());
+      for (int64_t k = 0; k < K; ++k) b_a[k] = dot_simd(p_tri + k * n_tri, b_g.data(), n_tri);
+      const double thresh = threshold_row(tab, b_a.data(), b_g.data(), b_mfe.data(), b_sf.data(), b_esum.data(), e_sq,
+                                          p_bias, tgt, K, Cin, Cout, N, b_est.data(), b_bound.data());
+      p_index[b] = rerank_row(x, p_w, p_bias, res, tgt, b_est.data(), thresh, K, Cin, Cout, N, p_dist + b * K,
+                              p_out + b * n_el, b_cand, b_best);
     }
   }
 }
@@ -583,6 +788,54 @@ void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri) {
   }
 }
 
+void ddn_l2_threshold_cpu(const at::Tensor& a, const at::Tensor& gram, const at::Tensor& m_fe, const at::Tensor& s_f,
+                          const at::Tensor& e_sum, const at::Tensor& e_sq, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& target, double lambda,
+                          at::Tensor& est, at::Tensor& bound, at::Tensor& thresh) {
+  FASTCOMP_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device().str());
+  const at::ScalarType st = weight.scalar_type();
+  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "weight must be float32 or float64, got ", st);
+  check_cpu(weight, "weight", st);
+  FASTCOMP_CHECK(weight.dim() == 3, "weight must be [K, Cout, Cin], got ", weight.sizes());
+  const int64_t K = weight.size(0), Cout = weight.size(1), Cin = weight.size(2);
+  check_cpu(e_sq, "e_sq", at::kDouble);
+  const int64_t B = e_sq.numel();
+  FASTCOMP_CHECK(B > 0, "e_sq must be [B] with B >= 1, got ", e_sq.sizes());
+  check_cpu(target, "target", st);
+  FASTCOMP_CHECK(target.numel() % (B * Cout) == 0, "target must be [B, Cout, H, W] with B = e_sq.numel() and Cout = ",
+                 "weight.size(1), got ", target.sizes());
+  const int64_t HW = target.numel() / (B * Cout);
+  check_cpu(a, "a", st);
+  check_numel(a, "a", B * K, "[B, K]");
+  check_cpu(gram, "gram", st);
+  check_numel(gram, "gram", B * Cin * (Cin + 1) / 2, "[B, Cin (Cin + 1) / 2]");
+  check_cpu(m_fe, "m_fe", at::kDouble);
+  check_numel(m_fe, "m_fe", B * Cout * Cin, "[B, Cout, Cin]");
+  check_cpu(s_f, "s_f", at::kDouble);
+  check_numel(s_f, "s_f", B * Cin, "[B, Cin]");
+  check_cpu(e_sum, "e_sum", at::kDouble);
+  check_numel(e_sum, "e_sum", B * Cout, "[B, Cout]");
+  check_optional(bias, "bias", st, K * Cout, "[K, Cout]");
+  check_cpu(est, "est", at::kDouble);
+  check_numel(est, "est", B * K, "[B, K]");
+  check_cpu(bound, "bound", at::kDouble);
+  check_numel(bound, "bound", B * K, "[B, K]");
+  check_cpu(thresh, "thresh", at::kDouble);
+  check_numel(thresh, "thresh", B, "[B]");
+  const double *p_mfe = m_fe.data_ptr<double>(), *p_sf = s_f.data_ptr<double>();
+  const double *p_esum = e_sum.data_ptr<double>(), *p_esq = e_sq.data_ptr<double>();
+  double *p_est = est.data_ptr<double>(), *p_bound = bound.data_ptr<double>(), *p_thresh = thresh.data_ptr<double>();
+  if (st == at::kFloat) {
+    l2_threshold<float>(a.data_ptr<float>(), gram.data_ptr<float>(), p_mfe, p_sf, p_esum, p_esq, weight.data_ptr<float>(),
+                        opt_ptr<float>(bias), target.data_ptr<float>(), B, K, Cin, Cout, HW, lambda, p_est, p_bound,
+                        p_thresh);
+  } else {
+    l2_threshold<double>(a.data_ptr<double>(), gram.data_ptr<double>(), p_mfe, p_sf, p_esum, p_esq,
+                         weight.data_ptr<double>(), opt_ptr<double>(bias), target.data_ptr<double>(), B, K, Cin, Cout,
+                         HW, lambda, p_est, p_bound, p_thresh);
+  }
+}
+
 namespace {
 
 // Shared checks of the candidate-producing arguments; returns (B, K, Cin, Cout, N) through references.
@@ -632,6 +885,34 @@ void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const 
     rerank<double>(features.data_ptr<double>(), weight.data_ptr<double>(), opt_ptr<double>(bias),
                    opt_ptr<double>(residual), target.data_ptr<double>(), p_est, p_thresh, B, K, Cin, Cout, N, p_dist,
                    index.data_ptr<int64_t>(), out.data_ptr<double>());
+  }
+}
+
+void ddn_l2_select_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& p_tri,
+                       double lambda, at::Tensor& distances, at::Tensor& index, at::Tensor& out) {
+  int64_t B, K, Cin, Cout, N;
+  const at::ScalarType st = check_layer(features, weight, bias, residual, B, K, Cin, Cout, N);
+  check_cpu(target, "target", st);
+  check_numel(target, "target", B * Cout * N, "[B, Cout, H, W]");
+  check_cpu(p_tri, "p_tri", st);
+  check_numel(p_tri, "p_tri", K * Cin * (Cin + 1) / 2, "[K, Cin (Cin + 1) / 2] (ddn_weight_gram_cpu)");
+  check_cpu(distances, "distances", at::kFloat);
+  check_numel(distances, "distances", B * K, "[B, K]");
+  check_cpu(index, "index", at::kLong);
+  check_numel(index, "index", B, "[B]");
+  check_cpu(out, "out", st);
+  check_numel(out, "out", B * Cout * N, "[B, Cout, H, W]");
+  float* p_dist = distances.data_ptr<float>();
+  int64_t* p_index = index.data_ptr<int64_t>();
+  if (st == at::kFloat) {
+    l2_select<float>(features.data_ptr<float>(), weight.data_ptr<float>(), opt_ptr<float>(bias),
+                     opt_ptr<float>(residual), target.data_ptr<float>(), p_tri.data_ptr<float>(), B, K, Cin, Cout, N,
+                     lambda, p_dist, p_index, out.data_ptr<float>());
+  } else {
+    l2_select<double>(features.data_ptr<double>(), weight.data_ptr<double>(), opt_ptr<double>(bias),
+                      opt_ptr<double>(residual), target.data_ptr<double>(), p_tri.data_ptr<double>(), B, K, Cin, Cout,
+                      N, lambda, p_dist, p_index, out.data_ptr<double>());
   }
 }
 

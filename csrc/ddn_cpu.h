@@ -28,6 +28,16 @@ void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor
 // off-diagonal entries doubled, so that <W_k^T W_k, G_b> = p_tri[k] . gram[b] (gram as above).
 void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri);
 
+// The expanded distances and the re-ranking threshold (as _ddn_torch.expanded_l2 and select_cpu compute
+// them): from a [B, K] scalar_t = <W_k^T W_k, G_b> (gram @ p_tri^T), gram, m_fe, s_f, e_sum, e_sq as
+// written by ddn_l2_stats_cpu, weight [K, Cout, Cin], bias [K, Cout] (optional), target [B, Cout, N] and the
+// bound's confidence factor lambda, writes est [B, K], bound [B, K] and thresh [B] = min_k est + 2 max_k
+// bound + the reference's own rounding noise (NaN when the row has a NaN), all float64.
+void ddn_l2_threshold_cpu(const at::Tensor& a, const at::Tensor& gram, const at::Tensor& m_fe, const at::Tensor& s_f,
+                          const at::Tensor& e_sum, const at::Tensor& e_sq, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& target, double lambda,
+                          at::Tensor& est, at::Tensor& bound, at::Tensor& thresh);
+
 // The exact re-ranking of l2: per sample b, every k with est[b, k] <= thresh[b] (est [B, K], thresh [B]
 // float64; every k when no est of the row passes, e.g. NaN rows) gets the distance the reference computes
 // (candidate rounded to scalar_t, squared differences summed in float64, mean rounded to scalar_t),
@@ -37,6 +47,14 @@ void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri);
 void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& est,
                     const at::Tensor& thresh, at::Tensor& distances, at::Tensor& index, at::Tensor& out);
+
+// The whole l2 selection per sample while its features are in cache (small K: p_tri [K, Cin (Cin + 1) / 2]
+// from ddn_weight_gram_cpu is read once per sample): the statistics, A, est, bound and threshold (as
+// ddn_l2_threshold_cpu with the bound's confidence factor lambda) and the re-ranking (as ddn_rerank_cpu),
+// writing distances [B, K] float32, index [B] int64 and out [B, Cout, N] (the chosen candidate).
+void ddn_l2_select_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& p_tri,
+                       double lambda, at::Tensor& distances, at::Tensor& index, at::Tensor& out);
 
 // out [B, Cout, N] = weight[index[b]] @ features[b] + bias[index[b]] + residual[b].
 void ddn_chosen_forward_cpu(const at::Tensor& features, const at::Tensor& weight,

@@ -84,6 +84,69 @@ def test_weight_gram(ext, size, dtype):
     assert_close(p_tri, want, name="p_tri", dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("size", SIZES, ids=IDS)
+def test_l2_threshold(ext, size, bias, dtype, monkeypatch):
+    """ddn_l2_threshold_cpu (est, bound, thresh in one C++ pass) against the PyTorch formulation of
+    expanded_l2 and select_cpu's threshold, and est against the float64 reference within the bound."""
+    B, Cin, Cout, K, H, W = size
+    f, w, b, r, t = _inputs(*size, dtype=dtype)
+    b = b if bias else None
+    est, bound, thresh = _ddn_torch.l2_threshold_cpu(ext, f, w, t, b, r)
+    cand = ddn_candidates(f.double(), w.double(), None if b is None else b.double(), r.double())  # [B, K, ...]
+    exact = (cand - t.double()[:, None]).square().flatten(2).mean(dim=2)  # [B, K] float64
+    assert (est - exact).abs().le(bound + 1e-12 * exact.abs()).all()
+    monkeypatch.setattr(_ddn_torch, "_cpu_ext", lambda tensor: None)  # the PyTorch formulation
+    want_est, want_bound = _ddn_torch.expanded_l2(f, w, t, b, r)
+    est_min = want_est.amin(dim=1)
+    want_thresh = est_min + 2 * want_bound.amax(dim=1) + _ddn_torch._reference_noise(dtype, est_min, t)
+    # float32: the PyTorch formulation's Gram matrices (hence A and tr(G_b)) round differently
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(est, want_est, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(bound, want_bound, rtol=rtol, atol=0)
+    torch.testing.assert_close(thresh, want_thresh, rtol=rtol, atol=1e-12)
+
+
+def test_l2_threshold_nan_row(ext):
+    """A NaN in a sample makes its threshold NaN (as amin/amax), so the re-ranking recomputes every k."""
+    f, w, b, r, t = _inputs(*SIZES[0])
+    f[1, 0, 0, 0] = float("nan")
+    est, bound, thresh = _ddn_torch.l2_threshold_cpu(ext, f, w, t, b, r)
+    assert thresh[1].isnan() and not thresh[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("extras", ["bias_res", "none"])
+@pytest.mark.parametrize("size", SIZES, ids=IDS)
+def test_l2_select_fused(size, extras, dtype, monkeypatch):
+    """The fused per-sample selection (ddn_l2_select_cpu, small K) and the batched C++ passes (stats, GEMM,
+    threshold, re-rank: large K) against the float64 reference: same index, output and distances, and
+    the gradients through the fused path."""
+    B, Cin, Cout, K, H, W = size
+    f, w, b, r, t = _inputs(*size, dtype=dtype)
+    if extras == "none":
+        b = r = None
+    leaves = [x.detach().requires_grad_() for x in (f, w)]
+    got = {}
+    for fused_elements in (1 << 18, 0):  # fused, then the batched passes
+        monkeypatch.setattr(_ddn_torch, "_FUSED_ELEMENTS", fused_elements)
+        got[fused_elements] = fastcomp.ddn_select(leaves[0], leaves[1], t, bias=b, residual=r, backend="cpu")
+    f64 = [x.detach().double().requires_grad_() for x in (f, w)]
+    ref_out, ref_index, ref_dist = ddn_select_reference(f64[0], f64[1], t.double(),
+                                                        None if b is None else b.double(),
+                                                        None if r is None else r.double())
+    for sel in got.values():
+        assert torch.equal(sel.index, ref_index)
+        assert_close(sel.output, ref_out, name="output", dtype=dtype)
+        assert_close(sel.distances, ref_dist, name="distances", dtype=dtype)
+    d_out = torch.randn(ref_out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(got[1 << 18].output, leaves, d_out.to(dtype))
+    want = torch.autograd.grad(ref_out, f64, d_out)
+    for name, g, h in zip(("features", "weight"), grads, want):
+        assert_close(g, h, name=f"d {name}", dtype=dtype)
+
+
 @pytest.mark.parametrize("near", ["expansion", "none", "all"])
 @pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_rerank(ext, size, near):
@@ -170,5 +233,12 @@ def test_kernels_refuse_bad_arguments(ext):
         ext.ddn_l2_stats_cpu(f, r, t, torch.empty(2, 14, dtype=torch.float64), m_fe, s_f, e_sum, e_sq)
     with pytest.raises(ValueError, match="features must be float32 or float64"):
         ext.ddn_l2_stats_cpu(f.half(), r, t, gram, m_fe, s_f, e_sum, e_sq)
+    a, est = torch.empty(2, 5, dtype=torch.float64), torch.empty(2, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="a must be"):
+        ext.ddn_l2_threshold_cpu(a[:, :4], gram, m_fe, s_f, e_sum, e_sq, w, b, t, 8.0, est, est.clone(),
+                                 torch.empty(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="thresh must be"):
+        ext.ddn_l2_threshold_cpu(a, gram, m_fe, s_f, e_sum, e_sq, w, b, t, 8.0, est, est.clone(),
+                                 torch.empty(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="index"):
         ext.ddn_chosen_forward_cpu(f, w, b, r, torch.tensor([0, 5]), torch.empty(2, 3, 3, 5, dtype=torch.float64))

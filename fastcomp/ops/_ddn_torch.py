@@ -39,8 +39,11 @@ exist at once, distances for all K, then argmin.
 For float32/float64 CPU tensors the heavy passes are C++ (csrc/ddn_cpu.cpp): the per-sample statistics
 (Gram upper triangles in 4 x 4 register tiles, half the flops of x @ x^T, with M_b, s_b and the e sums
 in the same call), the weight Gram upper triangles (A is then one GEMM over Cin (Cin + 1) / 2 instead of
-Cin^2 terms), the exact re-ranking of each sample's own near-best set (which also writes the chosen
-candidate, so the forward forms it once), and the chosen candidate's forward/backward. float16/bfloat16
+Cin^2 terms), the expanded distances + bound + re-ranking threshold (one pass over B x K instead of ~30
+small torch ops), the exact re-ranking of each sample's own near-best set (which also writes the chosen
+candidate, so the forward forms it once), and the chosen candidate's forward/backward. For small K
+(K Cin (Cin + 1) / 2 <= _FUSED_ELEMENTS, e.g. K=64 at Cin=64) all of the forward runs per sample in one
+C++ task (ddn_l2_select_cpu) while that sample's features are still in cache. float16/bfloat16
 (and a machine without a compiler) take the PyTorch formulation below; the bound and the margins are the
 same for both.
 
@@ -57,6 +60,12 @@ time slice):
     memory every round and runs slower than in fastcomp bench), 1 / 2 threads, wall (CPU time):
       K=512: 51.4x (61.3x) / 50.7x (50.8x), the PyTorch-only path 30.9x / 30.8x;
       K=64:  18.4x (20.2x) / 19.9x (19.8x), the PyTorch-only path 7.8x / 7.7x.
+    With the threshold pass and the fused small-K path (08:23-08:25 UTC, load 1.7-2.9, same command,
+    2 threads, four runs): K=64 32x32 13.8x / 14.9x / 16.0x / 14.9x (cpu 3.0-6.0 ms; the reference
+    43-97 ms moves most with the load), K=512 16x16 51-74x; OMP_NUM_THREADS=1: 12.9x / 70x. Interleaved
+    in one process at K=64 (/tmp script, 61 rounds, load ~1.8), 2 threads: 3.6-3.9 ms vs 5.0-6.9 ms for
+    the PyTorch threshold ops + batched passes; one-thread CPU time ~5.4 ms (fused select ~3.3 ms, of
+    which the Gram tiles ~2.3; backward ~1.3-1.5 ms, ~0.5 of it page faults of the fresh d features).
 The expansion needs ~20x fewer multiply-adds than any direct scheme at K=512 (the direct computation,
 B*K*Cout*Cin*HW = 805M multiply-adds through torch's GEMM, took ~140 ms forward alone); at K=64 32x32 the
 Gram matrices (B*Cin^2*HW/2 = 67M multiply-adds) are the floor.
@@ -79,6 +88,9 @@ _CHUNK_ELEMENTS = 1 << 18
 _LAMBDA = 8.0
 # At most this many float64 elements (4 MiB) per temporary in the expansion (Gram chunk, P chunk).
 _EXPANSION_ELEMENTS = 1 << 19
+# The fused per-sample l2 selection (ddn_l2_select_cpu) reads the K weight Gram triangles once per sample:
+# worth it while they stay in cache (K <= 126 at Cin = 64); larger K takes the batched GEMM.
+_FUSED_ELEMENTS = 1 << 18
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -270,11 +282,14 @@ def _diagonal_positions(cin: int) -> torch.Tensor:
     return i * cin - i * (i - 1) // 2
 
 
-def _l2_terms_cpu(ext, features, weight, target, residual):
-    """_l2_terms_torch for float32/float64 CPU tensors: one C++ pass over the features
-    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is
-    then one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
-    (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices."""
+def _gram_terms_cpu(ext, features, weight, target, residual):
+    """The C++ passes of the expansion for float32/float64 CPU tensors: one pass over the features
+    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is then
+    one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
+    (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices.
+
+    Returns (A [B, K] in the input dtype, gram [B, Cin (Cin + 1) / 2] in the input dtype, M_b float64
+    [B, Cout, Cin], s_b float64 [B, Cin], sum_p e_p float64 [B, Cout], sum_p ||e_p||^2 float64 [B])."""
     B, Cin, _, _ = features.shape
     K, Cout, _ = weight.shape
     f64 = torch.float64
@@ -292,16 +307,40 @@ def _l2_terms_cpu(ext, features, weight, target, residual):
     if step >= K:
         p_tri = torch.empty(K, n_tri, dtype=cd)
         ext.ddn_weight_gram_cpu(w, p_tri)
-        dist = torch.mm(gram, p_tri.t()).to(f64)
+        a = torch.mm(gram, p_tri.t())
     else:
-        dist = torch.empty(B, K, dtype=f64)
+        a = torch.empty(B, K, dtype=cd)
         for k0 in range(0, K, step):  # chunks of K: at most _EXPANSION_ELEMENTS weight Gram entries at once
             w_k = w[k0:k0 + step]  # [k, Cout, Cin], contiguous
             p_tri = torch.empty(w_k.shape[0], n_tri, dtype=cd)
             ext.ddn_weight_gram_cpu(w_k, p_tri)
-            dist[:, k0:k0 + w_k.shape[0]] = torch.mm(gram, p_tri.t())
-    tr_ff = gram.index_select(1, _diagonal_positions(Cin)).sum(dim=1, dtype=f64)  # [B]
-    return dist, tr_ff, m_fe, s_f, e_sum, e_sq
+            a[:, k0:k0 + w_k.shape[0]] = torch.mm(gram, p_tri.t())
+    return a, gram, m_fe, s_f, e_sum, e_sq
+
+
+def _l2_terms_cpu(ext, features, weight, target, residual):
+    """_l2_terms_torch for float32/float64 CPU tensors through `_gram_terms_cpu`."""
+    Cin = features.shape[1]
+    a, gram, m_fe, s_f, e_sum, e_sq = _gram_terms_cpu(ext, features, weight, target, residual)
+    tr_ff = gram.index_select(1, _diagonal_positions(Cin)).sum(dim=1, dtype=torch.float64)  # [B]
+    return a.to(torch.float64), tr_ff, m_fe, s_f, e_sum, e_sq
+
+
+def l2_threshold_cpu(ext, features, weight, target, bias, residual):
+    """(est float64 [B, K], bound float64 [B, K], thresh float64 [B]) for float32/float64 CPU tensors: what
+    `expanded_l2` returns and select_cpu's re-ranking threshold min_k est + 2 max_k bound +
+    `_reference_noise`, with everything after the Gram GEMM in one C++ pass (ddn_l2_threshold_cpu) instead
+    of ~30 small torch ops (each tens of microseconds; ~1.5 ms of the ~6 ms forward at B=32, Cin=64, K=64,
+    32x32, more on busy cores). Same formulas; float64 rounding differences only."""
+    B = features.shape[0]
+    K = weight.shape[0]
+    a, gram, m_fe, s_f, e_sum, e_sq = _gram_terms_cpu(ext, features, weight, target, residual)
+    est = torch.empty(B, K, dtype=torch.float64)
+    bound = torch.empty(B, K, dtype=torch.float64)
+    thresh = torch.empty(B, dtype=torch.float64)
+    ext.ddn_l2_threshold_cpu(a, gram, m_fe, s_f, e_sum, e_sq, _contiguous(weight), _contiguous(bias),
+                             _contiguous(target), _LAMBDA, est, bound, thresh)
+    return est, bound, thresh
 
 
 def expanded_l2(features, weight, target, bias, residual):
@@ -385,14 +424,33 @@ def select_cpu(features, weight, target, bias, residual, metric):
             index = dist.argmin(dim=1)  # first minimum: ties -> smallest k
             distances = dist.float()
         else:
-            est, bound = expanded_l2(features, weight, target, bias, residual)
-            # amin/amax, not min(dim)/max(dim): those also compute indices, and in torch 2.13 on CPU they took
-            # ~20 ms even on a [2, 3] tensor when the cores were busy (amin: 2 us)
-            est_min = est.amin(dim=1)  # [B]
-            margin = 2 * bound.amax(dim=1) + _reference_noise(features.dtype, est_min, target)
-            thresh = est_min + margin  # [B]: every k with est <= thresh is re-ranked exactly
             ext = _cpu_ext(features)
-            if ext is not None:
+            Cin = features.shape[1]
+            n_tri = Cin * (Cin + 1) // 2
+            fused = ext is not None and K * n_tri <= _FUSED_ELEMENTS
+            if fused:
+                # Small K: the whole selection per sample in one C++ pass while the sample's features are in
+                # cache (statistics, A against the weight Grams, est, bound, threshold, re-ranking).
+                p_tri = torch.empty(K, n_tri, dtype=features.dtype)
+                ext.ddn_weight_gram_cpu(_contiguous(weight), p_tri)
+                distances = torch.empty(B, K, dtype=torch.float32)
+                index = torch.empty(B, dtype=torch.int64)
+                out = torch.empty(target.shape, dtype=features.dtype)
+                ext.ddn_l2_select_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
+                                      _contiguous(residual), _contiguous(target), p_tri, _LAMBDA, distances, index,
+                                      out)
+            elif ext is not None:  # the same est and thresh, all but the Gram GEMM in C++
+                est, _, thresh = l2_threshold_cpu(ext, features, weight, target, bias, residual)
+            else:
+                est, bound = expanded_l2(features, weight, target, bias, residual)
+                # amin/amax, not min(dim)/max(dim): those also compute indices, and in torch 2.13 on CPU they
+                # took ~20 ms even on a [2, 3] tensor when the cores were busy (amin: 2 us)
+                est_min = est.amin(dim=1)  # [B]
+                margin = 2 * bound.amax(dim=1) + _reference_noise(features.dtype, est_min, target)
+                thresh = est_min + margin  # [B]: every k with est <= thresh is re-ranked exactly
+            if fused:
+                pass  # distances, index and out are written
+            elif ext is not None:
                 # One C++ pass: each sample's own near-best (not the batch's largest count) formed once, its
                 # exact distance, and the winner kept as the output (not recomputed by chosen_candidate).
                 distances = torch.empty(B, K, dtype=torch.float32)
