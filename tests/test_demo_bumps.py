@@ -14,17 +14,6 @@ pytest.importorskip("matplotlib", reason="the demo draws its sample grids with m
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
 
-def _pieces_available() -> bool:
-    try:
-        from fastcomp.data import GaussianBumps, bump_accuracy, plot_grid  # noqa: F401
-        from fastcomp.models import ConditionalDenoiser, LogNormalSigma, edm_loss, sample  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _pieces_available(),
-                    reason="fastcomp.data / fastcomp.models (issue 6 items 1-2) are not merged yet")
 def test_demo_bumps_quick_pipeline(tmp_path, capsys):
     out = tmp_path / "bumps"
     assert cli.main(["demo", "bumps", "--quick", "--locality", "both", "--steps", "12", "--out", str(out),

@@ -13,17 +13,6 @@ from fastcomp import cli
 pytest.importorskip("matplotlib", reason="the demo draws its sample grids with matplotlib")
 
 
-def _pieces_available() -> bool:
-    try:
-        from fastcomp.data import ShapeScenes, length_generalization, plot_grid, request_locations  # noqa: F401
-        from fastcomp.train import TrainConfig, train  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _pieces_available(),
-                    reason="fastcomp.data / fastcomp.train (issue 6 items 1, 3) are not merged yet")
 def test_demo_length_generalization_quick_pipeline(tmp_path, capsys):
     out = tmp_path / "lg"
     assert cli.main(["demo", "length-generalization", "--quick", "--out", str(out), "--no-progress"]) == 0

@@ -315,17 +315,6 @@ def test_cli_trains_saves_and_resumes_with_stand_ins(tmp_path, monkeypatch, caps
     assert "TrainConfig.steps=0" in capsys.readouterr().err
 
 
-def _real_pieces_available() -> bool:
-    try:
-        from fastcomp.data import GaussianBumps, ShapeScenes  # noqa: F401
-        from fastcomp.models import ConditionalDenoiser, LaplaceLogSNR, LogNormalSigma, edm_loss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _real_pieces_available(),
-                    reason="fastcomp.data / fastcomp.models (issue 6 items 1-2) are not merged yet")
 @pytest.mark.parametrize("task,locality", [("bumps", "local"), ("shapes", "global")])
 def test_cli_trains_the_real_model(tmp_path, capsys, task, locality):
     from fastcomp.cli import main

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from . import _noise_levels
+
 # Defaults: about 10 minutes on 2 idle CPU cores for the local model (training ~85 %, sampling the rest);
 # measured (1000 steps, Laplace(0, 1) log-SNR): held-out accuracy 0.99, seen 0.98, mean error 0.3 px. The
 # log-normal EDM default (p_mean -1.2) reached 0.16 / 0.16 and p_mean 0 0.86 / 0.86 in the same budget.
@@ -32,7 +34,6 @@ DEFAULTS = dict(steps=1000, batch_size=32, channels=32, depth=2, lr=2e-3, sample
                 sigma_dist="laplace")
 QUICK = dict(steps=30, batch_size=8, channels=16, depth=1, lr=2e-3, samples=16, sampler_steps=6,
              sigma_dist="laplace")
-SIGMA_PARAMS = {"lognormal": (-1.2, 1.2), "laplace": (0.0, 1.0)}  # (loc, scale) defaults per distribution
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"generated images per split (default {DEFAULTS['samples']})")
     p.add_argument("--sampler-steps", type=int, default=None,
                    help=f"Heun steps of the sampler (default {DEFAULTS['sampler_steps']})")
-    p.add_argument("--sigma-dist", choices=("lognormal", "laplace"), default=None,
-                   help=f"training noise-level distribution (default {DEFAULTS['sigma_dist']}): EDM's "
-                        "log-normal in sigma, or Laplace in log-SNR (concentrates on middle noise levels, where "
-                        "the bump's place is decided)")
-    p.add_argument("--sigma-loc", type=float, default=None,
-                   help="its location: log-normal p_mean, or Laplace mu (log-SNR = -2 ln sigma)")
-    p.add_argument("--sigma-scale", type=float, default=None, help="its spread: p_std, or the Laplace scale")
+    _noise_levels.add_arguments(p, DEFAULTS["sigma_dist"])
     p.add_argument("--tolerance", type=float, default=2.0, help="pixels from the request a bump may be")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -71,16 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args) -> dict:
     base = QUICK if args.quick else DEFAULTS
     s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
-    loc, scale = SIGMA_PARAMS[s["sigma_dist"]]
-    s["sigma_loc"] = loc if args.sigma_loc is None else args.sigma_loc
-    s["sigma_scale"] = scale if args.sigma_scale is None else args.sigma_scale
-    return s
+    return _noise_levels.resolve(s, args)
 
 
 def run_one(locality: str, bumps, s: dict, args, progress) -> dict:
     """Train one model, sample at held-out and seen locations; returns its results (and the images)."""
     from fastcomp.data import bump_accuracy
-    from fastcomp.models import ConditionalDenoiser, LaplaceLogSNR, LogNormalSigma, edm_loss, sample
+    from fastcomp.models import ConditionalDenoiser, edm_loss, sample
     from fastcomp.train import TrainConfig, train
 
     torch.manual_seed(args.seed)
@@ -92,8 +84,7 @@ def run_one(locality: str, bumps, s: dict, args, progress) -> dict:
                          log_every=max(1, min(25, s["steps"] // 4)),
                          out_dir=os.path.join(args.out, f"checkpoints-{locality}") if args.checkpoints else None,
                          precision="auto", compile=False)
-    sigma_dist = (LaplaceLogSNR(mu=s["sigma_loc"], scale=s["sigma_scale"]) if s["sigma_dist"] == "laplace"
-                  else LogNormalSigma(p_mean=s["sigma_loc"], p_std=s["sigma_scale"]))
+    sigma_dist = _noise_levels.distribution(s)
 
     def loss_fn(m, batch, generator):
         return edm_loss(m, batch, sigma_dist, generator=generator)

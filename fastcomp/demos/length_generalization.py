@@ -36,6 +36,8 @@ import warnings
 
 import torch
 
+from . import _noise_levels
+
 EXPERIMENTS = {  # name -> (locality, labelling, what it shows)
     "exp1": ("global", "all", "global model, every object labelled"),
     "exp2": ("global", "one", "global model, one object labelled"),
@@ -51,11 +53,6 @@ DEFAULTS = dict(steps=1500, batch_size=32, channels=64, depth=3, kernel_size=3, 
 QUICK = dict(steps=12, batch_size=8, channels=16, depth=1, kernel_size=3, patch_size=2, cond_radius=5.0,
              lr=2e-3, samples=4, sampler_steps=3, max_objects_eval=4, cond_dropout=0.1, probe_images=1,
              probe_radius=3, sigma_dist="laplace")
-# Training noise levels, (loc, scale) per distribution. Laplace(0, 1) in log-SNR concentrates training on the
-# middle noise levels where an object's place is decided: on the bumps demo it took held-out accuracy from 0.16
-# (EDM's log-normal, p_mean -1.2) to 0.99 in the same budget, and the global models here had not yet learned to
-# use their conditioners at 800 steps with the log-normal one.
-SIGMA_PARAMS = {"lognormal": (-1.2, 1.2), "laplace": (0.0, 1.0)}
 PROBE_SIGMAS = (0.05, 0.5, 5.0)
 INSIDE_RADIUS = 10.0  # pixels: the conditioner-locality disk (objects have radius 3)
 
@@ -82,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "dropping the label would teach it unlabelled objects)")):
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                        help=f"{help_} (default {DEFAULTS[key]}, --quick {QUICK[key]})")
-    p.add_argument("--sigma-dist", choices=tuple(SIGMA_PARAMS), default=None,
-                   help="training noise-level distribution (default laplace): EDM's log-normal in sigma, or "
-                        "Laplace in log-SNR (concentrates on the middle noise levels)")
-    p.add_argument("--sigma-loc", type=float, default=None,
-                   help="its location: log-normal p_mean, or Laplace mu (log-SNR = -2 ln sigma)")
-    p.add_argument("--sigma-scale", type=float, default=None, help="its spread: p_std, or the Laplace scale")
+    _noise_levels.add_arguments(p, DEFAULTS["sigma_dist"])
     p.add_argument("--tolerance", type=float, default=None, help="matching tolerance in pixels (default: the "
                    "metric's own)")
     p.add_argument("--seed", type=int, default=0)
@@ -102,10 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args) -> dict:
     base = QUICK if args.quick else DEFAULTS
     s = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
-    loc, scale = SIGMA_PARAMS[s["sigma_dist"]]
-    s["sigma_loc"] = loc if getattr(args, "sigma_loc", None) is None else args.sigma_loc
-    s["sigma_scale"] = scale if getattr(args, "sigma_scale", None) is None else args.sigma_scale
-    return s
+    return _noise_levels.resolve(s, args)
 
 
 def _log(msg: str, progress) -> None:
@@ -116,7 +105,7 @@ def _log(msg: str, progress) -> None:
 def train_model(name: str, s: dict, args, progress):
     """Train one experiment's model on ShapeScenes(1..3 objects, its labelling); returns (net, info)."""
     from fastcomp.data import ShapeScenes
-    from fastcomp.models import ConditionalDenoiser, LaplaceLogSNR, LogNormalSigma, edm_loss
+    from fastcomp.models import ConditionalDenoiser, edm_loss
     from fastcomp.train import TrainConfig, train
 
     locality, labelling, _ = EXPERIMENTS[name]
@@ -131,10 +120,7 @@ def train_model(name: str, s: dict, args, progress):
                          seed=args.seed, log_every=max(1, min(25, s["steps"] // 4)),
                          out_dir=os.path.join(args.out, f"checkpoints-{name}") if args.checkpoints else None,
                          precision="auto", compile=False)
-    if s["sigma_dist"] == "laplace":
-        sigma_dist = LaplaceLogSNR(mu=s["sigma_loc"], scale=s["sigma_scale"])
-    else:
-        sigma_dist = LogNormalSigma(p_mean=s["sigma_loc"], p_std=s["sigma_scale"])
+    sigma_dist = _noise_levels.distribution(s)
     dropout = s["cond_dropout"] if locality == "global" else 0.0
 
     def loss_fn(m, batch, generator):
