@@ -739,6 +739,22 @@ void check_index(const at::Tensor& index, int64_t B, int64_t K) {
     FASTCOMP_CHECK(p[b] >= 0 && p[b] < K, "index[", b, "] = ", p[b], " must lie in [0, K = ", K, ")");
 }
 
+// The l2 expansion's per-sample statistics, as ddn_l2_stats_cpu writes them and ddn_l2_threshold_cpu reads them:
+// gram [B, Cin (Cin + 1) / 2] in the input dtype, the rest float64.
+void check_l2_stats(const at::Tensor& gram, const at::Tensor& m_fe, const at::Tensor& s_f, const at::Tensor& e_sum,
+                    const at::Tensor& e_sq, at::ScalarType st, int64_t B, int64_t Cin, int64_t Cout) {
+  check_cpu(gram, "gram", st);
+  check_numel(gram, "gram", B * Cin * (Cin + 1) / 2, "[B, Cin (Cin + 1) / 2]");
+  check_cpu(m_fe, "m_fe", at::kDouble);
+  check_numel(m_fe, "m_fe", B * Cout * Cin, "[B, Cout, Cin]");
+  check_cpu(s_f, "s_f", at::kDouble);
+  check_numel(s_f, "s_f", B * Cin, "[B, Cin]");
+  check_cpu(e_sum, "e_sum", at::kDouble);
+  check_numel(e_sum, "e_sum", B * Cout, "[B, Cout]");
+  check_cpu(e_sq, "e_sq", at::kDouble);
+  check_numel(e_sq, "e_sq", B, "[B]");
+}
+
 }  // namespace
 
 void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor>& residual,
@@ -751,16 +767,7 @@ void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor
                  "target must be [B, Cout, H, W] with B, H, W from features, got ", target.sizes());
   const int64_t Cout = target.numel() / (B * N);
   check_optional(residual, "residual", st, B * Cout * N, "[B, Cout, H, W]");
-  check_cpu(gram, "gram", st);
-  check_numel(gram, "gram", B * Cin * (Cin + 1) / 2, "[B, Cin (Cin + 1) / 2]");
-  check_cpu(m_fe, "m_fe", at::kDouble);
-  check_numel(m_fe, "m_fe", B * Cout * Cin, "[B, Cout, Cin]");
-  check_cpu(s_f, "s_f", at::kDouble);
-  check_numel(s_f, "s_f", B * Cin, "[B, Cin]");
-  check_cpu(e_sum, "e_sum", at::kDouble);
-  check_numel(e_sum, "e_sum", B * Cout, "[B, Cout]");
-  check_cpu(e_sq, "e_sq", at::kDouble);
-  check_numel(e_sq, "e_sq", B, "[B]");
+  check_l2_stats(gram, m_fe, s_f, e_sum, e_sq, st, B, Cin, Cout);
   double *p_mfe = m_fe.data_ptr<double>(), *p_sf = s_f.data_ptr<double>();
   double *p_esum = e_sum.data_ptr<double>(), *p_esq = e_sq.data_ptr<double>();
   if (st == at::kFloat) {
@@ -807,14 +814,7 @@ void ddn_l2_threshold_cpu(const at::Tensor& a, const at::Tensor& gram, const at:
   const int64_t HW = target.numel() / (B * Cout);
   check_cpu(a, "a", st);
   check_numel(a, "a", B * K, "[B, K]");
-  check_cpu(gram, "gram", st);
-  check_numel(gram, "gram", B * Cin * (Cin + 1) / 2, "[B, Cin (Cin + 1) / 2]");
-  check_cpu(m_fe, "m_fe", at::kDouble);
-  check_numel(m_fe, "m_fe", B * Cout * Cin, "[B, Cout, Cin]");
-  check_cpu(s_f, "s_f", at::kDouble);
-  check_numel(s_f, "s_f", B * Cin, "[B, Cin]");
-  check_cpu(e_sum, "e_sum", at::kDouble);
-  check_numel(e_sum, "e_sum", B * Cout, "[B, Cout]");
+  check_l2_stats(gram, m_fe, s_f, e_sum, e_sq, st, B, Cin, Cout);
   check_optional(bias, "bias", st, K * Cout, "[K, Cout]");
   check_cpu(est, "est", at::kDouble);
   check_numel(est, "est", B * K, "[B, K]");
