@@ -62,6 +62,57 @@ def test_local_and_global_have_the_same_parameters():
     assert [(n, p.shape) for n, p in local.named_parameters()] == [(n, p.shape) for n, p in glob.named_parameters()]
 
 
+# --- the global model's rotary position embedding ----------------------------------------------------
+
+@pytest.mark.parametrize("head_dim", [16, 13, 4, 3])
+def test_rope_logits_depend_only_on_offsets(head_dim):
+    """<rope(q, p), rope(k, p')> is unchanged when p and p' move together (so a logit sees p - p'), a
+    rotation keeps each vector's norm, and channels past the last multiple of 4 pass through."""
+    from fastcomp.models.diffusion import apply_rope, rope_angles, rope_wavelengths
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 5, 3, head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    pq, pk = (torch.rand(2, 5, 2, generator=g, dtype=torch.float64) * 17 for _ in range(2))
+    shift = torch.tensor([4.25, -7.5], dtype=torch.float64)
+    wl = rope_wavelengths(head_dim, 17, dtype=torch.float64)
+
+    def logits(a, b):
+        qr, kr = apply_rope(q, *rope_angles(a, wl)), apply_rope(k, *rope_angles(b, wl))
+        return torch.einsum("bnhd,bmhd->bhnm", qr, kr), qr
+
+    base, rotated = logits(pq, pk)
+    moved, _ = logits(pq + shift, pk + shift)
+    assert_close(moved, base)
+    assert_close(rotated.norm(dim=-1), q.norm(dim=-1))
+    n = 4 * (head_dim // 4)
+    assert torch.equal(rotated[..., n:], q[..., n:])
+    if n:
+        assert not torch.allclose(rotated[..., :n], q[..., :n])
+
+
+def test_rope_wavelengths_span_the_image_without_aliasing():
+    from fastcomp.models.diffusion import rope_wavelengths
+
+    assert rope_wavelengths(3, 32).numel() == 0
+    assert rope_wavelengths(16, 32).tolist() == [64.0, 32.0, 16.0, 8.0]
+    wl = rope_wavelengths(64, 32)
+    assert wl.numel() == 16 and wl[0] == 64 and wl.min() >= 4 - 1e-9 and (wl[1:] < wl[:-1]).all()
+
+
+def test_rope_switch_changes_only_the_global_model():
+    """rope adds no parameters (checkpoints load either way); it changes the global model's output and
+    leaves the local model's unchanged."""
+    x, sigma, points = inputs()
+    for locality in ("local", "global"):
+        with_rope, without = make_model(locality), make_model(locality, rope=False)
+        assert with_rope.state_dict().keys() == without.state_dict().keys()
+        without.load_state_dict(with_rope.state_dict())
+        same = torch.allclose(with_rope(x, sigma, points), without(x, sigma, points))
+        assert same == (locality == "local")
+    with pytest.raises(TypeError, match="rope must be True or False"):
+        ConditionalDenoiser(**TINY, locality="global", rope="yes")
+
+
 @pytest.mark.parametrize("locality, patch_size", [("local", 1), ("global", 1), ("local", 2)])
 def test_no_conditioners_and_padding_rows(locality, patch_size):
     """M = 0, all-invalid rows and extra padding rows (random points, valid False) give the same output."""
