@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                 f"detected objects match the k requested locations one-to-one (fastcomp.data.length_generalization). "
                 f"Models: {s['channels']} channels, depth {s['depth']}, patch {s['patch_size']}, window "
                 f"{s['kernel_size']} tokens, cond radius {s['cond_radius']:g} px; {s['steps']} steps of batch "
-                f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g} (global models only), "
+                f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g} (global models only; they attend with a 2-D rotary position embedding), "
                 f"noise levels {s['sigma_dist']}({s['sigma_loc']:g}, {s['sigma_scale']:g}); EMA weights; Heun with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) "
                 f"of the denoiser's "
                 f"pixel Jacobian within a {2 * s['probe_radius'] + 1}-px square, its leakage beyond it, and the "
