@@ -22,6 +22,7 @@ def test_demo_length_generalization_quick_pipeline(tmp_path, capsys):
         assert row in printed
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] is True and results["settings"]["steps"] == 12
+    assert results["settings"]["global_rope"] is True
     assert set(results["scores"]) == {"exp1", "exp2", "exp2+composed", "exp3", "exp3+composed"}
     for scores in results["scores"].values():
         assert sorted(scores, key=int) == [str(k) for k in range(results["settings"]["max_objects_eval"] + 1)]
@@ -38,3 +39,24 @@ def test_demo_length_generalization_quick_pipeline(tmp_path, capsys):
 def test_demo_length_generalization_rejects_unknown_experiments(capsys):
     assert cli.main(["demo", "length-generalization", "--experiments", "exp9", "--no-progress"]) == 2
     assert "exp9" in capsys.readouterr().err
+
+
+def test_demo_length_generalization_without_global_rope(tmp_path, monkeypatch):
+    """--no-global-rope builds the global models with ConditionalDenoiser(rope=False) and says so."""
+    from fastcomp.models import ConditionalDenoiser
+
+    built = []
+    original_init = ConditionalDenoiser.__init__
+
+    def recording_init(self, **kwargs):
+        built.append(kwargs)
+        original_init(self, **kwargs)
+
+    monkeypatch.setattr(ConditionalDenoiser, "__init__", recording_init)
+    out = tmp_path / "lg"
+    assert cli.main(["demo", "length-generalization", "--quick", "--experiments", "exp1", "--no-global-rope",
+                     "--no-probes", "--no-composed", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["global_rope"] is False
+    assert [kw["rope"] for kw in built if kw.get("locality") == "global"] == [False]
+    assert "without a 2-D rotary position embedding" in (out / "results.md").read_text()

@@ -49,10 +49,10 @@ EXPERIMENTS = {  # name -> (locality, labelling, what it shows)
 # and exp2 0.00 on 4-6 objects; the objects are still blurry there, hence the longer default.
 DEFAULTS = dict(steps=1500, batch_size=32, channels=64, depth=3, kernel_size=3, patch_size=2, cond_radius=5.0,
                 lr=1e-3, samples=48, sampler_steps=12, max_objects_eval=6, cond_dropout=0.1, probe_images=1,
-                probe_radius=6, sigma_dist="laplace")
+                probe_radius=6, sigma_dist="laplace", global_rope=True)
 QUICK = dict(steps=12, batch_size=8, channels=16, depth=1, kernel_size=3, patch_size=2, cond_radius=5.0,
              lr=2e-3, samples=4, sampler_steps=3, max_objects_eval=4, cond_dropout=0.1, probe_images=1,
-             probe_radius=3, sigma_dist="laplace")
+             probe_radius=3, sigma_dist="laplace", global_rope=True)
 PROBE_SIGMAS = (0.05, 0.5, 5.0)
 INSIDE_RADIUS = 10.0  # pixels: the conditioner-locality disk (objects have radius 3)
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                        help=f"{help_} (default {DEFAULTS[key]}, --quick {QUICK[key]})")
     _noise_levels.add_arguments(p, DEFAULTS["sigma_dist"])
+    p.add_argument("--no-global-rope", dest="global_rope", action="store_const", const=False, default=None,
+                   help="global models without the rotary position embedding (ConditionalDenoiser(rope=False)): "
+                        "in our runs they then ignore their conditioners and score 0 even in experiment 1")
     p.add_argument("--tolerance", type=float, default=None, help="matching tolerance in pixels (default: the "
                    "metric's own)")
     p.add_argument("--seed", type=int, default=0)
@@ -113,7 +116,8 @@ def train_model(name: str, s: dict, args, progress):
     torch.manual_seed(args.seed)
     model = ConditionalDenoiser(img_channels=3, image_size=32, channels=s["channels"], depth=s["depth"],
                                 num_heads=max(1, s["channels"] // 16), kernel_size=s["kernel_size"],
-                                locality=locality, cond_radius=s["cond_radius"], patch_size=s["patch_size"])
+                                locality=locality, cond_radius=s["cond_radius"], patch_size=s["patch_size"],
+                                rope=bool(s["global_rope"]))
     config = TrainConfig(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"],
                          warmup_steps=min(100, max(1, s["steps"] // 10)), grad_clip=1.0,
                          ema_decay=0.995 if s["steps"] >= 1000 else (0.98 if s["steps"] >= 200 else 0.5),
@@ -325,7 +329,7 @@ def main(argv=None) -> int:
                 f"detected objects match the k requested locations one-to-one (fastcomp.data.length_generalization). "
                 f"Models: {s['channels']} channels, depth {s['depth']}, patch {s['patch_size']}, window "
                 f"{s['kernel_size']} tokens, cond radius {s['cond_radius']:g} px; {s['steps']} steps of batch "
-                f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g} (global models only; they attend with a 2-D rotary position embedding), "
+                f"{s['batch_size']}, lr {s['lr']:g}, conditioner dropout {s['cond_dropout']:g} (global models only; they attend with{'' if s['global_rope'] else 'out'} a 2-D rotary position embedding), "
                 f"noise levels {s['sigma_dist']}({s['sigma_loc']:g}, {s['sigma_scale']:g}); EMA weights; Heun with {s['sampler_steps']} steps. Locality columns: mass radii (50 % / 95 %) "
                 f"of the denoiser's "
                 f"pixel Jacobian within a {2 * s['probe_radius'] + 1}-px square, its leakage beyond it, and the "
