@@ -739,6 +739,16 @@ void check_index(const at::Tensor& index, int64_t B, int64_t K) {
     FASTCOMP_CHECK(p[b] >= 0 && p[b] < K, "index[", b, "] = ", p[b], " must lie in [0, K = ", K, ")");
 }
 
+// weight [K, Cout, Cin]: float32 or float64, contiguous, on the CPU; returns its dtype (the op's dtype).
+at::ScalarType check_weight(const at::Tensor& weight) {
+  FASTCOMP_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device().str());
+  const at::ScalarType st = weight.scalar_type();
+  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "weight must be float32 or float64, got ", st);
+  FASTCOMP_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  FASTCOMP_CHECK(weight.dim() == 3, "weight must be [K, Cout, Cin], got ", weight.sizes());
+  return st;
+}
+
 // The l2 expansion's per-sample statistics, as ddn_l2_stats_cpu writes them and ddn_l2_threshold_cpu reads them:
 // gram [B, Cin (Cin + 1) / 2] in the input dtype, the rest float64.
 void check_l2_stats(const at::Tensor& gram, const at::Tensor& m_fe, const at::Tensor& s_f, const at::Tensor& e_sum,
@@ -780,11 +790,7 @@ void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor
 }
 
 void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri) {
-  FASTCOMP_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device().str());
-  const at::ScalarType st = weight.scalar_type();
-  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "weight must be float32 or float64, got ", st);
-  FASTCOMP_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  FASTCOMP_CHECK(weight.dim() == 3, "weight must be [K, Cout, Cin], got ", weight.sizes());
+  const at::ScalarType st = check_weight(weight);
   const int64_t K = weight.size(0), Cout = weight.size(1), Cin = weight.size(2);
   check_cpu(p_tri, "p_tri", st);
   check_numel(p_tri, "p_tri", K * Cin * (Cin + 1) / 2, "[K, Cin (Cin + 1) / 2]");
@@ -799,11 +805,7 @@ void ddn_l2_threshold_cpu(const at::Tensor& a, const at::Tensor& gram, const at:
                           const at::Tensor& e_sum, const at::Tensor& e_sq, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& target, double lambda,
                           at::Tensor& est, at::Tensor& bound, at::Tensor& thresh) {
-  FASTCOMP_CHECK(weight.device().is_cpu(), "weight must be a CPU tensor, got ", weight.device().str());
-  const at::ScalarType st = weight.scalar_type();
-  FASTCOMP_CHECK(st == at::kFloat || st == at::kDouble, "weight must be float32 or float64, got ", st);
-  check_cpu(weight, "weight", st);
-  FASTCOMP_CHECK(weight.dim() == 3, "weight must be [K, Cout, Cin], got ", weight.sizes());
+  const at::ScalarType st = check_weight(weight);
   const int64_t K = weight.size(0), Cout = weight.size(1), Cin = weight.size(2);
   check_cpu(e_sq, "e_sq", at::kDouble);
   const int64_t B = e_sq.numel();

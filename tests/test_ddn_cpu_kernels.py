@@ -242,3 +242,11 @@ def test_kernels_refuse_bad_arguments(ext):
                                  torch.empty(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="index"):
         ext.ddn_chosen_forward_cpu(f, w, b, r, torch.tensor([0, 5]), torch.empty(2, 3, 3, 5, dtype=torch.float64))
+    p_tri = torch.empty(5, 15, dtype=torch.float64)  # the weight checks both weight-reading entry points share
+    with pytest.raises(ValueError, match="weight must be float32 or float64"):
+        ext.ddn_weight_gram_cpu(w.half(), p_tri)
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        ext.ddn_weight_gram_cpu(w.transpose(0, 1).contiguous().transpose(0, 1), p_tri)
+    with pytest.raises(ValueError, match=r"weight must be \[K, Cout, Cin\]"):
+        ext.ddn_l2_threshold_cpu(a, gram, m_fe, s_f, e_sum, e_sq, w[None], b, t, 8.0, est, est.clone(),
+                                 torch.empty(2, dtype=torch.float64))
