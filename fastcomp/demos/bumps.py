@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import _noise_levels
+from . import _options
 
 # Defaults: about 10 minutes on 2 idle CPU cores for the local model (training ~85 %, sampling the rest);
 # measured (1000 steps, Laplace(0, 1) log-SNR): held-out accuracy 0.99, seen 0.98, mean error 0.3 px. The
@@ -53,20 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"generated images per split (default {DEFAULTS['samples']})")
     p.add_argument("--sampler-steps", type=int, default=None,
                    help=f"Heun steps of the sampler (default {DEFAULTS['sampler_steps']})")
-    _noise_levels.add_arguments(p, DEFAULTS["sigma_dist"])
+    _options.add_noise_level_arguments(p, DEFAULTS["sigma_dist"])
     p.add_argument("--tolerance", type=float, default=2.0, help="pixels from the request a bump may be")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--checkpoints", action="store_true", help="also keep each model's final checkpoint "
-                   "(safetensors) under OUT/checkpoints-<locality>/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _options.add_run_arguments(p, "checkpoints-<locality>")
     return p
-
-
-def _settings(args) -> dict:
-    base = QUICK if args.quick else DEFAULTS
-    s = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
-    return _noise_levels.resolve(s, args)
 
 
 def run_one(locality: str, bumps, s: dict, args, progress) -> dict:
@@ -84,7 +74,7 @@ def run_one(locality: str, bumps, s: dict, args, progress) -> dict:
                          log_every=max(1, min(25, s["steps"] // 4)),
                          out_dir=os.path.join(args.out, f"checkpoints-{locality}") if args.checkpoints else None,
                          precision="auto", compile=False)
-    sigma_dist = _noise_levels.distribution(s)
+    sigma_dist = _options.distribution(s)
 
     def loss_fn(m, batch, generator):
         return edm_loss(m, batch, sigma_dist, generator=generator)
@@ -160,7 +150,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"fastcomp demo bumps needs fastcomp.data and fastcomp.models ({e})") from e
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = _settings(args)
+    s = _options.settings(args, DEFAULTS, QUICK)
     for k in ("steps", "batch_size", "channels", "depth", "samples", "sampler_steps"):
         if s[k] < 1:
             print(f"fastcomp demo bumps: --{k.replace('_', '-')} must be >= 1, got {s[k]}", file=sys.stderr)

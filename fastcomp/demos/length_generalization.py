@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from . import _noise_levels
+from . import _options
 
 EXPERIMENTS = {  # name -> (locality, labelling, what it shows)
     "exp1": ("global", "all", "global model, every object labelled"),
@@ -79,25 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "dropping the label would teach it unlabelled objects)")):
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
                        help=f"{help_} (default {DEFAULTS[key]}, --quick {QUICK[key]})")
-    _noise_levels.add_arguments(p, DEFAULTS["sigma_dist"])
+    _options.add_noise_level_arguments(p, DEFAULTS["sigma_dist"])
     p.add_argument("--no-global-rope", dest="global_rope", action="store_const", const=False, default=None,
                    help="global models without the rotary position embedding (ConditionalDenoiser(rope=False)): "
                         "in our runs they then ignore their conditioners and score 0 even in experiment 1")
     p.add_argument("--tolerance", type=float, default=None, help="matching tolerance in pixels (default: the "
                    "metric's own)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-probes", action="store_true", help="skip the locality probes")
-    p.add_argument("--checkpoints", action="store_true", help="keep each model's final checkpoint under "
-                   "OUT/checkpoints-<exp>/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _options.add_run_arguments(p, "checkpoints-<exp>")
     return p
-
-
-def _settings(args) -> dict:
-    base = QUICK if args.quick else DEFAULTS
-    s = {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in base.items()}
-    return _noise_levels.resolve(s, args)
 
 
 def _log(msg: str, progress) -> None:
@@ -124,7 +114,7 @@ def train_model(name: str, s: dict, args, progress):
                          seed=args.seed, log_every=max(1, min(25, s["steps"] // 4)),
                          out_dir=os.path.join(args.out, f"checkpoints-{name}") if args.checkpoints else None,
                          precision="auto", compile=False)
-    sigma_dist = _noise_levels.distribution(s)
+    sigma_dist = _options.distribution(s)
     dropout = s["cond_dropout"] if locality == "global" else 0.0
 
     def loss_fn(m, batch, generator):
@@ -265,7 +255,7 @@ def markdown_table(rows: list, probes: dict, max_k: int) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    s = _settings(args)
+    s = _options.settings(args, DEFAULTS, QUICK)
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
     bad = [n for n in names if n not in EXPERIMENTS]
     if bad or not names:
