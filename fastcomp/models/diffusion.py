@@ -211,8 +211,8 @@ class ConditionalDenoiser(nn.Module):
         self.cond_radius, self.sigma_data = float(cond_radius), float(sigma_data)
         self.num_freqs = max(1, math.ceil(math.log2(image_size)))  # up to the grid's Nyquist frequency
         self.rope = rope and locality == "global"
-        self.register_buffer("rope_wavelengths", rope_wavelengths(channels // num_heads, image_size),
-                             persistent=False)
+        self.register_buffer("rope_wavelengths", rope_wavelengths(channels // num_heads, image_size)
+                             if self.rope else None, persistent=False)  # None: a local model has no use for it
         pos_dim = 4 * self.num_freqs
 
         if patch_size == 1:
