@@ -30,10 +30,11 @@
 //
 // The forward runs tasks of (b, head, block of query rows) so small B*heads still uses every thread.
 //
-// The extension is compiled with -ffp-contract=off (see fastcomp/_build.py); std::fma is used where a
-// fused multiply-add is wanted in the hot loops, so they still get FMA instructions.
+// The extension is compiled with -ffp-contract=off (see fastcomp/_build.py); simd::mul_add is used where
+// a fused multiply-add is wanted in the hot loops, so they still get FMA instructions where the target
+// has them (and a multiply and an add, not a software fma() call, where it does not).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/python.h>
 
 #include <algorithm>
 #include <cmath>
@@ -44,17 +45,19 @@
 
 #include "attention_cpu.h"
 #include "common.h"
-#include "tensor_checks.h"
+#include "simd.h"
 
 namespace fastcomp {
 namespace {
 
-// Lanes (queries) per register block: one 512-bit vector of T for interior runs, half of it for the short
-// border runs (kw/2 queries each).
+// Lanes (queries) per register block: one vector register of T for interior runs (16 floats on AVX-512,
+// 8 on AVX2, 4 on SSE2/NEON), half of it for the short border runs (kw/2 queries each). Blocks of one
+// register keep every accumulator chain of window_dot_block (8 keys) and weighted_sum_block in the 16
+// registers of AVX2; blocks of 64 bytes on AVX2 took two registers per chain and spilled.
 template <typename T>
 struct Lanes {
-  static constexpr int kBlock = 64 / sizeof(T);
-  static constexpr int kBorder = 32 / sizeof(T);
+  static constexpr int kBlock = static_cast<int>(simd::kLanes<T>);
+  static constexpr int kBorder = kBlock >= 2 ? kBlock / 2 : 1;
 };
 
 // Query-side transposed rows [D][ld] are read up to kFront lanes before their start by window_scatter
@@ -72,16 +75,16 @@ inline float exp_neg(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 0.0f ? 0.0f : x;
   const float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = std::fma(n, -0.693145751953125f, x);
-  r = std::fma(n, -1.428606765330187e-06f, r);
+  float r = simd::mul_add(n, -0.693145751953125f, x);
+  r = simd::mul_add(n, -1.428606765330187e-06f, r);
   float p = 1.0f / 5040.0f;
-  p = std::fma(p, r, 1.0f / 720.0f);
-  p = std::fma(p, r, 1.0f / 120.0f);
-  p = std::fma(p, r, 1.0f / 24.0f);
-  p = std::fma(p, r, 1.0f / 6.0f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
+  p = simd::mul_add(p, r, 1.0f / 720.0f);
+  p = simd::mul_add(p, r, 1.0f / 120.0f);
+  p = simd::mul_add(p, r, 1.0f / 24.0f);
+  p = simd::mul_add(p, r, 1.0f / 6.0f);
+  p = simd::mul_add(p, r, 0.5f);
+  p = simd::mul_add(p, r, 1.0f);
+  p = simd::mul_add(p, r, 1.0f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
@@ -140,7 +143,7 @@ inline void window_dot_block(const T* __restrict a, const T* __restrict kt_row, 
     const T* __restrict pk = kt_row + d * ld + col0;
     for (int c = 0; c < NC; ++c) {
 #pragma omp simd
-      for (int jj = 0; jj < JB; ++jj) acc[c][jj] = std::fma(pa[jj], BCAST ? pk[c] : pk[jj + c], acc[c][jj]);
+      for (int jj = 0; jj < JB; ++jj) acc[c][jj] = simd::mul_add(pa[jj], BCAST ? pk[c] : pk[jj + c], acc[c][jj]);
     }
   }
   for (int c = 0; c < NC; ++c)
@@ -207,14 +210,14 @@ void cond_dot(const Problem<T>& P, const T* x, const T* c, int64_t c_stride, con
         const T* __restrict p1 = p0 + ld;
 #pragma omp simd
         for (int jj = 0; jj < JB; ++jj) {
-          acc0[jj] = std::fma(p0[jj], pc[d], acc0[jj]);
-          acc1[jj] = std::fma(p1[jj], pc[d + 1], acc1[jj]);
+          acc0[jj] = simd::mul_add(p0[jj], pc[d], acc0[jj]);
+          acc1[jj] = simd::mul_add(p1[jj], pc[d + 1], acc1[jj]);
         }
       }
       for (; d < D; ++d) {
         const T* __restrict p0 = x + d * ld + j0;
 #pragma omp simd
-        for (int jj = 0; jj < JB; ++jj) acc0[jj] = std::fma(p0[jj], pc[d], acc0[jj]);
+        for (int jj = 0; jj < JB; ++jj) acc0[jj] = simd::mul_add(p0[jj], pc[d], acc0[jj]);
       }
       T* __restrict out = s + a * ld + j0;
       for (int jj = 0; jj < JB; ++jj) out[jj] = acc0[jj] + acc1[jj];
@@ -240,7 +243,7 @@ inline void weighted_sum_block(const Problem<T>& P, const T* w, const T* vt, int
       const T* __restrict pv = vt_row + dc;
       for (int n = 0; n < ND; ++n) {
 #pragma omp simd
-        for (int jj = 0; jj < JB; ++jj) acc[n][jj] = std::fma(pw[jj], BCAST ? pv[n * ld] : pv[n * ld + jj], acc[n][jj]);
+        for (int jj = 0; jj < JB; ++jj) acc[n][jj] = simd::mul_add(pw[jj], BCAST ? pv[n * ld] : pv[n * ld + jj], acc[n][jj]);
       }
     }
   }
@@ -249,7 +252,7 @@ inline void weighted_sum_block(const Problem<T>& P, const T* w, const T* vt, int
     const T* __restrict pc = c + active[a] * c_stride + d;
     for (int n = 0; n < ND; ++n) {
 #pragma omp simd
-      for (int jj = 0; jj < JB; ++jj) acc[n][jj] = std::fma(pw[jj], pc[n], acc[n][jj]);
+      for (int jj = 0; jj < JB; ++jj) acc[n][jj] = simd::mul_add(pw[jj], pc[n], acc[n][jj]);
     }
   }
   for (int n = 0; n < ND; ++n)
@@ -345,7 +348,7 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
           const T* __restrict px = x + d * ld + j0;
           for (int m = 0; m < ND; ++m) {
 #pragma omp simd
-            for (int jj = 0; jj < JB; ++jj) acc[m][jj] = std::fma(pz[jj], px[m * ld + jj], acc[m][jj]);
+            for (int jj = 0; jj < JB; ++jj) acc[m][jj] = simd::mul_add(pz[jj], px[m * ld + jj], acc[m][jj]);
           }
         }
         for (int m = 0; m < ND; ++m) {
@@ -361,7 +364,7 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
           const T* __restrict pz = Z.z.data() + dc * Z.zld + kFront + j0;
           const T* __restrict px = x + d * ld + j0;
 #pragma omp simd
-          for (int jj = 0; jj < JB; ++jj) acc[jj] = std::fma(pz[jj], px[jj], acc[jj]);
+          for (int jj = 0; jj < JB; ++jj) acc[jj] = simd::mul_add(pz[jj], px[jj], acc[jj]);
         }
         T* __restrict pg = g_row + d * ld + c0;
         for (int jj = 0; jj < n; ++jj) pg[jj] += acc[jj];
@@ -378,7 +381,7 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
           const T wj = pw[j] * mul;
           const T* __restrict xr = x_row + j * pix;
 #pragma omp simd
-          for (int64_t dd = 0; dd < D; ++dd) pa[dd] = std::fma(wj, xr[dd], pa[dd]);
+          for (int64_t dd = 0; dd < D; ++dd) pa[dd] = simd::mul_add(wj, xr[dd], pa[dd]);
         }
       }
     }
@@ -396,7 +399,7 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
     const T* s = src_row + j0 * pix;
     if (j0 + 2 * JB <= W) {  // the next block's pixels: strided lines the hardware prefetcher misses
       for (int jj = 0; jj < JB; ++jj)
-        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (JB + jj) * pix + d);
+        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (JB + jj) * pix + d);  // per cache line
     }
     for (int64_t d = 0; d < D; ++d) {
       T* __restrict o = dst + d * ld + j0;
@@ -664,8 +667,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
             const T* __restrict gr = go + row_off + j * P.pix();
 #pragma omp simd
             for (int64_t d = 0; d < P.D; ++d) {
-              gk_m[d] = std::fma(wk, qr[d], gk_m[d]);
-              gv_m[d] = std::fma(wv, gr[d], gv_m[d]);
+              gk_m[d] = simd::mul_add(wk, qr[d], gk_m[d]);
+              gv_m[d] = simd::mul_add(wv, gr[d], gv_m[d]);
             }
           }
         }

@@ -31,6 +31,27 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here or on these inputs; the message says why."""
 
 
+class BuildFailure(str):
+    """A reason that is a C++/CUDA extension that failed to build: auto mode skips the backend, and says
+    so once per process with a RuntimeWarning (a silent fallback to a slower backend would hide it)."""
+
+    def __new__(cls, text: str, extension: str):
+        self = super().__new__(cls, text)
+        self.extension = extension
+        return self
+
+
+_warned_extensions: set[str] = set()
+
+
+def warn_build_failure(extension: str, message: str, *, stacklevel: int = 3) -> None:
+    """One RuntimeWarning per process and failed extension, carrying the first compiler error."""
+    if extension in _warned_extensions:
+        return
+    _warned_extensions.add(extension)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 @dataclass(frozen=True)
 class Backend:
     op: str
@@ -99,8 +120,8 @@ def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tu
         except BuildError as e:
             if requested is not None:
                 raise
-            warnings.warn(f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {e}",
-                          RuntimeWarning, stacklevel=3)
+            warn_build_failure(getattr(e, "extension", None) or f"{op}:{chosen.name}",
+                               f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {e}")
             failed.append(chosen.name)
 
 
@@ -130,6 +151,9 @@ def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Ba
         reason = candidate.why_not(*args, **kwargs)
         if reason is None:
             return candidate
+        if isinstance(reason, BuildFailure):
+            warn_build_failure(reason.extension, f"{op}: backend {candidate.name!r} is unavailable, falling back to "
+                                                 f"the next one: {reason}")
         reasons.append(f"{candidate.name}: {reason}")
     # Unreachable while every op has a reference backend that accepts all valid inputs.
     raise BackendUnavailable(f"{op}: no backend can run on these inputs; " + "; ".join(reasons))
@@ -173,14 +197,26 @@ def cuda_problem() -> Reason:
         return f"no CUDA device (torch {torch.__version__} sees none)"
     from . import _build
 
-    return _build.nvcc_problem() or _build.failure("cuda")
+    failed = _build.failure("cuda")
+    return _build.nvcc_problem() or (BuildFailure(failed, "cuda") if failed else None)
 
 
-def cpp_problem() -> Reason:
-    """Why the C++ CPU extension cannot be built/loaded here (None if it can)."""
-    from . import _build
+def cpp_problem(extension: str) -> Callable[[], Reason]:
+    """The machine check of a backend on the C++ CPU extension ``extension`` (an op family of
+    fastcomp._build.EXTENSIONS): why it cannot be built or loaded here, None if it can. Each family is its
+    own extension, so a family that fails to build takes out only its own op."""
 
-    return _build.compiler_problem() or _build.failure("cpu")
+    def check() -> Reason:
+        from . import _build
+
+        problem = _build.compiler_problem()
+        if problem:
+            return problem
+        failed = _build.failure(extension)
+        return BuildFailure(failed, extension) if failed else None
+
+    check.__name__ = f"cpp_problem_{extension}"
+    return check
 
 
 def triton_input_problem(*tensors: torch.Tensor) -> Reason:

@@ -30,7 +30,7 @@ IDS = ["B{}Cin{}Cout{}K{}_{}x{}".format(*s) for s in SIZES]
 
 @pytest.fixture(scope="module")
 def ext():
-    return _build.load("cpu")
+    return _build.load("ddn")
 
 
 def _inputs(B, Cin, Cout, K, H, W, dtype=torch.float64, seed=0):

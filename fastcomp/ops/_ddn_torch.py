@@ -112,11 +112,15 @@ def _cpu_ext(tensor: torch.Tensor):
     if tensor.device.type != "cpu" or tensor.dtype not in _EXT_DTYPES:
         return None
     from .. import _build
+    from ..backends import warn_build_failure
 
     try:
-        return _build.load("cpu")
-    except _build.BuildError:
-        return None  # no compiler here: the PyTorch formulation computes the same thing, slower
+        return _build.load("ddn")
+    except _build.BuildError as e:
+        # The PyTorch formulation computes the same thing, slower: say so once, never silently.
+        warn_build_failure("ddn", f"ddn_select/ddn_gather: the C++ kernels are unavailable, the cpu backend runs "
+                                  f"its PyTorch formulation instead (slower): {e}", stacklevel=4)
+        return None
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

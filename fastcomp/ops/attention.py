@@ -152,7 +152,7 @@ def lca_forward_cpu(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
     mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty(B, heads, H, W, dtype=q.dtype)
-    _build.load("cpu").local_attention_forward_cpu(q, k, v, cond_k, cond_v, mask, kernel_size[0], kernel_size[1],
+    _build.load("attention").local_attention_forward_cpu(q, k, v, cond_k, cond_v, mask, kernel_size[0], kernel_size[1],
                                                    float(scale), out, lse)
     return out, lse
 
@@ -169,7 +169,7 @@ def lca_backward_cpu(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, ker
     mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype) for _ in range(3))
     dcond_k, dcond_v = torch.empty(cond_k.shape, dtype=q.dtype), torch.empty(cond_k.shape, dtype=q.dtype)
-    _build.load("cpu").local_attention_backward_cpu(grad_out, q, k, v, cond_k, cond_v, mask, out, lse,
+    _build.load("attention").local_attention_backward_cpu(grad_out, q, k, v, cond_k, cond_v, mask, out, lse,
                                                     kernel_size[0], kernel_size[1], float(scale),
                                                     dq, dk, dv, dcond_k, dcond_v)
     return dq, dk, dv, (dcond_k if has_cond else None), (dcond_v if has_cond else None)
@@ -288,7 +288,7 @@ def _triton_head_dim_problem(q):
     return None
 
 
-@_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem,
+@_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem("attention"),
              input_check=lambda q, *rest: (_b.device_input_problem("cpu", q, *rest)
                                            or _b.dtype_input_problem(CPU_DTYPES, q)),
              description="C++ extension, OpenMP over (b, head, rows), vectorized over queries; O(H*W) memory")
@@ -355,14 +355,14 @@ def _disk_mask_extension_args(points, H, W):
     return points, torch.empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool, device=points.device)
 
 
-@_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem,
+@_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem("disk_mask"),
              input_check=lambda points: _b.device_input_problem("cpu", points),
              description="C++ extension, OpenMP over (b, m, row), vectorized over columns")
 def _disk_mask_cpu(points, radius, H, W):
     from .. import _build
 
     points, out = _disk_mask_extension_args(points, H, W)
-    _build.load("cpu").disk_mask_cpu(points, radius, out)
+    _build.load("disk_mask").disk_mask_cpu(points, radius, out)
     return out
 
 

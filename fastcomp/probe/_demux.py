@@ -66,10 +66,10 @@ def _demux_triton(g, origins, stride, radius, transpose, sums, counts, outside):
     probe_demux_triton(g, origins, stride, radius, transpose, sums, counts, outside)
 
 
-@_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem,
+@_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem("probe_demux"),
              input_check=lambda g: _b.device_input_problem("cpu", g),
              description="C++ extension, OpenMP over probes, vectorized |g| row sums")
 def _demux_cpu(g, origins, stride, radius, transpose, sums, counts, outside):
     from .. import _build
 
-    _build.load("cpu").probe_demux_cpu(g, origins, stride, radius, transpose, sums, counts, outside)
+    _build.load("probe_demux").probe_demux_cpu(g, origins, stride, radius, transpose, sums, counts, outside)
