@@ -35,14 +35,8 @@
 #include "common.h"
 #include "simd.h"
 
-// The Gram tiles may contract a * b + c into an FMA: their error is bounded, not compared bit for bit.
-#if defined(__clang__)
-#define FASTCOMP_CONTRACT
-#elif defined(__GNUC__)
-#define FASTCOMP_CONTRACT __attribute__((optimize("fp-contract=fast")))
-#else
-#define FASTCOMP_CONTRACT
-#endif
+// The Gram tiles may contract a * b + c into an FMA (FASTCOMP_CONTRACT, simd.h): their error is
+// bounded, not compared bit for bit.
 
 namespace fastcomp {
 namespace {
@@ -70,6 +64,7 @@ static_assert(kTile * kTile + 2 * kTile <= simd::kVectorRegisters, "Gram tiles m
 // x: [Cin, N] one sample's features.
 template <typename T, int RI, int RJ>
 FASTCOMP_CONTRACT void gram_tile(const T* x, int64_t N, int64_t Cin, int64_t i0, int64_t j0, T* g_packed) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V b_acc[RI][RJ];  // [RI][RJ] x L partial sums
@@ -120,6 +115,7 @@ void gram_tile_any(int64_t ri, int64_t rj, const T* x, int64_t N, int64_t Cin, i
 template <typename T, int RA, int RB>
 FASTCOMP_CONTRACT void cross_tile(const T* a, const T* b, int64_t N, double* out, int64_t out_stride_r,
                                   int64_t out_stride_s) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V b_acc[RA][RB];  // [RA][RB] x L partial sums
@@ -423,6 +419,7 @@ constexpr int pixel_vectors(int rows) {
 template <typename T, int RR>
 FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, int64_t w_stride, int64_t Cin, int64_t N,
                     const T* bias, int64_t bias_stride, const T* res, T* rows) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   constexpr int PV = pixel_vectors(RR);  // pixel vectors per step: each broadcast weight feeds PV FMAs
@@ -571,6 +568,7 @@ void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T
 // sum_t a[t] b[t] in T with SIMD-lane partial sums and FMAs (as a GEMM accumulates).
 template <typename T>
 FASTCOMP_CONTRACT T dot_simd(const T* a, const T* b, int64_t n) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V b_acc0 = V{} * 0, b_acc1 = V{} * 0;  // two chains: L x 2 partial sums

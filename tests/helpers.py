@@ -56,6 +56,23 @@ def assert_low_precision_close(out: torch.Tensor, ref64: torch.Tensor, torch_sam
                                            f"PyTorch's {theirs:.3e} in {out.dtype}")
 
 
+# --- CPU targets the C++ kernels are also tested on --------------------------------------------------
+
+def extra_cpu_variants():
+    """The CPU targets built and tested besides the suite's own (tests/test_cpu_variants.py): x86-64-v3
+    and the compiler's default on x86-64 (only the default elsewhere), plus x86-64-v4 unless the suite's
+    own build is AVX-512 already, so that every instruction-set path of csrc/simd.h compiles in CI."""
+    from fastcomp import _build
+
+    out = [_build.X86_64_V3, _build.DEFAULT] if _build._is_x86_64() else [_build.DEFAULT]
+    own = _build.variants()[0]
+    if _build._is_x86_64() and own != _build.X86_64_V4:
+        native_is_avx512 = own == _build.NATIVE and "avx512f" in (_build._cpu_flags() or frozenset())
+        if not native_is_avx512:
+            out.append(_build.X86_64_V4)
+    return [v for v in out if v != own]
+
+
 # --- multi-process (DDP) tests on gloo CPU processes ------------------------------------------------
 
 def free_port() -> int:
