@@ -15,6 +15,7 @@
 #endif
 
 #include "attention_cpu.h"
+#include "attention_jvp_cpu.h"
 #include "common.h"
 #include "ddn_cpu.h"
 #include "probe_cpu.h"
@@ -113,6 +114,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "local conditional attention forward (csrc/attention_cpu.h): writes out and lse");
   m.def("local_attention_backward_cpu", &fastcomp::local_attention_backward_cpu,
         "local conditional attention backward (csrc/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
+  m.def("local_attention_jvp_cpu", &fastcomp::local_attention_jvp_cpu,
+        "local conditional attention forward-mode derivative (csrc/attention_jvp_cpu.h): writes dout");
   m.def("ddn_l2_stats_cpu", &fastcomp::ddn_l2_stats_cpu,
         "DDN l2 expansion statistics (csrc/ddn_cpu.h): writes gram (upper triangle), m_fe, s_f, e_sum, e_sq");
   m.def("ddn_weight_gram_cpu", &fastcomp::ddn_weight_gram_cpu,

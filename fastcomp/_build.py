@@ -74,7 +74,7 @@ import torch
 # The sources of each extension, relative to csrc/. A .cu file that is not listed here is a mistake
 # (it would never be built): compile_check_cuda refuses it.
 EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "cpu": ("cpu_ops.cpp", "attention_cpu.cpp", "probe_cpu.cpp", "ddn_cpu.cpp"),
+    "cpu": ("cpu_ops.cpp", "attention_cpu.cpp", "attention_jvp_cpu.cpp", "probe_cpu.cpp", "ddn_cpu.cpp"),
     "cuda": ("cuda_ops.cpp", "disk_mask.cu", "ddn_cuda_ops.cpp", "ddn.cu"),
 }
 
