@@ -40,6 +40,8 @@ class Backend:
     machine_check: Callable[[], Reason] = field(default=lambda: None)
     input_check: Callable[..., Reason] = field(default=lambda *a, **k: None)
     description: str = ""
+    # Builds or loads what the backend needs (a C++/CUDA extension) before its first call; raises BuildError.
+    prepare: Callable[[], None] = field(default=lambda: None)
 
     @property
     def machine_reason(self) -> Reason:
@@ -55,7 +57,7 @@ _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 
 def register(op: str, name: str, *, priority: int, machine_check=None, input_check=None,
-             description: str = ""):
+             description: str = "", prepare=None):
     """Decorator: register ``fn`` as backend ``name`` of ``op``."""
     if name not in KNOWN_BACKENDS:
         raise ValueError(f"backend name must be one of {KNOWN_BACKENDS}, got {name!r}")
@@ -66,6 +68,7 @@ def register(op: str, name: str, *, priority: int, machine_check=None, input_che
             machine_check=machine_check or (lambda: None),
             input_check=input_check or (lambda *a, **k: None),
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            prepare=prepare or (lambda: None),
         )
         return fn
 
@@ -83,25 +86,50 @@ def backends(op: str) -> list[Backend]:
     return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
 
 
-def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple):
-    """Run ``op`` on the requested backend, or on the best one that can run on ``check_args``.
+def get(op: str, name: str) -> Backend:
+    """Backend ``name`` of ``op`` (KeyError if it has none)."""
+    return _REGISTRY[op][name]
 
-    In auto mode a backend whose C++/CUDA extension fails to compile is skipped with a warning that
-    carries the compiler's message (and stays skipped for the process); a requested one raises.
-    """
+
+def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple):
+    """Run ``op`` on the requested backend, or on the best one that can run on ``check_args``."""
     from ._build import BuildError
 
     failed: list[str] = []
     while True:
-        chosen = select(op, requested, *check_args, exclude=failed)
+        chosen = choose(op, requested, *check_args, exclude=failed)
         try:
             return chosen.fn(*call_args)
-        except BuildError as e:
-            if requested is not None:
-                raise
-            warnings.warn(f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {e}",
-                          RuntimeWarning, stacklevel=3)
+        except BuildError as e:  # a build that failed inside the backend's launcher
+            _skip_unbuildable(op, requested, chosen, e)
             failed.append(chosen.name)
+
+
+def choose(op: str, requested: Optional[str], *args, exclude=()) -> Backend:
+    """:func:`select`, then the chosen backend's ``prepare`` (its extension built or loaded).
+
+    In auto mode a backend whose C++/CUDA extension fails to compile is skipped with a warning that
+    carries the compiler's message (and stays skipped for the process); a requested one raises. Eager
+    dispatch and the compile-time choice of the ops (made while torch.compile traces) both come here.
+    """
+    from ._build import BuildError
+
+    failed = list(exclude)
+    while True:
+        chosen = select(op, requested, *args, exclude=failed)
+        try:
+            chosen.prepare()
+            return chosen
+        except BuildError as e:
+            _skip_unbuildable(op, requested, chosen, e)
+            failed.append(chosen.name)
+
+
+def _skip_unbuildable(op: str, requested: Optional[str], chosen: Backend, error: Exception) -> None:
+    if requested is not None:
+        raise error
+    warnings.warn(f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {error}",
+                  RuntimeWarning, stacklevel=4)
 
 
 def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Backend:
@@ -181,6 +209,13 @@ def cpp_problem() -> Reason:
     from . import _build
 
     return _build.compiler_problem() or _build.failure("cpu")
+
+
+def cpp_prepare() -> None:
+    """Build (first use) or load the C++ CPU extension; raises BuildError when it cannot be built."""
+    from . import _build
+
+    _build.load("cpu")
 
 
 def triton_input_problem(*tensors: torch.Tensor) -> Reason:
