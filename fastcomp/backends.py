@@ -91,10 +91,18 @@ def get(op: str, name: str) -> Backend:
     return _REGISTRY[op][name]
 
 
-def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple):
-    """Run ``op`` on the requested backend, or on the best one that can run on ``check_args``."""
+def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple, *, compile_specs=None):
+    """Run ``op`` on the requested backend, or on the best one that can run on ``check_args``.
+
+    Under torch.compile the choice is made once, while tracing, by :func:`compile_time_choice` from the
+    check arguments' metadata (``compile_specs()``, default :func:`tensor_spec` of each): the machine checks
+    (compilers on PATH, build caches) cannot be traced, and neither can a failed build be retried there.
+    """
     from ._build import BuildError
 
+    if torch.compiler.is_compiling():
+        specs = tuple(tensor_spec(a) for a in check_args) if compile_specs is None else compile_specs()
+        return get(op, compile_time_choice(op, requested, specs)).fn(*call_args)
     failed: list[str] = []
     while True:
         chosen = choose(op, requested, *check_args, exclude=failed)
@@ -103,6 +111,29 @@ def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tu
         except BuildError as e:  # a build that failed inside the backend's launcher
             _skip_unbuildable(op, requested, chosen, e)
             failed.append(chosen.name)
+
+
+def tensor_spec(t: Optional[torch.Tensor], shape=None):
+    """What a compile-time choice knows of a check argument: (device type, dtype, shape) of a tensor, with
+    every size 1 unless ``shape`` gives the sizes a backend's input check reads (as Python ints)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return (t.device.type, t.dtype, tuple(shape) if shape is not None else (1,) * t.dim())
+
+
+@torch.compiler.assume_constant_result
+def compile_time_choice(op: str, requested: Optional[str], specs: tuple) -> str:
+    """The backend eager dispatch (:func:`choose`) picks for check arguments of this metadata, by name.
+
+    Runs once per trace, not traced: each spec from :func:`tensor_spec` becomes a fake tensor (no memory, any
+    device, e.g. CUDA on a machine without one) of that device, dtype and shape, and the same selection and
+    build as eager calls run on them; the input checks look only at these. Builds the chosen backend's
+    extension now, falling back as eager dispatch does when that fails."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        args = [torch.empty(s[2], device=s[0], dtype=s[1]) if isinstance(s, tuple) else s for s in specs]
+    return choose(op, requested, *args).name
 
 
 def choose(op: str, requested: Optional[str], *args, exclude=()) -> Backend:

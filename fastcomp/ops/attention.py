@@ -97,32 +97,14 @@ def local_conditional_attention(
     if B == 0:  # nothing to attend; the result is empty but shaped and still differentiable
         return q * 0.0
     call_args = (q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale)
-    if torch.compiler.is_compiling():
-        # The registry's machine checks look at the machine (compilers on PATH, build caches), which Dynamo
-        # cannot trace; the choice depends only on these constants, so it is made once, while tracing, by
-        # the same selection as eager calls (operator.index specializes a symbolic head dim).
-        name = compile_time_backend(backend, q.device.type, q.dtype, operator.index(D), kh, kw,
-                                    cond_k is not None, cond_mask is not None)
-        return _b.get(OP, name).fn(*call_args)
-    return _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args)
+    # Under torch.compile the choice is made while tracing from the metadata the backends' input checks read:
+    # device, dtype, head dim (operator.index specializes a symbolic one), conditioners and mask or not.
+    def compile_specs():
+        image, cond = (1, kh, kw, 1, operator.index(D)), (1, 1, 1, operator.index(D))
+        return (*(_b.tensor_spec(t, image) for t in (q, k, v)), *(_b.tensor_spec(t, cond) for t in (cond_k, cond_v)),
+                _b.tensor_spec(cond_mask, (1, 1, kh, kw)))
 
-
-@torch.compiler.assume_constant_result
-def compile_time_backend(requested: Optional[str], device_type: str, dtype: torch.dtype, head_dim: int, kh: int,
-                         kw: int, has_cond: bool, has_mask: bool) -> str:
-    """The backend eager dispatch picks for inputs with this metadata (run once, while tracing).
-
-    The inputs are stood in for by fake tensors (no memory, any device) of that device, dtype, head dim and
-    kernel size, with or without conditioners and mask; the batch and image sizes are 1 and the kernel:
-    no backend's input check depends on them. Builds the chosen backend's extension now, falling back as
-    eager dispatch does when that fails."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        q = torch.empty(1, kh, kw, 1, head_dim, device=device_type, dtype=dtype)
-        cond = torch.empty(1, 1, 1, head_dim, device=device_type, dtype=dtype) if has_cond else None
-        mask = torch.empty(1, 1, kh, kw, device=device_type, dtype=torch.bool) if has_mask else None
-    return _b.choose(OP, requested, q, q, q, cond, cond, mask).name
+    return _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args, compile_specs=compile_specs)
 
 
 @_b.register(OP, "reference", priority=0,
@@ -414,17 +396,29 @@ def _disk_mask_reference(points, radius, H, W):
     return disk_mask_reference(points, radius, H, W)
 
 
-@_b.register(DISK, "triton", priority=15, machine_check=_b.triton_problem,
-             input_check=lambda points: _b.triton_input_problem(points),
-             description="Triton kernel, one program per (b, m, row)")
-def _disk_mask_triton(points, radius, H, W):
-    from ..kernels.disk_mask import disk_mask_triton
+# The fast disk masks are torch.library custom ops fastcomp::disk_mask_<backend> (fake implementation and a
+# vmap rule folding the vmapped dim into B), so torch.compile sees one opaque node: no extension load or
+# host-side check inside the traced region. C++/CUDA (csrc/cpu_ops.cpp, csrc/disk_mask.cu) write an output
+# allocated here, compiled on first use by fastcomp._build.
 
-    return disk_mask_triton(points, radius, H, W)
+_DISK_SCHEMA = "(Tensor points, float radius, SymInt H, SymInt W) -> Tensor"
 
 
-# C++/CUDA disk masks (csrc/cpu_ops.cpp, csrc/disk_mask.cu): the output is allocated here and written by
-# the extension, compiled on first use by fastcomp._build.
+def _disk_mask_op(backend: str, compute):
+    """The custom op over compute(points, radius, H, W) -> [B, M, H, W] bool."""
+    op = torch.library.custom_op(f"fastcomp::disk_mask_{backend}", compute, mutates_args=(), schema=_DISK_SCHEMA)
+
+    @op.register_fake
+    def _(points, radius, H, W):
+        return points.new_empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool)
+
+    @op.register_vmap
+    def _(info, in_dims, points, radius, H, W):
+        (points,) = _library.fold_batch(info, in_dims[:1], (points,), (True,))
+        return _library.unfold_batch(op(points, radius, H, W), info.batch_size), 0
+
+    return op
+
 
 def _disk_mask_extension_args(points, H, W):
     """(float64 contiguous points, the [B, M, H, W] bool output for the kernel to write)."""
@@ -432,10 +426,13 @@ def _disk_mask_extension_args(points, H, W):
     return points, torch.empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool, device=points.device)
 
 
-@_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem,
-             input_check=lambda points: _b.device_input_problem("cpu", points),
-             description="C++ extension, OpenMP over (b, m, row), vectorized over columns")
-def _disk_mask_cpu(points, radius, H, W):
+def _disk_mask_triton_compute(points, radius, H, W):
+    from ..kernels.disk_mask import disk_mask_triton
+
+    return disk_mask_triton(points, radius, H, W)
+
+
+def _disk_mask_cpu_compute(points, radius, H, W):
     from .. import _build
 
     points, out = _disk_mask_extension_args(points, H, W)
@@ -443,12 +440,22 @@ def _disk_mask_cpu(points, radius, H, W):
     return out
 
 
-@_b.register(DISK, "cuda", priority=20, machine_check=_b.cuda_problem,
-             input_check=lambda points: _b.device_input_problem("cuda", points),
-             description="CUDA extension, one thread per pixel, rows across the grid")
-def _disk_mask_cuda(points, radius, H, W):
+def _disk_mask_cuda_compute(points, radius, H, W):
     from .. import _build
 
     points, out = _disk_mask_extension_args(points, H, W)
     _build.load("cuda").disk_mask_cuda(points, radius, out, torch.cuda.current_stream(points.device).cuda_stream)
     return out
+
+
+_b.register(DISK, "triton", priority=15, machine_check=_b.triton_problem,
+            input_check=lambda points: _b.triton_input_problem(points),
+            description="Triton kernel, one program per (b, m, row)")(_disk_mask_op("triton", _disk_mask_triton_compute))
+_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem, prepare=_b.cpp_prepare,
+            input_check=lambda points: _b.device_input_problem("cpu", points),
+            description="C++ extension, OpenMP over (b, m, row), vectorized over columns")(
+    _disk_mask_op("cpu", _disk_mask_cpu_compute))
+_b.register(DISK, "cuda", priority=20, machine_check=_b.cuda_problem,
+            input_check=lambda points: _b.device_input_problem("cuda", points),
+            description="CUDA extension, one thread per pixel, rows across the grid")(
+    _disk_mask_op("cuda", _disk_mask_cuda_compute))
