@@ -243,6 +243,12 @@ def _(info, in_dims, d_out, features, weight, index, has_bias):
             d_bias.view(n, -1, d_bias.shape[1])), (0, 0, 0)
 
 
+def _chosen_gradient():
+    from ._library import once_differentiable
+
+    return once_differentiable(_chosen_backward_op, "ddn_select/ddn_gather", "cpu/triton/cuda")
+
+
 class ChosenCandidate(torch.autograd.Function):
     """The chosen candidate, differentiable in features, weight, bias and residual (index saved).
 
@@ -271,7 +277,7 @@ class ChosenCandidate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         features, weight, index = ctx.saved_tensors
-        d_features, d_weight, d_bias = _chosen_backward_op(d_out, features, weight, index, ctx.has_bias)
+        d_features, d_weight, d_bias = _CHOSEN_GRADIENT.apply(d_out, features, weight, index, ctx.has_bias)
         return (d_features, d_weight, d_bias if ctx.has_bias else None, d_out if ctx.has_residual else None,
                 None, None)
 
@@ -295,6 +301,7 @@ class ChosenCandidate(torch.autograd.Function):
         return tangent
 
 
+_CHOSEN_GRADIENT = _chosen_gradient()  # a second derivative through it raises a clear error
 torch.compiler.allow_in_graph(ChosenCandidate)  # see fastcomp/ops/_library.py: Dynamo cannot trace its jvp
 
 

@@ -60,7 +60,7 @@ def once_differentiable(kernel, op: str, backend: str) -> type:
     derivative of it raises this message, instead of returning gradients with no graph. Unlike
     torch.autograd.function.once_differentiable it also runs under torch.func (grad of a loss that
     depends on the output runs the backward with create_graph=True at its level) and vmap."""
-    message = (f"{op}: the {backend!r} backend's gradient is not differentiable (a second derivative, by "
+    message = (f"{op}: the {backend} backend's gradient is not differentiable (a second derivative, by "
                f"double backward with create_graph=True or forward-over-reverse, is not implemented by its "
                f"kernels); for higher-order derivatives use backend='reference'; forward-mode AD "
                f"(torch.func.jvp) and first derivatives work on every backend")
@@ -84,5 +84,5 @@ def once_differentiable(kernel, op: str, backend: str) -> type:
         def jvp(ctx, *tangents):
             raise RuntimeError(message)
 
-    Gradient.__name__ = Gradient.__qualname__ = f"{kernel.__name__ if hasattr(kernel, '__name__') else op}_gradient"
+    Gradient.__name__ = Gradient.__qualname__ = f"{op}_{backend}_gradient".replace("/", "_")
     return Gradient

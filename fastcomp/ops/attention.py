@@ -208,7 +208,7 @@ def make_fused_backend(backend: str, forward, backward, jvp, lse_dtype):
     vmap_rule(forward_op, _FWD_BATCHED, 2)
     vmap_rule(backward_op, _BWD_BATCHED, 5)
     vmap_rule(jvp_op, _JVP_BATCHED, 1)
-    gradient = _library.once_differentiable(backward_op, OP, backend)
+    gradient = _library.once_differentiable(backward_op, OP, repr(backend))
 
     class Fused(torch.autograd.Function):
         """Autograd of the fused kernels: backward and jvp from the saved out and lse; vmap through the
