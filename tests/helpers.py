@@ -56,6 +56,30 @@ def assert_low_precision_close(out: torch.Tensor, ref64: torch.Tensor, torch_sam
                                            f"PyTorch's {theirs:.3e} in {out.dtype}")
 
 
+# --- which backend ran --------------------------------------------------------------------------------
+
+def count_cpu_extension_calls(monkeypatch) -> dict:
+    """Count calls into the C++ extension, by function name (e.g. "local_attention_forward_cpu"): a test
+    that a fast path is taken asserts the counts. Wraps fastcomp._build.load("cpu") for the test's duration."""
+    from fastcomp import _build
+
+    ext, real_load = _build.load("cpu"), _build.load
+    calls: dict = {}
+
+    class Counted:
+        def __getattr__(self, name):
+            fn = getattr(ext, name)
+
+            def counted(*args):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args)
+
+            return counted
+
+    monkeypatch.setattr(_build, "load", lambda name: Counted() if name == "cpu" else real_load(name))
+    return calls
+
+
 # --- multi-process (DDP) tests on gloo CPU processes ------------------------------------------------
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import torch
 import fastcomp
 from fastcomp import backends as _b
 from fastcomp.reference.attention import local_conditional_attention_reference
-from helpers import assert_close
+from helpers import assert_close, count_cpu_extension_calls
 
 OP = "local_conditional_attention"
 DTYPES = {"cpu": (torch.float64, torch.float32),  # float16/bfloat16: test_cpu_backend_runs_half_precision_*
@@ -180,7 +180,7 @@ def test_cpu_backend_runs_half_precision_in_float32_inside(dtype, monkeypatch):
     _backend_or_skip("cpu")
     from helpers import assert_low_precision_close
 
-    calls = _count_cpu_kernel_calls(monkeypatch)
+    calls = count_cpu_extension_calls(monkeypatch)
     p = _problem(2, 9, 11, 2, 16, M=3)
     names = ("q", "k", "v", "cond_k", "cond_v")
     grad_out = torch.randn(2, 9, 11, 2, 16, dtype=torch.float64)
@@ -193,7 +193,7 @@ def test_cpu_backend_runs_half_precision_in_float32_inside(dtype, monkeypatch):
 
     out, grads = run(None, dtype)  # auto: the cpu backend, not the dense reference
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    assert calls["forward"] == 1 and calls["backward"] == 1, calls
+    assert calls.get("local_attention_forward_cpu") == 1 and calls.get("local_attention_backward_cpu") == 1, calls
     ref, ref_grads = run("reference", torch.float64)
     plain, plain_grads = run("reference", dtype)
     assert_low_precision_close(out, ref, plain, name=f"{dtype} output")
@@ -202,30 +202,7 @@ def test_cpu_backend_runs_half_precision_in_float32_inside(dtype, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer = fastcomp.nn.LocalConditionalAttention(16, 2, 3)
         y = layer(torch.randn(1, 7, 8, 16))
-    assert y.dtype == torch.bfloat16 and calls["forward"] == 2, calls
-
-
-def _count_cpu_kernel_calls(monkeypatch) -> dict:
-    """Count the C++ attention kernels' calls (forward, backward, jvp) by wrapping the extension's functions."""
-    from fastcomp import _build
-
-    ext = _build.load("cpu")
-    calls = {"forward": 0, "backward": 0, "jvp": 0}
-
-    class Counted:
-        def __getattr__(self, name):
-            fn = getattr(ext, name)
-            for kind in calls:
-                if name == f"local_attention_{kind}_cpu":
-                    def counted(*args, _fn=fn, _kind=kind):
-                        calls[_kind] += 1
-                        return _fn(*args)
-                    return counted
-            return fn
-
-    real_load = _build.load
-    monkeypatch.setattr(_build, "load", lambda name: Counted() if name == "cpu" else real_load(name))
-    return calls
+    assert y.dtype == torch.bfloat16 and calls.get("local_attention_forward_cpu") == 2, calls
 
 
 def test_triton_backend_reason_when_unavailable():

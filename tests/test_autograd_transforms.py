@@ -21,7 +21,7 @@ from fastcomp import backends as _b
 from fastcomp.probe._engine import math_attention
 from fastcomp.reference.attention import local_conditional_attention_reference
 from fastcomp.reference.ddn import ddn_gather_reference
-from helpers import assert_close
+from helpers import assert_close, count_cpu_extension_calls
 
 OP = "local_conditional_attention"
 KERNEL = (3, 5)
@@ -35,28 +35,20 @@ def _backend_or_skip(name: str) -> None:
 
 @pytest.fixture
 def cpu_calls(monkeypatch):
-    """Counts of the C++ attention kernels' calls (forward, backward, jvp)."""
-    from fastcomp import _build
-
+    """Counts of the C++ attention kernels' calls: forward, backward, jvp."""
     _backend_or_skip("cpu")
-    ext, real_load = _build.load("cpu"), _build.load
-    calls = {"forward": 0, "backward": 0, "jvp": 0}
+    return _KernelCounts(count_cpu_extension_calls(monkeypatch))
 
-    class Counted:
-        def __getattr__(self, name):
-            fn = getattr(ext, name)
-            kind = name.removeprefix("local_attention_").removesuffix("_cpu")
-            if kind not in calls:
-                return fn
 
-            def counted(*args):
-                calls[kind] += 1
-                return fn(*args)
+class _KernelCounts:
+    def __init__(self, calls):
+        self.calls = calls
 
-            return counted
+    def __getitem__(self, kind):
+        return self.calls.get(f"local_attention_{kind}_cpu", 0)
 
-    monkeypatch.setattr(_build, "load", lambda name: Counted() if name == "cpu" else real_load(name))
-    return calls
+    def __repr__(self):
+        return repr(self.calls)
 
 
 def _problem(B=2, H=7, W=9, heads=2, D=5, M=3, seed=0):

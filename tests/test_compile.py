@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastcomp
 from fastcomp import backends as _b
-from helpers import assert_close
+from helpers import assert_close, count_cpu_extension_calls
 
 OP = "local_conditional_attention"
 
@@ -78,25 +78,9 @@ def test_compile_time_choice_equals_eager_on_simulated_cuda(simulated_cuda, dtyp
 @pytest.fixture
 def cpp_calls(monkeypatch):
     """Counts of calls into the C++ extension, by function name."""
-    from fastcomp import _build
-
     if _b.cpp_problem() is not None:
         pytest.skip(f"the C++ extension cannot be built here: {_b.cpp_problem()}")
-    ext, real_load = _build.load("cpu"), _build.load
-    calls: dict[str, int] = {}
-
-    class Counted:
-        def __getattr__(self, name):
-            fn = getattr(ext, name)
-
-            def counted(*args):
-                calls[name] = calls.get(name, 0) + 1
-                return fn(*args)
-
-            return counted
-
-    monkeypatch.setattr(_build, "load", lambda name: Counted() if name == "cpu" else real_load(name))
-    return calls
+    return count_cpu_extension_calls(monkeypatch)
 
 
 def _compiled(fn):
