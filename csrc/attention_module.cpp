@@ -1,5 +1,6 @@
-// The local conditional attention CPU extension's binding (kernels: attention_cpu.cpp).
+// The local conditional attention CPU extension's binding (kernels: attention_cpu.cpp, attention_jvp_cpu.cpp).
 #include "attention_cpu.h"
+#include "attention_jvp_cpu.h"
 #include "cpu_module.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -10,4 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "local conditional attention forward (csrc/attention_cpu.h): writes out and lse");
   m.def("local_attention_backward_cpu", &fastcomp::local_attention_backward_cpu,
         "local conditional attention backward (csrc/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
+  m.def("local_attention_jvp_cpu", &fastcomp::local_attention_jvp_cpu,
+        "local conditional attention forward-mode derivative (csrc/attention_jvp_cpu.h): writes dout");
 }

@@ -97,7 +97,7 @@ import torch
 # fails to compile takes out only its own op), and the CUDA one. A .cu file that is not listed here is a
 # mistake (it would never be built): compile_check_cuda refuses it.
 EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "attention": ("attention_cpu.cpp", "attention_module.cpp"),
+    "attention": ("attention_cpu.cpp", "attention_jvp_cpu.cpp", "attention_module.cpp"),
     "ddn": ("ddn_cpu.cpp", "ddn_module.cpp"),
     "probe_demux": ("probe_cpu.cpp", "probe_module.cpp"),
     "disk_mask": ("disk_mask_cpu.cpp",),

@@ -73,6 +73,34 @@ def extra_cpu_variants():
     return [v for v in out if v != own]
 
 
+# --- which backend ran --------------------------------------------------------------------------------
+
+def count_cpu_extension_calls(monkeypatch) -> dict:
+    """Count calls into the C++ CPU extensions (every op family), by function name (e.g.
+    "local_attention_forward_cpu"): a test that a fast path is taken asserts the counts. Wraps
+    fastcomp._build.load for the test's duration."""
+    from fastcomp import _build
+
+    real_load = _build.load
+    calls: dict = {}
+
+    class Counted:
+        def __init__(self, ext):
+            self._ext = ext
+
+        def __getattr__(self, name):
+            fn = getattr(self._ext, name)
+
+            def counted(*args):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args)
+
+            return counted
+
+    monkeypatch.setattr(_build, "load", lambda name: real_load(name) if name == "cuda" else Counted(real_load(name)))
+    return calls
+
+
 # --- multi-process (DDP) tests on gloo CPU processes ------------------------------------------------
 
 def free_port() -> int:
