@@ -1,8 +1,8 @@
 """The benchmark sections of benchmarks/gpu_check.sh: correctness and speed of fastcomp on a CUDA GPU.
 
-    python3 benchmarks/gpu_bench.py --out DIR --section env|lca|ddn|profile   # one section per process
+    python3 benchmarks/gpu_bench.py --out DIR --section env|lca|flex|ddn|profile   # one per process
     python3 benchmarks/gpu_bench.py --out DIR --summary                       # the short table, last
-    TRITON_INTERPRET=1 python3 benchmarks/gpu_bench.py --smoke --out DIR --section env,lca,ddn,profile
+    TRITON_INTERPRET=1 python3 benchmarks/gpu_bench.py --smoke --out DIR --section env,lca,flex,ddn,profile
 
 gpu_check.sh runs each section in its own process under its own `timeout`, so a hang costs that section
 only. Each section merges its results into DIR/bench.json as soon as it has them (a section killed halfway
@@ -12,12 +12,14 @@ keeps what it finished); the compiled Triton kernels a section ran are described
 Sections:
   env      device, versions, measured ceilings: bf16 8192^3 matmul TFLOP/s, device-to-device copy GB/s.
   lca      local conditional attention, bf16, B4 128x128 h8 d64 k13 M16 (conditioner disks ~20 % of the
-           image each): out and all 5 gradients vs the fp32 reference (relative RMS, and the bf16 reference's
-           own error: the low-precision rule is ours <= 2x that); median times (triton.testing.do_bench)
-           fwd and fwd+bwd of ours (the public op), compiled flex_attention with the equivalent block mask
-           in row-major and in 8x16-tile-major token order, dense masked SDPA (the reference), unmasked
-           SDPA over all H*W keys (the FlashAttention-class ceiling); useful TFLOP/s = 4 D x allowed
-           query-key pairs forward, 3.5x that forward+backward.
+           image each): out and all 5 gradients vs the fp32 reference (relative RMS; the low-precision rule:
+           ours <= 2x plain PyTorch bf16's error); median times (triton.testing.do_bench) fwd and fwd+bwd
+           of ours (the public op), dense masked SDPA (the reference), unmasked SDPA over all H*W keys (the
+           FlashAttention-class ceiling); useful TFLOP/s = 4 D x allowed query-key pairs forward, 3.5x that
+           forward+backward.
+  flex     the same case through compiled flex_attention with the equivalent block mask, in row-major and
+           in 8x16-tile-major token order (NATTEN's flattening): agreement with ours, compile and mask-build
+           seconds, fwd and fwd+bwd times (in lca's table in the summary).
   ddn      ddn_select bf16 B64 K512 Cout3 64x64, Cin 64 and 128: index agreement, distance and output error
            of triton and cuda vs the reference (index mismatches with the reference's own distance gap, so
            near-ties show as such); fwd, fwd+bwd and the distances kernel alone; peak memory.
@@ -143,49 +145,66 @@ def lca_sizes(smoke):
     return (1, 8, 1, 16, 3, 2, (4, 4)) if smoke else (4, 128, 8, 64, 13, 16, (8, 16))
 
 
+class LcaCase:
+    """The attention case both the lca and the flex sections run: the same seeded inputs in each process."""
+
+    def __init__(self, dev, smoke):
+        import fastcomp
+
+        B, S, nh, D, ks, M, tile = self.sizes = lca_sizes(smoke)
+        self.B, self.S, self.heads, self.D, self.ks, self.M, self.tile = B, S, nh, D, ks, M, tile
+        dt = torch.bfloat16
+        g = torch.Generator().manual_seed(0)
+        self.q, self.k, self.v = (torch.randn(B, S, S, nh, D, generator=g).to(dev, dt) for _ in range(3))
+        self.ck, self.cv = (torch.randn(B, M, nh, D, generator=g).to(dev, dt) for _ in range(2))
+        radius = math.sqrt(0.2 * S * S / math.pi)  # each disk covers ~20 % of the image, as cases.py
+        lo = torch.tensor([min(radius, S / 2)] * 2)
+        points = lo + torch.rand(B, M, 2, generator=g) * (S - 2 * lo)
+        self.cond_mask = fastcomp.disk_mask(points.to(dev), radius, S, S, backend="reference")
+        self.do = torch.randn(B, S, S, nh, D, generator=g).to(dev, dt)
+        self.scale = D ** -0.5
+        self.N = S * S
+        pairs = B * nh * self.N * ks * ks + nh * int(self.cond_mask.sum())  # allowed query-key pairs
+        self.fwd_flops = 4.0 * D * pairs
+        self.inputs = (self.q, self.k, self.v, self.ck, self.cv)
+        self.leaves = [t.detach().requires_grad_() for t in self.inputs]
+
+    def describe(self) -> dict:
+        return {"size": f"B{self.B} {self.S}x{self.S} h{self.heads} d{self.D} k{self.ks} M{self.M} bf16",
+                "conditioner_coverage": round(float(self.cond_mask.float().mean()), 3),
+                "useful_gflop_fwd": round(self.fwd_flops / 1e9, 2)}
+
+    def ours(self, *tensors):
+        import fastcomp
+
+        q, k, v, ck, cv = tensors or self.inputs
+        return fastcomp.local_conditional_attention(q, k, v, self.ks, cond_k=ck, cond_v=cv,
+                                                    cond_mask=self.cond_mask, backend="triton")
+
+
 def lca_section(dev, smoke, out_dir):
-    import fastcomp
+    """Ours vs the references: correctness of out and all gradients, then fwd and fwd+bwd times."""
     from fastcomp.benchmarks import cases
     from fastcomp.reference.attention import local_conditional_attention_reference as reference
-    from torch.nn.attention.flex_attention import flex_attention
 
-    B, S, nh, D, ks, M, tile = lca_sizes(smoke)
-    dt = torch.bfloat16
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, S, S, nh, D, generator=g).to(dev, dt) for _ in range(3))
-    ck, cv = (torch.randn(B, M, nh, D, generator=g).to(dev, dt) for _ in range(2))
-    radius = math.sqrt(0.2 * S * S / math.pi)  # each disk covers ~20 % of the image, as benchmarks/cases.py
-    lo = torch.tensor([min(radius, S / 2)] * 2)
-    points = lo + torch.rand(B, M, 2, generator=g) * (S - 2 * lo)
-    cond_mask = fastcomp.disk_mask(points.to(dev), radius, S, S, backend="reference")
-    do = torch.randn(B, S, S, nh, D, generator=g).to(dev, dt)
-    scale = D ** -0.5
-    N = S * S
-    res = {"size": f"B{B} {S}x{S} h{nh} d{D} k{ks} M{M} bf16", "conditioner_coverage": round(
-        float(cond_mask.float().mean()), 3)}
-    pairs = B * nh * N * ks * ks + nh * int(cond_mask.sum())  # allowed query-key pairs
-    fwd_flops = 4.0 * D * pairs
-    res["useful_gflop_fwd"] = round(fwd_flops / 1e9, 2)
+    c = LcaCase(dev, smoke)
+    ks, scale, do, leaves = c.ks, c.scale, c.do, c.leaves
+    res = c.describe()
     _merge(out_dir, "lca", res)
-
-    def op(*leaves):
-        return fastcomp.local_conditional_attention(*leaves[:3], ks, cond_k=leaves[3], cond_v=leaves[4],
-                                                    cond_mask=cond_mask, backend="triton")
 
     # Correctness: out and the 5 gradients vs the fp32 reference (dense masked SDPA) on the same inputs.
     # The low-precision rule's baseline, plain PyTorch in bf16 (cases.plain_attention: dense scores), runs
     # on batch item 0 only (its [heads, N, N + M] scores are 4.3 GB per item at 128x128); items are
     # independent, so item 0's error estimates the whole batch's.
     names = ("out", "dq", "dk", "dv", "dcond_k", "dcond_v")
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, ck, cv)]
-    ours = op(*leaves)
+    ours = c.ours(*leaves)
     ours_all = (ours, *torch.autograd.grad(ours, leaves, do))
-    ref32_leaves = [t.detach().float().requires_grad_() for t in (q, k, v, ck, cv)]
-    ref32 = reference(*ref32_leaves[:3], (ks, ks), ref32_leaves[3], ref32_leaves[4], cond_mask, scale)
+    ref32_leaves = [t.detach().float().requires_grad_() for t in c.inputs]
+    ref32 = reference(*ref32_leaves[:3], (ks, ks), ref32_leaves[3], ref32_leaves[4], c.cond_mask, scale)
     ref32_all = (ref32, *torch.autograd.grad(ref32, ref32_leaves, do.float()))
     del ref32_leaves, ref32
-    plain_leaves = [t[:1].detach().requires_grad_() for t in (q, k, v, ck, cv)]
-    plain = cases.plain_attention(*plain_leaves, cond_mask[:1], (ks, ks), scale)
+    plain_leaves = [t[:1].detach().requires_grad_() for t in c.inputs]
+    plain = cases.plain_attention(*plain_leaves, c.cond_mask[:1], (ks, ks), scale)
     plain_all = (plain, *torch.autograd.grad(plain, plain_leaves, do[:1]))
     del plain_leaves, plain
     # The triton interpreter truncates float32 -> bfloat16 (compiled kernels round): up to ~2x the error
@@ -205,20 +224,21 @@ def lca_section(dev, smoke, out_dir):
 
     def ours_fwd():
         with torch.no_grad():
-            return op(q, k, v, ck, cv)
+            return c.ours()
 
     def ours_fb():
-        return torch.autograd.grad(op(*leaves), leaves, do)
+        return torch.autograd.grad(c.ours(*leaves), leaves, do)
 
     def ref_fwd():
         with torch.no_grad():
-            return reference(q, k, v, (ks, ks), ck, cv, cond_mask, scale)
+            return reference(c.q, c.k, c.v, (ks, ks), c.ck, c.cv, c.cond_mask, scale)
 
     def ref_fb():
-        return torch.autograd.grad(reference(*leaves[:3], (ks, ks), leaves[3], leaves[4], cond_mask, scale),
+        return torch.autograd.grad(reference(*leaves[:3], (ks, ks), leaves[3], leaves[4], c.cond_mask, scale),
                                    leaves, do)
 
-    qt, kt, vt = (t.reshape(B, N, nh, D).transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    B, N, nh, D = c.B, c.N, c.heads, c.D
+    qt, kt, vt = (t.reshape(B, N, nh, D).transpose(1, 2).detach().requires_grad_() for t in (c.q, c.k, c.v))
     dot = do.reshape(B, N, nh, D).transpose(1, 2)
 
     def dense_fwd():  # no mask: FlashAttention-class kernel over all N keys, the throughput ceiling
@@ -230,45 +250,60 @@ def lca_section(dev, smoke, out_dir):
                                    (qt, kt, vt), dot)
 
     dense_flops = 4.0 * D * B * nh * N * N
-    for name, fwd, fb, flops in (("ours", ours_fwd, ours_fb, fwd_flops),
-                                 ("reference_masked_sdpa", ref_fwd, ref_fb, fwd_flops),
+    for name, fwd, fb, flops in (("ours", ours_fwd, ours_fb, c.fwd_flops),
+                                 ("reference_masked_sdpa", ref_fwd, ref_fb, c.fwd_flops),
                                  ("sdpa_unmasked_all_keys", dense_fwd, dense_fb, dense_flops)):
         _timed(f"{name} fwd", fwd, smoke, dev, times, flops)
         _timed(f"{name} fwd+bwd", fb, smoke, dev, times, 3.5 * flops)
         _merge(out_dir, "lca", res)
+    kernel_meta(out_dir, "lca")
+    return res
 
-    # flex_attention, compiled (eager on CPU in smoke mode: no CPU backward either), the block mask built
-    # once outside the timing (compiled on CUDA, see cases.flex_block_mask).
+
+def flex_section(dev, smoke, out_dir):
+    """Compiled flex_attention with the equivalent block mask, in row-major and in tile-major token order
+    (its own section: the inductor compiles take most of its time). Times merge into lca's table."""
+    from fastcomp.benchmarks import cases
+    from torch.nn.attention.flex_attention import flex_attention
+
+    c = LcaCase(dev, smoke)
+    res = {}
+    with torch.no_grad():
+        ours = c.ours()
+    # eager on CPU in smoke mode (and no CPU backward); the block mask built once, outside the timing
+    # (compiled on CUDA, see cases.flex_block_mask)
     flex = flex_attention if smoke else torch.compile(flex_attention, dynamic=False)
-    for name, order in (("flex_rowmajor", None), (f"flex_tiled{tile[0]}x{tile[1]}",
-                                                   cases.tile_major_order(S, S, tile, dev))):
+    times = {}
+    for name, order in (("flex_rowmajor", None), (f"flex_tiled{c.tile[0]}x{c.tile[1]}",
+                                                   cases.tile_major_order(c.S, c.S, c.tile, dev))):
         try:
             t0 = time.time()
-            block_mask = cases.flex_block_mask(cond_mask, S, S, ks, dev, order=order)
+            block_mask = cases.flex_block_mask(c.cond_mask, c.S, c.S, c.ks, dev, order=order)
             res[f"{name}_mask_build_s"] = round(time.time() - t0, 1)
+            res[f"{name}_block_sparsity"] = round(float(block_mask.sparsity()), 1) if hasattr(
+                block_mask, "sparsity") else None
+            t0 = time.time()
             with torch.no_grad():
-                out = cases.flex_local_conditional_attention(flex, q, k, v, ck, cv, block_mask, order)
+                out = cases.flex_local_conditional_attention(flex, *c.inputs, block_mask, order)
+            res[f"{name}_first_call_s"] = round(time.time() - t0, 1)  # the compile
             res[f"{name}_rel_rms_vs_ours"] = rel_rms(out, ours)  # the same function, or the race is off
 
             def f_fwd(bm=block_mask, order=order):
                 with torch.no_grad():
-                    return cases.flex_local_conditional_attention(flex, q, k, v, ck, cv, bm, order)
+                    return cases.flex_local_conditional_attention(flex, *c.inputs, bm, order)
 
             def f_fb(bm=block_mask, order=order):
-                o = cases.flex_local_conditional_attention(flex, *leaves, bm, order)
-                return torch.autograd.grad(o, leaves, do)
+                o = cases.flex_local_conditional_attention(flex, *c.leaves, bm, order)
+                return torch.autograd.grad(o, c.leaves, c.do)
 
-            t0 = time.time()
-            _timed(f"{name} fwd", f_fwd, smoke, dev, times, fwd_flops)
+            _timed(f"{name} fwd", f_fwd, smoke, dev, times, c.fwd_flops)
             if dev.type == "cuda":
-                _timed(f"{name} fwd+bwd", f_fb, smoke, dev, times, 3.5 * fwd_flops)
-            res[f"{name}_compile_and_time_s"] = round(time.time() - t0, 1)
+                _timed(f"{name} fwd+bwd", f_fb, smoke, dev, times, 3.5 * c.fwd_flops)
         except Exception as e:  # noqa: BLE001
             res[f"{name}_error"] = _error(e)
             traceback.print_exc()
-        _merge(out_dir, "lca", res)
-    kernel_meta(out_dir, "lca")
-    return res
+        _merge(out_dir, "flex", dict(res, times=times))
+    return dict(res, times=times)
 
 
 # --- DDN --------------------------------------------------------------------------------------------
@@ -440,7 +475,7 @@ def summary(out_dir: str) -> str:
         for name, e in lca.get("rel_rms_vs_fp32_reference", {}).items():
             lines.append(f"  {name:8s} rel RMS vs fp32: ours {e['ours']:.2e}, plain torch bf16 {e['plain_bf16']:.2e}"
                          f" -> {'ok' if e['ok'] else 'FAIL (> %gx)' % lca.get('low_precision_factor', 2)}")
-        times = lca.get("times", {})
+        times = dict(lca.get("times", {}), **(data.get("flex") or {}).get("times", {}))
         for mode in ("fwd", "fwd+bwd"):
             ours = times.get(f"ours {mode}", {}).get("ms")
             for key, row in times.items():
@@ -451,9 +486,11 @@ def summary(out_dir: str) -> str:
                     lines.append(f"  {key:34s} {row['ms']:9.3f} ms {row.get('tflops', 0):7.1f} TFLOP/s{vs}")
                 else:
                     lines.append(f"  {key:34s} {row.get('error', '?')[:90]}")
-        for key, value in lca.items():
+        for key, value in (data.get("flex") or {}).items():
             if key.endswith("_error"):
                 lines.append(f"  {key}: {value[:150]}")
+            elif key.endswith(("_rel_rms_vs_ours", "_first_call_s", "_mask_build_s")):
+                lines.append(f"  {key} {value:.3g}")
     for key, row in (data.get("ddn") or {}).items():
         lines.append(f"DDN {row.get('size')} (auto: {row.get('auto_backend')}): "
                      + "; ".join(f"{n} {row.get(n)}" for n in ("triton", "cuda")))
@@ -469,7 +506,8 @@ def summary(out_dir: str) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"env": env_section, "lca": lca_section, "ddn": ddn_section, "profile": profile_section}
+SECTIONS = {"env": env_section, "lca": lca_section, "flex": flex_section, "ddn": ddn_section,
+            "profile": profile_section}
 
 
 def main(argv=None) -> int:
@@ -485,7 +523,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         try:
             dev = _device(args.smoke)
-            takes_out = name in ("lca", "ddn", "profile")
+            takes_out = name != "env"
             value = SECTIONS[name](dev, args.smoke, args.out) if takes_out else SECTIONS[name](dev, args.smoke)
             _merge(args.out, name, value)
         except Exception as e:  # noqa: BLE001 - recorded; the next section still runs

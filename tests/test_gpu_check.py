@@ -33,7 +33,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert set(files) == EXPECTED and all((out / f).is_file() for f in files), files
     assert len(files) <= 8
 
-    for section in ("install", "build", "info", "tests", "bench"):
+    for section in ("install", "build", "info", "tests", "env", "lca", "ddn", "flex", "profile", "bench"):
         assert f"] {section}:" in log, f"section {section} missing from check.log:\n{log[-2000:]}"
     suite = ET.parse(out / "junit.xml").getroot()
     suite = suite if suite.tag == "testsuite" else suite[0]
@@ -45,11 +45,13 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     lca = bench["lca"]
     assert set(lca["rel_rms_vs_fp32_reference"]) == {"out", "dq", "dk", "dv", "dcond_k", "dcond_v"}
     assert all(e["ok"] for e in lca["rel_rms_vs_fp32_reference"].values()), lca["rel_rms_vs_fp32_reference"]
-    times = lca["times"]
+    times = dict(lca["times"], **bench["flex"]["times"])
     for key in ("ours fwd", "ours fwd+bwd", "reference_masked_sdpa fwd", "reference_masked_sdpa fwd+bwd",
                 "sdpa_unmasked_all_keys fwd", "flex_rowmajor fwd", "flex_tiled4x4 fwd"):
-        assert "ms" in times.get(key, {}), (key, times.get(key), {k: v for k, v in lca.items() if "error" in k})
-    assert lca["flex_rowmajor_rel_rms_vs_ours"] < 2e-2 and lca["flex_tiled4x4_rel_rms_vs_ours"] < 2e-2
+        assert "ms" in times.get(key, {}), (key, times.get(key), bench["flex"])
+    # the peer computes our function, in either token order
+    assert bench["flex"]["flex_rowmajor_rel_rms_vs_ours"] < 2e-2
+    assert bench["flex"]["flex_tiled4x4_rel_rms_vs_ours"] < 2e-2
     for cin in ("Cin64", "Cin128"):
         ddn = bench["ddn"][cin]
         assert ddn["triton"]["index_mismatches"] == 0, ddn["triton"]
