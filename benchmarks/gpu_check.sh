@@ -7,7 +7,7 @@
 # Sections, each under its own `timeout` (one hang costs only its own budget) and each writing what it has
 # as it goes: offline install (pip --no-deps --no-build-isolation --no-index -e .), `fastcomp build` and
 # `fastcomp info`, the `gpu` and `triton` tests compiled natively (never the interpreter), then
-# benchmarks/gpu_bench.py's env, lca, ddn and profile sections, and its summary table last (the tail of
+# benchmarks/gpu_bench.py's env, lca, ddn, flex and profile sections, and its summary table last (the tail of
 # the output is what a remote run returns). At most 8 flat files land in $OUT (default ./gpu-out):
 #   check.log  pytest.txt  junit.xml  bench.json  bench.txt  profile.txt  triton_meta.json
 # The exit status is 0 only when every section succeeded.
