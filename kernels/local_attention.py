@@ -58,9 +58,10 @@ matmul setting allows TF32: kernels/_launch.py fp32_dot_precision).
 
 Block sizes (_config): on a GPU 8 x 16 = 128-query tiles and 64-key blocks (32 before Hopper; 128-key tiles
 and 32-query blocks for dk/dv), 8 warps, 2 pipeline stages, picked from spill-free sm_90/sm_80 compiles
-(tests/test_triton_aot.py compiles every kernel for both without a GPU); smaller tiles for float32. Under TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so
-big blocks only waste time on masked lanes: _config returns 4 x 4 tiles and 16-key blocks there. No
-autotuning: the kernels are launched with these fixed configurations.
+(tests/test_triton_aot.py compiles every kernel for both without a GPU); smaller tiles for float32. Under
+TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so big blocks only
+waste time on masked lanes: _config returns 4 x 4 tiles and 16-key blocks there. No autotuning: the kernels
+are launched with these fixed configurations.
 """
 
 from __future__ import annotations
