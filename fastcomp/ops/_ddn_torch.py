@@ -166,11 +166,17 @@ def chosen_candidate_backward(d_out, features, weight, index, has_bias: bool):
     d_flat = d_out.reshape(B, Cout, H * W)
     w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
     d_features = torch.bmm(w_idx.transpose(1, 2), d_flat).view(B, Cin, H, W)
-    per_sample = torch.bmm(d_flat, features.reshape(B, Cin, H * W).transpose(1, 2))  # [B, Cout, Cin]
-    d_weight = torch.zeros_like(weight).index_add_(0, index, per_sample)
+    # d weight and d bias sum over the samples that chose each k: accumulated in float32 (float64 for
+    # float64), rounded to the input dtype once, as the reference's single GEMM over the batch does. In
+    # bfloat16 an index_add would round after every sample (8 bits: lossy when many pick one k).
+    acc = _acc_dtype(features.dtype)
+    per_sample = torch.bmm(d_flat.to(acc), features.reshape(B, Cin, H * W).transpose(1, 2).to(acc))  # [B, Cout, Cin]
+    d_weight = torch.zeros(K, Cout, Cin, dtype=acc, device=weight.device).index_add_(
+        0, index, per_sample).to(weight.dtype)
     d_bias = None
     if has_bias:
-        d_bias = torch.zeros(K, Cout, dtype=d_out.dtype, device=d_out.device).index_add_(0, index, d_flat.sum(dim=2))
+        d_bias = torch.zeros(K, Cout, dtype=acc, device=d_out.device).index_add_(
+            0, index, d_flat.sum(dim=2, dtype=acc)).to(d_out.dtype)
     return d_features, d_weight, d_bias
 
 

@@ -214,6 +214,11 @@ def _gather_cpu(features, weight, index, bias, residual):
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# Ranking on CUDA tensors: Triton (tl.dot over Cin on the tensor cores, BLOCK_K candidates per features
+# load) above the CUDA kernel (csrc/ddn.cu: scalar FMAs, about 9 loads per 8 multiply-adds), until a GPU
+# measurement (benchmarks/gpu_check.sh, DDN section) says otherwise.
+_TRITON_PRIORITY, _CUDA_PRIORITY = 20, 15
+
 
 def _triton_input_problem(*tensors):
     return _b.triton_input_problem(*tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
@@ -233,11 +238,11 @@ def _gather_triton_compute(features, weight, index, bias, residual):
     return ddn_gather_forward_triton(features, weight, index, bias, residual)
 
 
-_b.register(SELECT, "triton", priority=15, machine_check=_b.triton_problem,
+_b.register(SELECT, "triton", priority=_TRITON_PRIORITY, machine_check=_b.triton_problem,
             input_check=lambda f, w, t, b, r: _triton_input_problem(f, w, t, b, r),
             description="fused distances per (b, k block) with tl.dot, candidates in registers; torch argmin"
             )(_selection_op("triton", _select_triton_compute))
-_b.register(GATHER, "triton", priority=15, machine_check=_b.triton_problem,
+_b.register(GATHER, "triton", priority=_TRITON_PRIORITY, machine_check=_b.triton_problem,
             input_check=lambda f, w, i, b, r: _triton_input_problem(f, w, i, b, r),
             description="the chosen candidate per (b, pixel block); backward by bmm/index_add"
             )(_gather_op("triton", _gather_triton_compute))
@@ -281,10 +286,10 @@ def _select_cuda_compute(features, weight, target, bias, residual, metric):
     return index, dist, _cuda_gather_forward(features, weight, index, bias, residual)
 
 
-_b.register(SELECT, "cuda", priority=20, machine_check=_b.cuda_problem,
+_b.register(SELECT, "cuda", priority=_CUDA_PRIORITY, machine_check=_b.cuda_problem,
             input_check=lambda f, w, t, b, r: _cuda_input_problem(f, w, t, b, r),
             description="CUDA kernels: fused distances (kTileK candidates per block) + argmin; torch backward"
             )(_selection_op("cuda", _select_cuda_compute))
-_b.register(GATHER, "cuda", priority=20, machine_check=_b.cuda_problem,
+_b.register(GATHER, "cuda", priority=_CUDA_PRIORITY, machine_check=_b.cuda_problem,
             input_check=lambda f, w, i, b, r: _cuda_input_problem(f, w, i, b, r),
             description="CUDA kernel, one thread per (b, pixel); torch backward")(_gather_op("cuda", _cuda_gather_forward))
