@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastcomp
 from fastcomp.natten import na2d
 from fastcomp.patch import replace_natten
 from fastcomp.nn import NeighborhoodAttention2D
@@ -147,3 +148,20 @@ def test_replace_natten_refuses_a_bare_layer_and_trains():
     x = torch.randn(1, 7, 9, 16, dtype=torch.float64, requires_grad=True)
     swapped(x).square().sum().backward()
     assert x.grad is not None and swapped.qkv.weight.grad is not None
+
+
+def test_bench_peer_computes_neighborhood_attention():
+    """The `fastcomp bench` natten provider must do the op's work (M0 case), or the ratio compares
+    different things; with conditioners it declines with the reason."""
+    from fastcomp.benchmarks import cases
+
+    for M, skip in ((0, False), (3, True)):
+        size = cases.AttnSize(1, 9, 11, 2, 16, 5, M)
+        inp = cases._attention_inputs(size, "fwd", torch.device("cpu"), torch.float32)
+        (prov,) = [p for p in cases._attention_providers(inp, cases.Options(compile_peers=False))
+                   if p.name == "natten"]
+        if skip:
+            assert prov.skip and "mask" in prov.skip
+            continue
+        ref = fastcomp.local_conditional_attention(inp["q"], inp["k"], inp["v"], 5, backend="reference")
+        assert_close(prov.build()(), ref, name="natten peer")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastcomp
 from fastcomp.ddn import SplitAndPrune
 from fastcomp.nn import DiscreteDistributionLayer
 from helpers import assert_close
@@ -130,3 +131,22 @@ def test_from_sddn_refuses_what_it_cannot_convert():
                                              distance_func=lambda a, b: (a - b[:, None]).abs().amax((-1, -2, -3)))
     with pytest.raises(NotImplementedError, match="custom"):
         DiscreteDistributionLayer.from_sddn(module)
+
+
+def test_bench_peer_computes_ddn_select():
+    """The `fastcomp bench` sddn provider must do ddn_select's work, or the ratio compares different things."""
+    from fastcomp.benchmarks import cases
+
+    torch.manual_seed(0)
+    K, Cout, Cin = 7, 3, 5
+    f, r, t = torch.randn(4, Cin, 5, 6), torch.randn(4, Cout, 5, 6), torch.randn(4, Cout, 5, 6)
+    w, b = torch.randn(K, Cout, Cin, requires_grad=True), torch.randn(K, Cout, requires_grad=True)
+    module = sddn.DiscreteDistributionOutput(k=K, last_c=Cin, predict_c=Cout, leak_choice=False).train()
+    out = cases.sddn_select(module, f, w, t, b, r)
+    ref = fastcomp.ddn_select(f, w, t, bias=b, residual=r, backend="reference")
+    assert_close(out, ref.output, name="sddn peer output")
+    assert torch.equal(torch.as_tensor(module.sdd.count), torch.bincount(ref.index, minlength=K).double())
+    gw, gb = torch.autograd.grad(out.square().sum(), [w, b])
+    rw, rb = torch.autograd.grad(ref.output.square().sum(), [w, b])
+    assert_close(gw, rw, name="d/dweight")
+    assert_close(gb, rb, name="d/dbias")
