@@ -50,7 +50,8 @@ class DiscreteDistributionLayer(nn.Module):
     Parameters: `weight` [K * Cout, Cin] (a conv1x1 weight, viewed as [K, Cout, Cin]) and `bias` [K * Cout]
     (viewed as [K, Cout]). Buffer `hits` int64 [K]: how often each candidate was the nearest in training
     since it was last drained (fastcomp.ddn.SplitAndPrune drains it every step); updated on the device
-    with no host sync.
+    with no host sync. With `track_split_statistics()` (SplitAndPrune's sddn criterion turns it on) also
+    `second_hits` and `distance_sum`, drained the same way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, k: int, *, bias: bool = True,
@@ -170,7 +171,7 @@ class DiscreteDistributionLayer(nn.Module):
     @classmethod
     def from_sddn(cls, module: nn.Module, *, backend: Optional[str] = None) -> "DiscreteDistributionLayer":
         """This layer from an sddn ``DiscreteDistributionOutput`` (the official DDN code, sddn 0.0.2):
-        its candidate weights (no bias, as sddn's 1x1 conv), its distance (l1 if ``module.l1_loss``, else
+        its candidate weights (sddn's 1x1 conv has no bias), its distance (l1 if ``module.l1_loss``, else
         l2) and its Split-and-Prune statistics, which a fastcomp.ddn.SplitAndPrune built on the layer
         continues from (``initial_split_statistics``: counts, second, distance_sum, seen).
 
