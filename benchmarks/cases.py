@@ -510,7 +510,7 @@ def cases_for(tier: str) -> list[Case]:
         # 24x24 on 2 cores (32x32: ~3.5 s, and ~20 s of the default run with its memory profile).
         probe = ProbeSize(4, 24, 24)
     elif tier == "gpu":
-        attn = [AttnSize(4, 128, 128, 8, 64, 13, 16), AttnSize(4, 128, 128, 8, 64, 13, 0)]
+        attn = [AttnSize(4, 128, 128, 8, 64, 13, 16)]
         ddn = [DDNSize(64, 128, 3, 512, 64, 64)]
         probe = ProbeSize(4, 32, 32)
     else:
