@@ -247,13 +247,15 @@ class NeighborhoodAttnProcessor:
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
                  *args, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is not None:  # a cross-attention call: not ours to change
-            return _original(attn)(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return _original(attn)(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=attention_mask, temb=temb)
         shape = hidden_states.shape
         n_tokens = shape[-2] * shape[-1] if hidden_states.dim() == 4 else shape[1]
         grid = _grid_of(attn, tuple(shape[-2:]) if hidden_states.dim() == 4 else None, n_tokens, repr(self))
         (kh, kw), (gh, gw) = self.kernel_size, grid
         if kh >= gh and kw >= gw:  # the window is the whole grid: the original, exactly
-            return _original(attn)(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return _original(attn)(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=attention_mask, temb=temb)
         if attention_mask is not None:
             raise NotImplementedError(f"{self!r}: this self-attention layer got an attention_mask; a windowed "
                                       f"layer cannot combine it with its window (restore_attention(model) "
@@ -319,7 +321,8 @@ class RegionalCrossAttnProcessor:
                  attention_mask: Optional[torch.Tensor] = None, temb: Optional[torch.Tensor] = None,
                  *args, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is None:  # a self-attention call: not ours to change
-            return _original(attn)(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return _original(attn)(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=attention_mask, temb=temb)
         shape = hidden_states.shape
         n_tokens = shape[-2] * shape[-1] if hidden_states.dim() == 4 else shape[1]
         grid = _grid_of(attn, tuple(shape[-2:]) if hidden_states.dim() == 4 else None, n_tokens, repr(self))
@@ -331,7 +334,8 @@ class RegionalCrossAttnProcessor:
         if B % allowed.shape[0]:
             raise ValueError(f"{self!r}: the layer's batch of {B} is not a multiple of cond_mask's {allowed.shape[0]}")
         if everywhere:  # every pixel sees every token: the original, exactly
-            return _original(attn)(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return _original(attn)(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=attention_mask, temb=temb)
         allowed = allowed.repeat(B // allowed.shape[0], 1, 1)  # [B, N, M]
 
         x, _, shape, residual = _tokens(attn, hidden_states, temb)
