@@ -9,7 +9,7 @@ it imports torch once, then forks one child per attempt. Each child resumes the 
   ("torn", n)                    while writing the n-th checkpoint file: half its bytes are on disk;
   ("timer", seconds)             by this process, after that long (anywhere: a step, a write, a prune);
   None                           not at all: the run finishes.
-A plan gives a list of kills, or "random": n_kills kills drawn from a seeded RNG. After the last child
+A plan gives a list of kills, then n_kills more drawn from an RNG seeded with plan["seed"]. After the last child
 finished, the same run is trained here uninterrupted and the two are compared bitwise (every tensor of
 the final checkpoint, and the loss history). Forking is safe here: this process never ran an OpenMP
 region (one torch thread, nothing computed before the children).
@@ -105,9 +105,7 @@ def main(plan_path: str, result_path: str) -> int:
     with open(plan_path) as f:
         plan = json.load(f)
     out_dir, steps = plan["out_dir"], plan["steps"]
-    kills = plan["kills"]
-    if kills == "random":
-        kills = _random_kills(random.Random(plan["seed"]), plan["n_kills"])
+    kills = list(plan.get("kills", [])) + _random_kills(random.Random(plan["seed"]), plan.get("n_kills", 0))
     os.makedirs(out_dir, exist_ok=True)
     killed, log = 0, []
     for kill in kills + [None]:

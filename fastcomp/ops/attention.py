@@ -52,7 +52,9 @@ def local_conditional_attention(
     (clamp(i - kh//2, 0, H - kh), clamp(j - kw//2, 0, W - kw)).
     cond_k, cond_v: [B, M, heads, D] conditioner tokens (both or neither; M may be 0).
     cond_mask: [B, M, H, W] bool, may pixel (i, j) attend conditioner m? None = every pixel sees all.
-    scale: softmax scale, default D ** -0.5. backend: None (best available) or a name from
+    A conditioner changes only the pixels that see it, on every backend, even when it holds NaN or inf
+    (padding); a pixel that sees a non-finite conditioner gets NaN.
+    scale: softmax scale, finite and > 0, default D ** -0.5. backend: None (best available) or a name from
     ``fastcomp info``. Returns [B, H, W, heads, D].
     """
     check.tensor(OP, "q", q, ndim=5, layout="[B, H, W, heads, D]")

@@ -162,7 +162,7 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto", ch
     if method == "exact":
         return exact()
     sums, counts, aliased = prober.run(_colored_probes(R, H, W), 2 * R + 1, R, f"{op} colored")
-    if method == "colored" or not _finite_mass(op, sums, aliased):  # a NaN Jacobian has nothing to check
+    if not _finite_mass(op, sums, aliased) or method == "colored":  # a NaN Jacobian has nothing to check
         return _locality(sums, counts, aliased, R, "colored", leakage=float("nan"))
 
     # auto: exact rows (or columns, in forward mode) at a few random pixels decide whether fn is R-local.
