@@ -31,7 +31,7 @@ def _runnable(op: str, names) -> list:
 # --- Cin = 0 --------------------------------------------------------------------------------------------
 # Was: SIGFPE killed the process (float32/64, auto or cpu), ZeroDivisionError in float16.
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", [None, "cpu", "reference", "triton"])
 @pytest.mark.parametrize("op", ["ddn_select", "ddn_gather"])
 def test_ddn_refuses_zero_input_channels_like_zero_candidates(op, backend, dtype):

@@ -36,7 +36,6 @@ import torch
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.json$")
 _FILE = re.compile(r"^checkpoint-(\d+)\.(json|safetensors)(\.tmp)?$")
-WRITE_TEST_PREFIX = ".fastcomp-write-test-"  # fastcomp.train.loop.prepare_out_dir's probe file
 
 
 class CheckpointError(ValueError):
@@ -87,18 +86,16 @@ def find_checkpoint(path: str) -> str:
 
 
 def remove_orphans(out_dir: str) -> list[str]:
-    """Delete what interrupted writes and prunes leave in out_dir: .tmp files, .safetensors files without
-    a JSON and write-test files (never a checkpoint whose JSON exists, intact or not). Returns the removed
-    paths."""
+    """Delete what interrupted writes and prunes leave in out_dir: .tmp files and .safetensors files
+    without a JSON (never a checkpoint whose JSON exists, intact or not). Returns the removed paths."""
     names = set(os.listdir(out_dir))
     removed = []
     for name in sorted(names):
         m = _FILE.match(name)
         if m is None:
-            orphan = name.startswith(WRITE_TEST_PREFIX)  # from a run killed while checking out_dir
-        else:
-            orphan = m.group(3) is not None or (m.group(2) == "safetensors"
-                                                and name[: -len("safetensors")] + "json" not in names)
+            continue
+        orphan = m.group(3) is not None or (m.group(2) == "safetensors" and name[: -len("safetensors")] + "json"
+                                            not in names)
         if orphan:
             path = os.path.join(out_dir, name)
             try:

@@ -22,6 +22,7 @@ import datetime
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import (WRITE_TEST_PREFIX, Checkpoint, CheckpointWarning, checkpoint_path, find_checkpoint,
+from .checkpoint import (Checkpoint, CheckpointWarning, checkpoint_path, find_checkpoint,
                          list_checkpoints, load_checkpoint, remove_orphans, restore, save_checkpoint)
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -245,10 +246,10 @@ def prepare_out_dir(out_dir: str, *, resume_from: Optional[str] = None, overwrit
         raise NotADirectoryError(f"{where} is a file, not a directory; pass a directory for the checkpoints")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f"{WRITE_TEST_PREFIX}{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        # An unnamed file (O_TMPFILE): nothing left behind if killed here, nothing another rank could
+        # remove under this one.
+        with tempfile.TemporaryFile(dir=out_dir) as f:
+            f.write(b"ok")
     except OSError as e:
         raise PermissionError(f"{where} cannot be written ({e.strerror or e}); pass a directory you can write "
                               "to") from None
