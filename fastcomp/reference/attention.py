@@ -43,27 +43,35 @@ def screen_conditioners(cond_k: Optional[torch.Tensor], cond_v: Optional[torch.T
     Softmax kernels give a masked key probability 0, but 0 * inf and 0 * NaN are NaN: one non-finite
     conditioner (a NaN-padded point's token, an inf in a masked-out row) would poison pixels that may not
     see it, through the P @ V product of every pixel sharing a tile or a row with one that does. So
-    conditioner rows that no pixel sees, and rows holding a non-finite key or value entry, are replaced
-    by zeros before any kernel runs (zero gradient flows to them: they do not affect the output), and
-    the pixels that do see a non-finite conditioner are returned in `poisoned` so that
-    :func:`propagate_poison` makes exactly their outputs NaN, as the arithmetic says they are.
+    conditioner rows holding a non-finite key or value entry are replaced by zeros before any kernel runs
+    (zero gradient flows to them), and the pixels that do see one are returned in `poisoned`, so that
+    :func:`propagate_poison` makes exactly their outputs NaN, as the arithmetic says they are. (A finite
+    row no pixel sees needs nothing: 0 times a finite value is 0.)
 
     cond_k, cond_v: [B, M, heads, D] or None; cond_mask: [B, M, H, W] bool or None (every pixel sees all).
-    Returns (cond_k, cond_v, poisoned [B, H, W] bool, or None without conditioners). No host sync.
+    Returns (cond_k, cond_v, poisoned [B, H, W] bool, or None when nothing can be poisoned). Syncs with
+    the host only on the CPU (where it is free), to skip both passes when every conditioner is finite.
     """
     if cond_k is None or cond_k.shape[1] == 0:
         return cond_k, cond_v, None
-    B, M = cond_k.shape[:2]
     finite = torch.isfinite(cond_k).flatten(2).all(2) & torch.isfinite(cond_v).flatten(2).all(2)  # [B, M]
+    if _can_branch_on(finite) and bool(finite.all()):
+        return cond_k, cond_v, None  # the common case: nothing to screen
+    B = cond_k.shape[0]
     if cond_mask is None:
-        keep = finite
         poisoned = (~finite).any(1)[:, None, None].expand(B, H, W)
     else:
-        keep = finite & cond_mask.flatten(2).any(2)
         poisoned = (cond_mask & ~finite[:, :, None, None]).any(1)  # [B, H, W]
-    keep = keep[:, :, None, None]
+    keep = finite[:, :, None, None]
     zero = cond_k.new_zeros(())
     return torch.where(keep, cond_k, zero), torch.where(keep, cond_v, zero), poisoned
+
+
+def _can_branch_on(t: torch.Tensor) -> bool:
+    """Whether Python may read t's values: an eager CPU tensor (no device sync), not traced by
+    torch.compile nor batched by torch.func (vmap, jvp), where data-dependent branches cannot run."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def propagate_poison(out: torch.Tensor, poisoned: Optional[torch.Tensor]) -> torch.Tensor:
