@@ -307,7 +307,8 @@ def _differences(old: dict, new: dict, keys) -> list[str]:
 
 def check_resume(ckpt, config: "TrainConfig", model: nn.Module) -> None:
     """Refuse to resume ckpt with another training config or model config (naming every differing field);
-    warn about differences that do not change the run's numbers (logging, checkpointing, backends)."""
+    warn about differences that do not change the run's numbers (logging, checkpointing, backends) and
+    model options the checkpoint does not record (added to the model since)."""
     from .checkpoint import _jsonable
 
     old = ckpt.config or {}
@@ -320,7 +321,9 @@ def check_resume(ckpt, config: "TrainConfig", model: nn.Module) -> None:
         refuse += [f"model {d}" for d in _differences(old_model, new_model, [k for k in keys
                                                                            if k not in HARMLESS_MODEL_KEYS])]
         harmless += [f"model {d}" for d in _differences(old_model, new_model, HARMLESS_MODEL_KEYS)]
-        refuse += [f"model {k} (not in the checkpoint's model config)" for k in keys if k not in old_model]
+        # A key the checkpoint lacks is most likely an option added since, at its default: say so, go on.
+        harmless += [f"model {k}={new_model[k]!r} (not recorded in the checkpoint)" for k in keys
+                     if k not in old_model]
     model_class = f"{type(model).__module__}.{type(model).__qualname__}"
     if ckpt.meta.get("model_class") not in (None, model_class):
         refuse.append(f"model class {ckpt.meta['model_class']} (now {model_class})")
@@ -329,7 +332,8 @@ def check_resume(ckpt, config: "TrainConfig", model: nn.Module) -> None:
                          + ". A resumed run must use the same settings (the checkpoints would record a config "
                          "that did not produce them): pass the same ones, or start a fresh run")
     if harmless:
-        warnings.warn(f"resuming {ckpt.path} with other settings that do not change the result: "
+        warnings.warn(f"resuming {ckpt.path} with settings that differ from its own, which a resume may "
+                      "change (logging, checkpointing, backends, options added since): "
                       + "; ".join(harmless), UserWarning, stacklevel=4)
 
 
