@@ -367,8 +367,9 @@ def test_cli_probe_denoiser_sigmas(tmp_path, capsys):
     path = tmp_path / "den.pt"
     torch.save(_TinyDenoiser(), path)
     out = tmp_path / "noise"
-    assert main(["probe", str(path), "--radius", "2", "--size", "7", "--channels", "2", "--sigmas", "0.1,1,10",
-                 "--method", "colored", "--out", str(out), "--trust-pickle"]) == 0
+    with pytest.warns(UserWarning, match="--trust-pickle: unpickling"):
+        assert main(["probe", str(path), "--radius", "2", "--size", "7", "--channels", "2", "--sigmas",
+                     "0.1,1,10", "--method", "colored", "--out", str(out), "--trust-pickle"]) == 0
     levels = json.loads(out.with_name("noise.json").read_text())["levels"]
     assert [lv["sigma"] for lv in levels] == [0.1, 1.0, 10.0] and all(lv["radius_95"] == 1 for lv in levels)
     capsys.readouterr()
