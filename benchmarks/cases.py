@@ -7,7 +7,10 @@ one building its providers on those inputs. Providers of a case, in order:
   same inputs in the same run;
 - every other backend registered for the op in ``fastcomp.backends`` (called through the public op with
   ``backend=name``), skipped with its ``why_not`` reason when it cannot run on the inputs;
-- peers from other libraries where importable: torch's ``flex_attention`` for local conditional attention.
+- peers from other libraries where importable: torch's ``flex_attention`` and NATTEN's ``na2d`` (on CPU
+  its Flex path; cases without conditioners only, as NATTEN has no per-pixel conditioner mask) for local
+  conditional attention; the official DDN code's selection (sddn's ``DiscreteDistributionOutput`` in
+  training mode) for ``ddn_select``.
 
 Sizes come in three tiers: ``quick`` (seconds on a laptop CPU), ``cpu`` (the default on CPU, a couple of
 minutes on 2 cores in all) and ``gpu`` (the default on CUDA, bf16, model-sized).
@@ -289,19 +292,54 @@ def _flex_provider(inp: dict, options: Options) -> Provider:
     return Provider(name, build=build)
 
 
+NATTEN_INSTALL = "pip install --no-build-isolation natten==0.21.7"
+
+
+def _natten_provider(inp: dict, options: Options) -> Provider:
+    """NATTEN's na2d (0.21: its Flex backend on CPU, unfused, as NATTEN runs it by default there)."""
+    name = "natten"
+    s: AttnSize = inp["size"]
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    if s.M > 0:
+        return Provider(name, skip="NATTEN's additional tokens are seen by every query: it has no per-pixel "
+                                   "conditioner mask (the M0 case compares it)")
+    try:
+        import natten
+    except ImportError as e:
+        return Provider(name, skip=f"NATTEN is not installed ({_first_line(e)}): `{NATTEN_INSTALL}` after torch")
+    if inp["mode"] == "fwd+bwd" and q.device.type == "cpu":
+        return Provider(name, skip=f"NATTEN {natten.__version__} on CPU runs flex_attention, which has no "
+                                   f"backward on CPU (torch {torch.__version__})")
+
+    def build():
+        import warnings
+
+        def forward():
+            with warnings.catch_warnings():  # unfused flex_attention warns on every call
+                warnings.simplefilter("ignore")
+                return natten.na2d(q, k, v, s.kernel)
+
+        return with_backward(forward, [q, k, v]) if inp["mode"] == "fwd+bwd" else forward
+
+    return Provider(name, build=build)
+
+
 def _attention_providers(inp: dict, options: Options) -> list[Provider]:
     s: AttnSize = inp["size"]
     q, k, v, cond_k, cond_v, cond_mask = (inp[n] for n in ("q", "k", "v", "cond_k", "cond_v", "cond_mask"))
+    if s.M == 0:  # no conditioners: plain neighborhood attention, as NATTEN is called
+        cond_k = cond_v = cond_mask = None
 
     def call(backend):
         def forward():
             return fastcomp.local_conditional_attention(q, k, v, s.kernel, cond_k=cond_k, cond_v=cond_v,
                                                         cond_mask=cond_mask, backend=backend)
 
-        return with_backward(forward, [q, k, v, cond_k, cond_v]) if inp["mode"] == "fwd+bwd" else forward
+        wrt = [t for t in (q, k, v, cond_k, cond_v) if t is not None]
+        return with_backward(forward, wrt) if inp["mode"] == "fwd+bwd" else forward
 
     provs = backend_providers("local_conditional_attention", (q, k, v, cond_k, cond_v, cond_mask), call)
-    return provs + [_flex_provider(inp, options)]
+    return provs + [_flex_provider(inp, options), _natten_provider(inp, options)]
 
 
 def attention_cases(size: AttnSize) -> list[Case]:
@@ -309,7 +347,7 @@ def attention_cases(size: AttnSize) -> list[Case]:
     return [Case(op, size.label, mode,
                  make_inputs=functools.partial(_attention_inputs, size, mode),
                  make_providers=_attention_providers,
-                 provider_names=lambda: registered_names(op) + ["flex_attention"], size=size)
+                 provider_names=lambda: registered_names(op) + ["flex_attention", "natten"], size=size)
             for mode in MODES]
 
 
@@ -347,6 +385,38 @@ def _ddn_inputs(size: DDNSize, op: str, device, dtype) -> dict:
                 op=op)
 
 
+def _sddn_provider(inp: dict) -> Provider:
+    """The official DDN code's selection: sddn 0.0.2's DiscreteDistributionOutput in training mode (all K
+    candidates materialized, the distance matrix to the host for its Split-and-Prune statistics), with
+    the case's weight and bias as its 1x1 conv's (so its backward reaches them too)."""
+    name = "sddn"
+    try:
+        from sddn import DiscreteDistributionOutput
+    except ImportError as e:
+        return Provider(name, skip=f"sddn is not installed ({_first_line(e)}): `pip install sddn==0.0.2 boxx`")
+    f, w, b, r, t = (inp[n] for n in ("features", "weight", "bias", "residual", "target"))
+    K, Cout, Cin = w.shape
+
+    def build():
+        module = DiscreteDistributionOutput(k=K, last_c=Cin, predict_c=Cout, leak_choice=False).to(f.device).train()
+        DiscreteDistributionOutput.inits.remove(module)  # its class-level registry would keep every one alive
+        return with_backward(lambda: sddn_select(module, f, w, t, b, r), [f, w, b, r])
+
+    return Provider(name, build=build)
+
+
+def sddn_select(module, features, weight, target, bias, residual) -> torch.Tensor:
+    """ddn_select's output computed by an sddn DiscreteDistributionOutput (training mode) whose 1x1 conv
+    takes weight [K, Cout, Cin] and bias [K, Cout]: the candidate nearest the target."""
+    from torch.func import functional_call
+
+    K, Cout, Cin = weight.shape
+    params = {"multi_out_conv1x1.weight": weight.reshape(K * Cout, Cin, 1, 1),
+              "multi_out_conv1x1.bias": bias.reshape(K * Cout)}
+    d = functional_call(module, params, ({"feat_last": features, "predict": residual, "target": target},))
+    return d["predict"]
+
+
 def _ddn_providers(inp: dict, options: Options) -> list[Provider]:
     f, w, b, r, t, idx, op = (inp[n] for n in ("features", "weight", "bias", "residual", "target", "index", "op"))
     wrt = [f, w, b, r]
@@ -356,20 +426,22 @@ def _ddn_providers(inp: dict, options: Options) -> list[Provider]:
         def call(backend):
             return with_backward(lambda: fastcomp.ddn_select(f, w, t, bias=b, residual=r, backend=backend).output,
                                  wrt)
-    else:
-        check_args = (f, w, idx, b, r)
 
-        def call(backend):
-            return with_backward(lambda: fastcomp.ddn_gather(f, w, idx, bias=b, residual=r, backend=backend), wrt)
+        return backend_providers(op, check_args, call) + [_sddn_provider(inp)]
+    check_args = (f, w, idx, b, r)
+
+    def call(backend):
+        return with_backward(lambda: fastcomp.ddn_gather(f, w, idx, bias=b, residual=r, backend=backend), wrt)
 
     return backend_providers(op, check_args, call)
 
 
 def ddn_cases(op: str, size: DDNSize) -> list[Case]:
+    peers = ["sddn"] if op == "ddn_select" else []
     return [Case(op, size.label, "fwd+bwd",
                  make_inputs=lambda device, dtype: _ddn_inputs(size, op, device, dtype),
                  make_providers=_ddn_providers,
-                 provider_names=lambda: registered_names(op))]
+                 provider_names=lambda: registered_names(op) + peers)]
 
 
 # --- pixel locality probe ----------------------------------------------------------------------------
@@ -491,7 +563,9 @@ def cases_for(tier: str) -> list[Case]:
         ddn = [DDNSize(8, 32, 3, 128, 16, 16)]
         probe = ProbeSize(4, 16, 16)
     elif tier == "cpu":
-        attn = [AttnSize(2, 64, 64, 4, 32, 7, 8)]
+        # M0: plain neighborhood attention, where NATTEN's na2d is a peer (issue 12's goal there: the cpu
+        # backend >= 200x NATTEN's CPU path)
+        attn = [AttnSize(2, 64, 64, 4, 32, 7, 8), AttnSize(2, 48, 48, 4, 32, 7, 0)]
         ddn = [DDNSize(32, 64, 3, 512, 16, 16), DDNSize(32, 64, 3, 64, 32, 32)]
         # The exact probe makes 3 * H * W backward passes of thousands of small ops: ~1.5 s a call at
         # 24x24 on 2 cores (32x32: ~3.5 s, and ~20 s of the default run with its memory profile).

@@ -1,12 +1,15 @@
-"""`fastcomp` command line: info, bench, build.
+"""`fastcomp` command line: info, bench, build, demo, probe, train.
 
 Each subcommand lives in its own module and takes its own argv, so `fastcomp bench --help` shows the
-bench options; this file only routes.
+bench options; this file only routes, through fastcomp._cli.run (one-line errors, --debug).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+from . import _cli
 
 USAGE = """usage: fastcomp <command> [options]
 
@@ -18,7 +21,8 @@ commands:
   probe    Jacobian locality of a saved model (torch.save'd module or TorchScript): profile, radii, PNG
   train    train a conditional diffusion model on bumps or shape scenes (DDP under torchrun)
 
-`fastcomp <command> --help` shows a command's options."""
+`fastcomp <command> --help` shows a command's options. An expected failure prints one line,
+`fastcomp <command>: <what> (<how to fix>)`, and exits with 2; --debug shows its traceback instead."""
 
 
 def main(argv=None) -> int:
@@ -26,23 +30,26 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    debug = [a for a in argv if a == "--debug"]  # `fastcomp --debug probe ...` works too
+    argv = [a for a in argv if a != "--debug"]
+    if not argv:
+        print(USAGE)
+        return 0
     command, rest = argv[0], argv[1:]
-    if command == "info":
-        from .info import main as run
-    elif command == "bench":
-        from .benchmarks.runner import main as run
-    elif command == "build":
-        from ._build import main as run
-    elif command == "demo":
-        from .demos import main as run
-    elif command == "probe":
-        from .probe.cli import main as run
-    elif command == "train":
-        from .train.cli import main as run
-    else:
+    if command not in COMMANDS:
         print(f"fastcomp: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    return int(run(rest) or 0)
+
+    def run(args: list) -> int:
+        module = importlib.import_module(COMMANDS[command], __package__)
+        return module.main(args)
+
+    return _cli.run(command, run, rest + debug)
+
+
+# command -> the module whose main(argv) runs it
+COMMANDS = {"info": ".info", "bench": ".benchmarks.runner", "build": "._build", "demo": ".demos",
+            "probe": ".probe.cli", "train": ".train.cli"}
 
 
 if __name__ == "__main__":

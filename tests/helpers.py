@@ -102,25 +102,36 @@ def count_cpu_extension_calls(monkeypatch) -> dict:
 
 
 # --- multi-process (DDP) tests on gloo CPU processes ------------------------------------------------
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for MASTER_PORT)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+#
+# Why these once stalled (1 in 4 full-suite runs, nearly always on the first DDP test after the OpenMP-
+# heavy ones): a deadlock in torch's teardown, not in the collectives. A worker whose DDP module outlived
+# dist.destroy_process_group() dropped the last reference to the gloo process group from the DDP
+# Reducer's destructor, which runs with the GIL held (ProcessGroupGloo's own Python binding releases
+# it; the Reducer's does not: pytorch/pytorch#56297). ~ProcessGroupGloo joins its worker threads, and a
+# worker thread still releasing the last all_reduce's work object must take the GIL to free that work's
+# Python-owned tensors (native stacks: main thread in std::thread::join under ~Reducer ->
+# ~ProcessGroupGloo; "pt_gloo_runloop" in take_gil under ~AsyncAllreduceWork). The window is that
+# release, normally microseconds; on two busy cores (the parent's OpenMP threads still spinning, the
+# other worker, other jobs) the gloo thread gets descheduled inside it, and the worker hangs until its
+# faulthandler deadline. The rule: a DDP module dies while its process group is alive (see
+# tests/test_split_and_prune.py's worker and fastcomp.train.loop.train), so the group is destroyed by
+# destroy_process_group, which releases the GIL.
+#
+# The rendezvous store is hosted by the test process on a port it already holds (TCPStore port 0), and
+# the workers connect as clients, as under torchrun (TORCHELASTIC_USE_AGENT_STORE): no window between
+# picking a free port and binding it in which another process on a shared machine could take it.
 
 def ddp_worker_env(rank: int, world: int, port: int, *, set_rank_env: bool = True) -> None:
-    """Inside a spawned worker: loopback rendezvous on `port`, one torch thread, a stack dump + exit after
-    90 s stuck (so a hang fails instead of stalling CI). set_rank_env also sets RANK / WORLD_SIZE as
-    torchrun does, for code that initializes the process group itself."""
+    """Inside a spawned worker: the test process's rendezvous store on `port` (as torchrun's agent store),
+    one torch thread, a stack dump + exit after 90 s stuck (so a hang fails instead of stalling CI).
+    set_rank_env also sets RANK / WORLD_SIZE as torchrun does, for code that initializes the process
+    group itself; init_process_group("gloo", rank=..., world_size=...) works either way."""
     import faulthandler
     import os
 
     faulthandler.dump_traceback_later(90, exit=True)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # connect to the parent's store, never host one
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no lookup of the host's own name
     if set_rank_env:
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
@@ -128,22 +139,34 @@ def ddp_worker_env(rank: int, world: int, port: int, *, set_rank_env: bool = Tru
     torch.set_num_threads(1)
 
 
+class DDPRetryWarning(UserWarning):
+    """run_spawned's workers hung and were started again: a stall to investigate, not a pass."""
+
+
 def run_spawned(fn, args: tuple, nprocs: int = 2, *, deadline_s: float = 150.0, retries: int = 1,
                 on_retry=None) -> None:
-    """Run fn(rank, *args) in `nprocs` spawned processes; a hung attempt (its workers' faulthandler
-    deadline or `deadline_s`) is retried `retries` times, on a fresh port when args[0] is the port
-    placeholder None. A Python error in a worker re-raises here. Fails the test if every attempt hung.
+    """Run fn(rank, *args) in `nprocs` spawned processes, with a rendezvous store hosted here; args[0]
+    must be None, the placeholder for the store's port (pass it to ddp_worker_env). A hung attempt (its
+    workers' faulthandler deadline or `deadline_s`) is retried `retries` times with a DDPRetryWarning (a
+    collective mismatch would hang every attempt, so a retry separates the two); a Python error in a
+    worker re-raises here. Fails the test if every attempt hung.
 
     spawn, not fork: a child forked after OpenMP has started its thread pool deadlocks in the OpenMP
-    runtime. Gloo's rendezvous on a shared CI box has been seen to stall once in many runs; a collective
-    mismatch would hang every attempt, so a retry separates the two."""
+    runtime."""
+    import datetime
     import time
+    import warnings
 
     import pytest
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
+    assert args and args[0] is None, "args[0] is the placeholder for the store's port"
     for attempt in range(retries + 1):
-        call_args = (free_port(),) + tuple(args[1:]) if args and args[0] is None else tuple(args)
+        # A fresh store per attempt: nothing left from a hung one.
+        store = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=deadline_s))
+        call_args = (store.port,) + tuple(args[1:])
         workers = mp.start_processes(fn, args=call_args, nprocs=nprocs, join=False, start_method="spawn")
         deadline = time.monotonic() + deadline_s
         try:
@@ -154,9 +177,14 @@ def run_spawned(fn, args: tuple, nprocs: int = 2, *, deadline_s: float = 150.0, 
                 return
         except mp.ProcessExitedException:  # killed by its faulthandler deadline (a Python error re-raises)
             pass
+        finally:
+            del store
         for proc in workers.processes:
             proc.kill()
         if on_retry is not None:
             on_retry()
+        if attempt < retries:
+            warnings.warn(f"the {nprocs} spawned worker processes hung (attempt {attempt + 1}); retrying. "
+                          "Their stacks are in the captured stderr", DDPRetryWarning, stacklevel=2)
     pytest.fail(f"the {nprocs} spawned worker processes hung {retries + 1} times "
                 "(their stacks are in the captured stderr)")

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import copy
 import datetime
-import faulthandler
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastcomp.ddn import SplitAndPrune, should_split
 from fastcomp.nn import DiscreteDistributionLayer
 
+from helpers import ddp_worker_env, run_spawned
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: see conftest.one_thread
 
@@ -54,10 +51,13 @@ def _layer_with_adam(K=4, Cout=2, Cin=3, seed=0):
     return layer, opt
 
 
-def test_split_copies_rows_and_optimizer_state_and_conserves_counts():
+# "range" conserves the counts (the twins share the pair's); sddn's bookkeeping, with no second-nearest
+# statistics for the pruned node (hits set by hand), drops its one hit and halves the split node's.
+@pytest.mark.parametrize("criterion, expected", [("range", [5.0, 5.0, 4.0, 3.0]), ("sddn", [4.5, 4.5, 4.0, 3.0])])
+def test_split_copies_rows_and_optimizer_state_and_updates_counts(criterion, expected):
     K, Cout = 4, 2
     layer, opt = _layer_with_adam(K, Cout)
-    sp = SplitAndPrune([layer], opt)
+    sp = SplitAndPrune([layer], opt, criterion=criterion)
     before_w, before_b = layer.weight.detach().clone(), layer.bias.detach().clone()
     before_state = {id(p): {n: v.clone() for n, v in opt.state[p].items()} for p in layer.parameters()}
     layer.hits.copy_(torch.tensor([1, 9, 4, 3]))  # src = 1 (most hit), dst = 0 (least hit)
@@ -75,9 +75,7 @@ def test_split_copies_rows_and_optimizer_state_and_conserves_counts():
             for k in (1, 2, 3):
                 assert torch.equal(state[name][rows(k)], old[rows(k)])
         assert torch.equal(state["step"], before_state[id(p)]["step"])  # shared scalar state untouched
-    counts = sp.counts(0)
-    assert counts.sum().item() == 17.0
-    assert counts.tolist() == [5.0, 5.0, 4.0, 3.0]
+    assert sp.counts(0).tolist() == expected
     assert int(layer.hits.sum()) == 0  # drained
 
 
@@ -97,7 +95,7 @@ def test_no_split_when_balanced_and_interval():
 
 def test_max_splits_and_perturb():
     layer, opt = _layer_with_adam(K=6, Cout=1)
-    sp = SplitAndPrune([layer], opt, max_splits=10, perturb=0.1)
+    sp = SplitAndPrune([layer], opt, criterion="range", max_splits=10, perturb=0.1)
     layer.hits.copy_(torch.tensor([40, 0, 0, 0, 0, 0]))
     n = sp.step()
     assert 1 < n <= 10
@@ -132,12 +130,13 @@ def _train(layer, opt, sp, steps, seed):
         sp.step()
 
 
-def test_state_dict_round_trip_gives_identical_subsequent_decisions():
+@pytest.mark.parametrize("criterion", ["sddn", "range"])
+def test_state_dict_round_trip_gives_identical_subsequent_decisions(criterion):
     torch.manual_seed(0)
     layer = DiscreteDistributionLayer(4, 2, 6)
     opt = torch.optim.Adam(layer.parameters(), lr=5e-2)
-    sp = SplitAndPrune([layer], opt, interval=2, perturb=0.05, seed=3)
-    _train(layer, opt, sp, 6, seed=1)
+    sp = SplitAndPrune([layer], opt, criterion=criterion, interval=2, perturb=0.05, seed=3)
+    _train(layer, opt, sp, 4, seed=1)
     saved = copy.deepcopy((layer.state_dict(), opt.state_dict(), sp.state_dict()))
     assert {"_extra_state", "counts_0", "pending_0"} <= set(sp.state_dict())
     n_before = len(sp.history)
@@ -149,7 +148,7 @@ def test_state_dict_round_trip_gives_identical_subsequent_decisions():
     torch.manual_seed(123)
     layer2 = DiscreteDistributionLayer(4, 2, 6)
     opt2 = torch.optim.Adam(layer2.parameters(), lr=5e-2)
-    sp2 = SplitAndPrune([layer2], opt2, interval=2, perturb=0.05, seed=3)
+    sp2 = SplitAndPrune([layer2], opt2, criterion=criterion, interval=2, perturb=0.05, seed=3)
     layer2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     sp2.load_state_dict(saved[2])
@@ -157,6 +156,8 @@ def test_state_dict_round_trip_gives_identical_subsequent_decisions():
     assert sp2.history[n_before:] == continued and sp2.history == sp.history
     assert torch.equal(sp2.counts(0), sp.counts(0))
     assert torch.equal(layer2.weight, layer.weight)
+    if criterion == "sddn":
+        assert torch.equal(sp2.statistic("second", 0), sp.statistic("second", 0))
 
 
 def test_rejects_non_ddl_layers():
@@ -168,72 +169,53 @@ def test_rejects_non_ddl_layers():
 
 # --- DistributedDataParallel on 2 gloo CPU processes ---------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    faulthandler.dump_traceback_later(90, exit=True)  # a stuck worker prints where it hangs, then exits
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no lookup of the host's own name
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    ddp_worker_env(rank, 2, port, set_rank_env=False)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
-        torch.manual_seed(0)  # same initial weights on both ranks
-        layer = DiscreteDistributionLayer(3, 1, 4)
-        model = torch.nn.parallel.DistributedDataParallel(layer)  # default: broadcasts buffers each forward
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        sp = SplitAndPrune([layer], opt, interval=2, perturb=0.05)
-        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
-        local = []  # this rank's nearest-candidate counts per step
-        for _ in range(4):
-            feats = torch.randn(5, 3, 2, 2, generator=gen)
-            # Rank-dependent targets: the ranks' hit distributions differ.
-            target = torch.randn(5, 1, 2, 2, generator=gen) + 3.0 * rank
-            opt.zero_grad()
-            out = model(feats, target=target)
-            local.append(torch.bincount(out.index, minlength=4).double())
-            out.output.square().mean().backward()
-            opt.step()
-            sp.step()
-        torch.save({"local": local, "counts": sp.counts(0), "history": sp.history,
-                    "weight": layer.weight.detach()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        _ddp_steps(rank, out_dir)  # the DDP module dies in there, before its group: see tests/helpers.py
     finally:
         dist.destroy_process_group()
 
 
-def _run_ddp_workers(out_dir) -> bool:
-    """Run the two workers; False if they hung (a worker stuck for 90 s prints its stack and exits)."""
-    # spawn, not fork: a child forked after OpenMP has started its thread pool (any earlier test that ran
-    # a parallel op) deadlocks in the OpenMP runtime.
-    workers = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 150
-    try:
-        while not workers.join(timeout=5):
-            if time.monotonic() > deadline:
-                break
-        else:
-            return True
-    except mp.ProcessExitedException:  # killed by its faulthandler deadline (a Python error would re-raise)
-        pass
-    for proc in workers.processes:
-        proc.kill()
-    return False
+def _ddp_steps(rank: int, out_dir: str) -> None:
+    torch.manual_seed(0)  # same initial weights on both ranks
+    layer = DiscreteDistributionLayer(3, 1, 4)
+    model = torch.nn.parallel.DistributedDataParallel(layer)  # default: broadcasts buffers each forward
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sp = SplitAndPrune([layer], opt, criterion="range", interval=2, perturb=0.05)
+    # The sddn criterion on a second layer: its K x K statistics are all-reduced too.
+    layer_sddn = DiscreteDistributionLayer(3, 1, 4)
+    model_sddn = torch.nn.parallel.DistributedDataParallel(layer_sddn)
+    opt_sddn = torch.optim.Adam(model_sddn.parameters(), lr=1e-2)
+    sp_sddn = SplitAndPrune([layer_sddn], opt_sddn, interval=2, perturb=0.05)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+    local = []  # this rank's nearest-candidate counts per step
+    for _ in range(4):
+        feats = torch.randn(5, 3, 2, 2, generator=gen)
+        # Rank-dependent targets: the ranks' hit distributions differ.
+        target = torch.randn(5, 1, 2, 2, generator=gen) + 3.0 * rank
+        for m, o, s in ((model, opt, sp), (model_sddn, opt_sddn, sp_sddn)):
+            o.zero_grad()
+            out = m(feats, target=target)
+            if s is sp:
+                local.append(torch.bincount(out.index, minlength=4).double())
+            out.output.square().mean().backward()
+            o.step()
+            s.step()
+    torch.save({"local": local, "counts": sp.counts(0), "history": sp.history,
+                "weight": layer.weight.detach(),
+                "sddn": {"history": sp_sddn.history, "weight": layer_sddn.weight.detach(),
+                         **{n: sp_sddn.statistic(n, 0) for n in ("counts", "second", "distance_sum", "seen")}}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_gloo_processes_take_the_same_decision(tmp_path):
-    # Gloo's rendezvous on a shared CI box has been seen to stall once in many runs (the same seeded run
-    # passes alone); a second attempt on a fresh port separates that from a real collective mismatch,
-    # which would hang every time.
-    if not _run_ddp_workers(tmp_path):
+    def clean():
         for f in tmp_path.glob("rank*.pt"):
             f.unlink()
-        if not _run_ddp_workers(tmp_path):
-            pytest.fail("the two DDP worker processes hung twice (their stacks are in the captured stderr)")
+
+    run_spawned(_ddp_worker, (None, str(tmp_path)), on_retry=clean)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["history"] == r1["history"] and r0["history"], "both ranks split the same nodes"
     assert torch.equal(r0["counts"], r1["counts"])
@@ -249,3 +231,9 @@ def test_ddp_two_gloo_processes_take_the_same_decision(tmp_path):
             if step == check_step:
                 counts[src] = counts[dst] = (counts[src] + counts[dst]) / 2
     assert torch.equal(r0["counts"], counts)
+    # sddn: the same decisions and statistics on both ranks, from both ranks' samples
+    s0, s1 = r0["sddn"], r1["sddn"]
+    assert s0["history"] == s1["history"]
+    for name in ("counts", "second", "distance_sum", "seen", "weight"):
+        assert torch.equal(s0[name], s1[name]), name
+    assert s0["seen"].item() == 2 * 4 * 5

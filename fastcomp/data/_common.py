@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from ..ops._checks import is_int, is_real
 
 
 class SceneBatch(NamedTuple):
@@ -23,13 +24,13 @@ class SceneBatch(NamedTuple):
 
 
 def check_int(name: str, value, *, low: int, op: str, hint: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}{hint}")
-    return value
+    return int(value)
 
 
 def check_positive(name: str, value, *, op: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
     return float(value)
 

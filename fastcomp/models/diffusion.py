@@ -114,6 +114,8 @@ class GlobalConditionalAttention(LocalConditionalAttention):
             ck, cv = _split_heads(self.cond_kv(cond), 2 * self.num_heads).chunk(2, dim=-2)  # [B, M, h, D]
             if rope is not None:
                 ck = apply_rope(ck, *rope[1])
+            if cond_mask is not None:  # masked-out tokens: zeros, as a softmax weight 0 times inf or NaN is NaN
+                ck, cv = (t.masked_fill(~cond_mask[:, :, None, None], 0) for t in (ck, cv))
             k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)  # [B, HW + M, h, D]
             if cond_mask is not None:
                 image_keys = cond_mask.new_ones(B, H * W)
@@ -294,7 +296,9 @@ class ConditionalDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         dtype = self.stem.weight.dtype
         emb = self.noise_emb(c_noise.to(dtype))  # [B, E]
-        points = points.to(dtype)
+        # Padding rows (valid False) may hold anything, NaN included: their tokens are masked out, but a
+        # non-finite token would still poison the softmax products, so their points are zeroed first.
+        points = points.to(dtype).masked_fill(~valid[:, :, None], 0)
 
         p, G = self.patch_size, self.grid_size
         centres = torch.arange(G, device=x.device, dtype=dtype) * p + (p - 1) / 2  # token centres in pixels

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..ops._checks import is_int
 
 def _generator_device(generator: Optional[torch.Generator], device) -> torch.device:
     return torch.device(device) if generator is None else generator.device
@@ -35,9 +36,9 @@ def _rand(n: int, generator, device) -> torch.Tensor:
 
 
 def _check_n(name: str, n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"{name}.sample: n must be an int >= 0 (how many noise levels), got {n!r}")
-    return n
+    return int(n)
 
 
 class LogNormalSigma:

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from .edm import randn_like_on
+from ..ops._checks import is_int
 
 SOLVERS = ("heun", "euler")
 
@@ -20,7 +21,7 @@ SOLVERS = ("heun", "euler")
 def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                device=None) -> torch.Tensor:
     """[steps + 1] float64 noise levels, decreasing from sigma_max to sigma_min, then 0."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"sample: steps must be an int >= 1, got {steps!r}")
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"sample: need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, "

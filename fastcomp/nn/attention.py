@@ -68,25 +68,54 @@ class LocalConditionalAttention(nn.Module):
                 f"cond_dim={self.cond_dim}")
 
 
-class NeighborhoodAttention2D(nn.Module):
-    """Drop-in for NATTEN's ``natten.NeighborhoodAttention2D`` (dilation 1, non-causal, no relative
-    position bias): x [B, H, W, embed_dim] -> [B, H, W, embed_dim], H and W at least the kernel size.
+def _per_axis(name: str, value, kind) -> tuple:
+    """NATTEN's convention: an int (or bool) means the same for both axes, else a pair."""
+    def one(v) -> bool:  # bool is an int subclass: not a size
+        return isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
 
-    Same constructor and parameter names (qkv, proj), so a NATTEN model switches by changing one import
-    and loads its state_dict unchanged. Options this kernel does not implement raise NotImplementedError.
+    if one(value):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(one(v) for v in value):
+        return tuple(value)
+    raise TypeError(f"fastcomp.nn.NeighborhoodAttention2D: {name} must be a {kind.__name__} or a pair of "
+                    f"them, got {value!r}")
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """Drop-in for NATTEN 0.21's ``natten.NeighborhoodAttention2D`` (stride 1, dilation 1, non-causal):
+    x [B, H, W, embed_dim] -> [B, H, W, embed_dim], H and W at least the kernel size.
+
+    Same constructor as NATTEN 0.21, ``(embed_dim, num_heads, kernel_size, stride=1, dilation=1,
+    is_causal=False, qkv_bias=True, qk_scale=None, proj_drop=0.0)``, and the same parameter names (qkv,
+    proj), so a NATTEN model switches by changing one import (or by fastcomp.patch.replace_natten) and
+    loads its state_dict unchanged. Options this kernel does not implement (stride or dilation > 1,
+    causal windows, even kernel sizes) raise NotImplementedError naming the option.
+
+    The older NATTEN keywords ``rel_pos_bias`` and ``attn_drop`` are still accepted by name (False and
+    0.0 only); they are keyword-only because NATTEN 0.21 put ``stride`` where older versions had
+    ``dilation``, and a positional fourth argument is ``stride`` here, as in NATTEN 0.21.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, kernel_size: KernelSize, dilation: int = 1,
-                 is_causal: bool = False, rel_pos_bias: bool = False, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0, *,
-                 backend: Optional[str] = None):
+    def __init__(self, embed_dim: int, num_heads: int, kernel_size: KernelSize, stride: KernelSize = 1,
+                 dilation: KernelSize = 1, is_causal: Union[bool, tuple[bool, bool]] = False,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None, proj_drop: float = 0.0, *,
+                 rel_pos_bias: bool = False, attn_drop: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         name = "fastcomp.nn.NeighborhoodAttention2D"
-        if dilation not in (1, (1, 1)):
+        kh, kw = _per_axis("kernel_size", kernel_size, int)
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise NotImplementedError(f"{name}: kernel_size={kernel_size!r} has an even side; the fused kernel "
+                                      f"needs odd windows (a centre pixel); use natten for even windows")
+        if _per_axis("stride", stride, int) != (1, 1):
+            raise NotImplementedError(f"{name}: stride={stride!r} is not supported (only stride=1, the "
+                                      f"standard sliding window); use natten.NeighborhoodAttention2D for "
+                                      f"strided windows")
+        if _per_axis("dilation", dilation, int) != (1, 1):
             raise NotImplementedError(f"{name}: dilation={dilation!r} is not supported (only dilation=1); "
                                       f"use natten.NeighborhoodAttention2D for dilated windows")
-        if is_causal not in (False, (False, False)):
-            raise NotImplementedError(f"{name}: is_causal=True is not supported; use natten for causal windows")
+        if _per_axis("is_causal", is_causal, bool) != (False, False):
+            raise NotImplementedError(f"{name}: is_causal={is_causal!r} is not supported (only False); use "
+                                      f"natten for causal windows")
         if rel_pos_bias:
             raise NotImplementedError(f"{name}: rel_pos_bias=True is not supported (the fused kernel has no "
                                       f"relative position bias); construct it with rel_pos_bias=False")
@@ -96,12 +125,28 @@ class NeighborhoodAttention2D(nn.Module):
         if embed_dim % num_heads != 0:
             raise ValueError(f"{name}: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.kernel_size = embed_dim, num_heads, kernel_size
+        # NATTEN 0.21's attributes, so code reading them off a swapped layer keeps working.
+        self.stride, self.dilation, self.is_causal = (1, 1), (1, 1), (False, False)
         self.head_dim = embed_dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
         self.backend = backend
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_natten(cls, module: nn.Module, *, backend: Optional[str] = None) -> "NeighborhoodAttention2D":
+        """This layer with the weights, options, device, dtype and train/eval mode of a NATTEN 0.21
+        ``natten.NeighborhoodAttention2D``; NotImplementedError (naming the option) where the NATTEN
+        layer uses one this kernel lacks."""
+        layer = cls(module.embed_dim, module.num_heads, tuple(module.kernel_size), stride=tuple(module.stride),
+                    dilation=tuple(module.dilation), is_causal=tuple(module.is_causal),
+                    qkv_bias=module.qkv.bias is not None, qk_scale=module.scale, proj_drop=module.proj_drop.p,
+                    backend=backend)
+        weight = module.qkv.weight
+        layer.to(device=weight.device, dtype=weight.dtype)
+        layer.load_state_dict(module.state_dict())
+        return layer.train(module.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.embed_dim:

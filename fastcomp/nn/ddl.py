@@ -50,7 +50,8 @@ class DiscreteDistributionLayer(nn.Module):
     Parameters: `weight` [K * Cout, Cin] (a conv1x1 weight, viewed as [K, Cout, Cin]) and `bias` [K * Cout]
     (viewed as [K, Cout]). Buffer `hits` int64 [K]: how often each candidate was the nearest in training
     since it was last drained (fastcomp.ddn.SplitAndPrune drains it every step); updated on the device
-    with no host sync.
+    with no host sync. With `track_split_statistics()` (SplitAndPrune's sddn criterion turns it on) also
+    `second_hits` and `distance_sum`, drained the same way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, k: int, *, bias: bool = True,
@@ -124,9 +125,7 @@ class DiscreteDistributionLayer(nn.Module):
                          metric=self.metric, backend=self.backend)
         output, index = sel.output, sel.index
         if self.training if train is None else train:
-            with torch.no_grad():
-                # index_add_ stays on the device: no host sync per step (bincount would read max(index)).
-                self.hits.index_add_(0, index, torch.ones_like(index, dtype=self.hits.dtype))
+            self.record_selection(index, sel.distances)
             if self.chain_dropout > 0.0:
                 B = index.shape[0]
                 drop = torch.rand(B, device=index.device) < self.chain_dropout
@@ -136,6 +135,89 @@ class DiscreteDistributionLayer(nn.Module):
                 output = self.gather(features, kept, residual)
                 index = kept
         return DDLOutput(output, index, sel.distances)
+
+    @torch.no_grad()
+    def record_selection(self, index: torch.Tensor, distances: torch.Tensor) -> None:
+        """Count one training selection: index int64 [B] of the nearest candidates, distances [B, K].
+
+        Adds to `hits`; with `track_split_statistics()` on, also counts each sample's second-nearest
+        candidate in `second_hits` and adds the distances to `distance_sum` (what the sddn criterion of
+        fastcomp.ddn.SplitAndPrune decides from). On the device, no host sync.
+        """
+        # index_add_ stays on the device: no host sync per step (bincount would read max(index)).
+        self.hits.index_add_(0, index, torch.ones_like(index, dtype=self.hits.dtype))
+        if not hasattr(self, "second_hits"):
+            return
+        distances = distances.detach()
+        if self.k > 1:
+            others = distances.to(torch.float64).scatter(1, index[:, None], float("inf"))
+            second = others.argmin(dim=1)
+            self.second_hits.index_add_(0, index * self.k + second, torch.ones_like(index))
+        self.distance_sum.add_(distances.sum(dim=0, dtype=torch.float64).to(self.distance_sum.dtype))
+
+    def track_split_statistics(self) -> None:
+        """Also keep, per training step, sddn's Split-and-Prune statistics: `second_hits` int64 [K * K]
+        (how often candidate j was the second-nearest of a sample nearest to i, at i * K + j) and
+        `distance_sum` float64 [K]. Non-persistent buffers (they hold one step, drained by SplitAndPrune,
+        whose criterion="sddn" turns this on); K * K int64 is 2 MiB at K = 512."""
+        if hasattr(self, "second_hits"):
+            return
+        device = self.hits.device
+        self.register_buffer("second_hits", torch.zeros(self.k * self.k, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.register_buffer("distance_sum", torch.zeros(self.k, dtype=torch.float64, device=device),
+                             persistent=False)
+
+    @classmethod
+    def from_sddn(cls, module: nn.Module, *, backend: Optional[str] = None) -> "DiscreteDistributionLayer":
+        """This layer from an sddn ``DiscreteDistributionOutput`` (the official DDN code, sddn 0.0.2):
+        its candidate weights (sddn's 1x1 conv has no bias), its distance (l1 if ``module.l1_loss``, else
+        l2) and its Split-and-Prune statistics, which a fastcomp.ddn.SplitAndPrune built on the layer
+        continues from (``initial_split_statistics``: counts, second, distance_sum, seen).
+
+        The layer takes the features sddn's conv reads: ``feat_last[:, :module.conv_inc]`` (all of
+        ``feat_last`` unless the module leaks features), and the previous prediction as ``residual``
+        (sddn's ``learn_residual``; zeros when there is none). Candidate k of the layer is candidate k of
+        the module, so both select the same index for the same target (sddn first resizes the target to
+        ``module.size`` when set: pass the layer a target at the features' resolution).
+        """
+        conv = getattr(module, "multi_out_conv1x1", None)
+        if conv is None or not hasattr(module, "sdd") or not hasattr(module, "predict_c"):
+            raise TypeError(f"DiscreteDistributionLayer.from_sddn: expected an sddn DiscreteDistributionOutput, "
+                            f"got {type(module).__name__}")
+        conv = getattr(conv, "conv1x1", conv)  # AdaptConv2d wraps the conv
+        if getattr(module, "adapt_conv", 0):
+            raise NotImplementedError("DiscreteDistributionLayer.from_sddn: sddn's adapt_conv (per-sample weight "
+                                      "offsets from an SE branch) has no counterpart in the layer; use "
+                                      "adapt_conv = 0")
+        if not getattr(module, "learn_residual", True):
+            raise NotImplementedError("DiscreteDistributionLayer.from_sddn: learn_residual = False is not "
+                                      "supported; the layer's candidates are residuals on `residual`")
+        distance = getattr(module, "distance_func", None) or getattr(module, "loss_func", None)
+        metrics = {"mse_loss_multi_output": "l2", "l1_loss_multi_output": "l1"}
+        if distance is None:
+            metric = "l1" if getattr(module, "l1_loss", False) else "l2"
+        elif getattr(distance, "__name__", None) in metrics:
+            metric = metrics[distance.__name__]
+        else:
+            raise NotImplementedError(f"DiscreteDistributionLayer.from_sddn: the module selects with a custom "
+                                      f"distance ({distance!r}); the layer has l2 (sddn's mse_loss_multi_output) "
+                                      f"and l1 (l1_loss_multi_output)")
+        K, Cout, Cin = module.k, module.predict_c, conv.in_channels
+        weight = conv.weight.detach()
+        layer = cls(Cin, Cout, K, bias=conv.bias is not None, metric=metric,
+                    chain_dropout=float(getattr(module, "chain_dropout", 0.0)), backend=backend)
+        layer.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight.reshape(K * Cout, Cin))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        sdd = module.sdd
+        stats = {"counts": sdd.count, "second": sdd.near2, "distance_sum": sdd.loss_acc}
+        layer.initial_split_statistics = {name: torch.as_tensor(value, dtype=torch.float64).clone()
+                                          for name, value in stats.items()}
+        layer.initial_split_statistics["seen"] = float(sdd.iter)
+        return layer.train(module.training)
 
     def gather(self, features, index, residual=None) -> torch.Tensor:
         """Only the given candidates: [B, Cout, H, W] = weight[index[b]] @ features[b] + bias + residual."""

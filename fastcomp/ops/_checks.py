@@ -6,8 +6,11 @@ can fix the call without reading the source. Shapes are printed as lists: ``[2, 
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,9 +61,30 @@ def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], layout: 
                          f"got {fmt_shape(t.shape)}")
 
 
+def is_int(value) -> bool:
+    """A Python or numpy integer (np.int64 from array arithmetic is as good as an int); bool is not."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A Python or numpy real number (int, float, np.float32, ...); bool is not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def positive_int(op: str, name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int (numpy integers accepted), at least ``minimum``."""
+    if not is_int(value):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def positive_finite(op: str, name: str, value, why: str) -> float:
+    """``value`` as a Python float; it must be a real number, finite and > 0 (``why`` says what it is)."""
+    if not is_real(value):
+        raise TypeError(f"{op}: {name} must be a number ({why}), got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be finite and > 0 ({why}), got {value}")
     return value

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import operator
+import sys
 from typing import Optional, Union
 
 import torch
 
 from .. import backends as _b
-from ..reference.attention import disk_mask_reference, local_conditional_attention_reference
+from ..reference.attention import (disk_mask_reference, local_conditional_attention_reference, propagate_poison,
+                                   screen_conditioners)
 from . import _checks as check
 from . import _library
 
@@ -16,13 +19,10 @@ OP = "local_conditional_attention"
 
 
 def _kernel_size(kernel_size, H: int, W: int) -> tuple[int, int]:
-    if isinstance(kernel_size, bool):
-        raise TypeError(f"{OP}: kernel_size must be an odd int or a pair (kh, kw), got {kernel_size!r}")
-    if isinstance(kernel_size, int):
-        kh = kw = kernel_size
-    elif (isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2
-          and all(isinstance(s, int) and not isinstance(s, bool) for s in kernel_size)):
-        kh, kw = kernel_size
+    if check.is_int(kernel_size):  # numpy integers too
+        kh = kw = int(kernel_size)
+    elif isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2 and all(map(check.is_int, kernel_size)):
+        kh, kw = (int(s) for s in kernel_size)
     else:
         raise TypeError(f"{OP}: kernel_size must be an odd int or a pair (kh, kw), got {kernel_size!r}")
     for name, size, side, side_name in (("kh", kh, H, "H"), ("kw", kw, W, "W")):
@@ -54,7 +54,9 @@ def local_conditional_attention(
     (clamp(i - kh//2, 0, H - kh), clamp(j - kw//2, 0, W - kw)).
     cond_k, cond_v: [B, M, heads, D] conditioner tokens (both or neither; M may be 0).
     cond_mask: [B, M, H, W] bool, may pixel (i, j) attend conditioner m? None = every pixel sees all.
-    scale: softmax scale, default D ** -0.5. backend: None (best available) or a name from
+    A conditioner changes only the pixels that see it, on every backend, even when it holds NaN or inf
+    (padding); a pixel that sees a non-finite conditioner gets NaN.
+    scale: softmax scale, finite and > 0, default D ** -0.5. backend: None (best available) or a name from
     ``fastcomp info``. Returns [B, H, W, heads, D].
     """
     check.tensor(OP, "q", q, ndim=5, layout="[B, H, W, heads, D]")
@@ -88,14 +90,14 @@ def local_conditional_attention(
         raise ValueError(f"{OP}: cond_mask was given without cond_k/cond_v; it says which conditioner "
                          f"tokens a pixel may attend, so pass the tokens too (or drop the mask)")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")
-        scale = float(scale)
+        scale = check.positive_finite(OP, "scale", scale, "the softmax scale; None for the default D ** -0.5")
     else:  # resolved once here, so every backend gets the same number
         scale = D ** -0.5
 
     if B == 0:  # nothing to attend; the result is empty but shaped and still differentiable
         return q * 0.0
+    # Conditioners no pixel sees, and non-finite ones, reach no kernel (see screen_conditioners).
+    cond_k, cond_v, poisoned = screen_conditioners(cond_k, cond_v, cond_mask, H, W)
     call_args = (q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale)
     # Under torch.compile the choice is made while tracing from the metadata the backends' input checks read:
     # device, dtype, head dim (operator.index specializes a symbolic one), conditioners and mask or not.
@@ -104,7 +106,8 @@ def local_conditional_attention(
         return (*(_b.tensor_spec(t, image) for t in (q, k, v)), *(_b.tensor_spec(t, cond) for t in (cond_k, cond_v)),
                 _b.tensor_spec(cond_mask, (1, 1, kh, kw)))
 
-    return _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args, compile_specs=compile_specs)
+    out = _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args, compile_specs=compile_specs)
+    return propagate_poison(out, poisoned)
 
 
 @_b.register(OP, "reference", priority=0,
@@ -382,13 +385,20 @@ def disk_mask(points: torch.Tensor, radius: float, H: int, W: int, *, backend: O
                          f"got {check.fmt_shape(points.shape)}")
     if points.is_complex() or points.dtype == torch.bool:
         raise TypeError(f"{DISK}: points must be real numbers, got {check.dtype_name(points.dtype)}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)):
+    if not check.is_real(radius):
         raise TypeError(f"{DISK}: radius must be a number, got {type(radius).__name__}")
     if not radius >= 0:  # also refuses NaN
-        raise ValueError(f"{DISK}: radius must be >= 0, got {radius}")
-    check.positive_int(DISK, "H", H)
-    check.positive_int(DISK, "W", W)
-    return _b.dispatch(DISK, backend, (points,), (points, float(radius), H, W))
+        raise ValueError(f"{DISK}: radius must be >= 0, got {radius} (inf: every pixel is inside)")
+    radius = float(radius)
+    if radius > _HUGE_RADIUS:  # radius ** 2 overflows float64: it is inf on every backend, so say so once
+        radius = math.inf
+    H = check.positive_int(DISK, "H", H)
+    W = check.positive_int(DISK, "W", W)
+    return _b.dispatch(DISK, backend, (points,), (points, radius, H, W))
+
+
+# Above this radius ** 2 is inf in float64 (and Python's float ** 2 raises OverflowError).
+_HUGE_RADIUS = math.sqrt(sys.float_info.max)
 
 
 @_b.register(DISK, "reference", priority=0, description="broadcast comparison in float64")

@@ -32,8 +32,8 @@ def _check_layer(op, features, weight, bias, residual):
     check.tensor(op, "weight", weight, ndim=3, layout="[K, Cout, Cin]")
     B, Cin, H, W = features.shape
     K, Cout, w_cin = weight.shape
-    if K < 1 or Cout < 1:
-        raise ValueError(f"{op}: weight [K, Cout, Cin] needs K >= 1 and Cout >= 1, "
+    if K < 1 or Cout < 1 or w_cin < 1:
+        raise ValueError(f"{op}: weight [K, Cout, Cin] needs K >= 1, Cout >= 1 and Cin >= 1, "
                          f"got {check.fmt_shape(weight.shape)}")
     if w_cin != Cin:
         raise ValueError(f"{op}: weight [K, Cout, Cin] = {check.fmt_shape(weight.shape)} has Cin = {w_cin} but "

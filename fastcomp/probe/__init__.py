@@ -11,6 +11,7 @@ probe_demux op (C++ on CPU, Triton on CUDA; fastcomp.probe._demux).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -24,7 +25,7 @@ from .noise import NoiseLocality, locality_vs_noise
 from .results import ConditionerLocality, PixelLocality
 
 __all__ = ["pixel_locality", "conditioner_locality", "locality_vs_noise", "PixelLocality", "ConditionerLocality",
-           "NoiseLocality", "LeakageWarning", "probe_demux", "METHODS"]
+           "NoiseLocality", "LeakageWarning", "NonFiniteJacobianWarning", "probe_demux", "METHODS"]
 
 METHODS = ("auto", "exact", "colored")
 
@@ -73,10 +74,27 @@ def _pixel_probes(H: int, W: int, pixels: Optional[torch.Tensor] = None):
     return make
 
 
+class NonFiniteJacobianWarning(UserWarning):
+    """fn's Jacobian at x has NaN or inf entries: the profile, leakage and mass radii are NaN."""
+
+
+def _finite_mass(op: str, *parts) -> bool:
+    """False (with a warning) when the probes' |J| mass is not finite: nothing can be measured from it."""
+    total = float(sum(p.sum() for p in parts))
+    if math.isfinite(total):
+        return True
+    warnings.warn(f"{op}: fn's Jacobian at x has non-finite entries (|J| mass {total}): the profile, leakage "
+                  f"and mass radii are NaN; check fn(x) for NaN/inf (e.g. try a lower noise level or other "
+                  f"inputs)", NonFiniteJacobianWarning, stacklevel=3)
+    return False
+
+
 def _locality(sums, counts, outside, R: int, method: str, leakage=None, check=None) -> PixelLocality:
     profile = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
-    if leakage is None:
-        total = float(sums.sum() + outside)
+    total = float(sums.sum() + outside)
+    if not math.isfinite(total):
+        leakage = math.nan  # never an estimate from a NaN Jacobian (it compares false with everything)
+    elif leakage is None:
         leakage = float(outside) / total if total > 0 else 0.0
     return PixelLocality(profile=profile, radius=R, leakage=leakage, method=method, check=check)
 
@@ -109,14 +127,14 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto", ch
     check.floating(op, "x", x)
     if not callable(fn):
         raise TypeError(f"{op}: fn must be callable ([B, C, H, W] -> [B, C', H, W]), got {type(fn).__name__}")
-    check.positive_int(op, "radius", radius, minimum=0)
+    radius = check.positive_int(op, "radius", radius, minimum=0)
     if method not in METHODS:
         raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
     if mode is not None and mode not in MODES:
         raise ValueError(f"{op}: mode must be None or one of {MODES}, got {mode!r}")
     if on_leakage not in ON_LEAKAGE:
         raise ValueError(f"{op}: on_leakage must be one of {ON_LEAKAGE}, got {on_leakage!r}")
-    check.positive_int(op, "n_check", n_check)
+    n_check = check.positive_int(op, "n_check", n_check)
     chunk_size = check_chunk_size(op, chunk_size)
     B, _, H, W = x.shape
     if B == 0:
@@ -137,12 +155,14 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto", ch
     big_stride = max(H, W) + 2 * R + 1
 
     def exact():
-        return _locality(*prober.run(_pixel_probes(H, W), big_stride, R, f"{op} exact"), R, "exact")
+        sums, counts, outside = prober.run(_pixel_probes(H, W), big_stride, R, f"{op} exact")
+        _finite_mass(op, sums, outside)
+        return _locality(sums, counts, outside, R, "exact")
 
     if method == "exact":
         return exact()
     sums, counts, aliased = prober.run(_colored_probes(R, H, W), 2 * R + 1, R, f"{op} colored")
-    if method == "colored":
+    if not _finite_mass(op, sums, aliased) or method == "colored":  # a NaN Jacobian has nothing to check
         return _locality(sums, counts, aliased, R, "colored", leakage=float("nan"))
 
     # auto: exact rows (or columns, in forward mode) at a few random pixels decide whether fn is R-local.
@@ -152,7 +172,7 @@ def pixel_locality(fn, x: torch.Tensor, *, radius: int, method: str = "auto", ch
     pixels = torch.stack([picks // (H * W), (picks % (H * W)) // W, picks % W], dim=1)
     s_sums, _, s_out = prober.run(_pixel_probes(H, W, pixels), big_stride, R, f"{op} check")
     s_total = float(s_sums.sum() + s_out)
-    sampled = float(s_out) / s_total if s_total > 0 else 0.0
+    sampled = float(s_out) / s_total if s_total > 0 else 0.0 if s_total == 0 else math.nan
     c_total = float(sums.sum() + aliased)
     aliased_fraction = float(aliased) / c_total if c_total > 0 else 0.0
     info = dict(pixels=pixels, sampled_leakage=sampled, aliased_fraction=aliased_fraction, tolerance=tolerance,

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ._demux import probe_demux
+from ..ops._checks import is_int
 
 MODES = ("forward", "reverse")
 
@@ -38,10 +39,10 @@ def default_chunk(per_probe_elements: int, n_probes: int) -> int:
 def check_chunk_size(op: str, chunk_size) -> Optional[int]:
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int (probes per batched pass) or None for "
                          f"an automatic size, got {chunk_size!r}")
-    return chunk_size
+    return int(chunk_size)
 
 
 @contextlib.contextmanager

@@ -7,11 +7,13 @@ smallest centred (2r+1) x (2r+1) square holding 50 / 75 / 95 % of its mass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from ..ops._checks import is_int
 from .results import PixelLocality
 
 
@@ -30,14 +32,17 @@ class NoiseLocality:
 
     def rows(self) -> list[dict]:
         """One dict per level: sigma, radius_50 / radius_75 / ... (per quantile), the side of each square,
-        and the leakage (NaN where the method cannot measure it)."""
+        and the leakage (NaN where the method cannot measure it, and everything NaN at a level whose
+        Jacobian was not finite)."""
         out = []
         for i, sigma in enumerate(self.sigmas):
             row = {"sigma": float(sigma)}
             for q in self.quantiles:
                 tag = f"{100 * q:g}"
-                row[f"radius_{tag}"] = int(self.radii[q][i])
-                row[f"side_{tag}"] = 2 * int(self.radii[q][i]) + 1
+                r = self.radii[q][i]
+                measured = math.isfinite(r)  # NaN: the Jacobian at this level was not finite
+                row[f"radius_{tag}"] = int(r) if measured else math.nan
+                row[f"side_{tag}"] = 2 * int(r) + 1 if measured else math.nan
             row["leakage"] = float(self.leakage[i])
             out.append(row)
         return out
@@ -83,8 +88,9 @@ def locality_vs_noise(denoiser, x0: torch.Tensor, sigmas: Sequence[float], *, ra
     quantiles = tuple(float(q) for q in quantiles)
     if not quantiles or any(not 0 <= q <= 1 for q in quantiles):
         raise ValueError(f"{op}: quantiles must be fractions in [0, 1], got {quantiles}")
-    if isinstance(n_noise, bool) or not isinstance(n_noise, int) or n_noise < 1:
+    if not is_int(n_noise) or n_noise < 1:
         raise ValueError(f"{op}: n_noise must be a positive int (noise draws per level), got {n_noise!r}")
+    n_noise = int(n_noise)
     if not isinstance(x0, torch.Tensor) or x0.dim() != 4 or not x0.is_floating_point():
         raise ValueError(f"{op}: x0 must be a floating [B, C, H, W] tensor")
     gen = torch.Generator().manual_seed(seed)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -16,6 +17,7 @@ class PixelLocality:
              over b, c, c' and output pixels p with p + delta inside the image (delta = (di, dj)).
     leakage: fraction of the total |J| mass at offsets outside the radius (0 for a radius-local fn); NaN
              for method "colored" (it cannot see beyond R); for "auto", the estimate from sampled exact rows.
+             A Jacobian with NaN or inf entries gives a NaN profile, NaN leakage and NaN mass radii.
     """
 
     profile: torch.Tensor
@@ -26,12 +28,15 @@ class PixelLocality:
     # aliased_fraction, tolerance, fell_back); None otherwise.
     check: Optional[dict] = None
 
-    def mass_radius(self, q: float) -> int:
-        """Smallest r whose centred (2r+1)^2 square of the profile holds fraction q of its mass."""
+    def mass_radius(self, q: float) -> Union[int, float]:
+        """Smallest r whose centred (2r+1)^2 square of the profile holds fraction q of its mass; NaN when
+        the profile is not finite (a NaN or inf Jacobian measures no radius)."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"mass_radius: q must be a fraction in [0, 1], got {q}")
         profile = self.profile.to(torch.float64)
         total = float(profile.sum())
+        if not math.isfinite(total):
+            return math.nan
         if total == 0.0:
             return 0  # fn does not depend on x at all: every square holds all (zero) mass
         R = self.radius

@@ -36,6 +36,51 @@ def window_mask(H: int, W: int, kh: int, kw: int, device=None) -> torch.Tensor:
     return (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(H * W, H * W)
 
 
+def screen_conditioners(cond_k: Optional[torch.Tensor], cond_v: Optional[torch.Tensor],
+                        cond_mask: Optional[torch.Tensor], H: int, W: int):
+    """The masking rule, the same for every backend: a conditioner only affects the pixels that see it.
+
+    Softmax kernels give a masked key probability 0, but 0 * inf and 0 * NaN are NaN: one non-finite
+    conditioner (a NaN-padded point's token, an inf in a masked-out row) would poison pixels that may not
+    see it, through the P @ V product of every pixel sharing a tile or a row with one that does. So
+    conditioner rows holding a non-finite key or value entry are replaced by zeros before any kernel runs
+    (zero gradient flows to them), and the pixels that do see one are returned in `poisoned`, so that
+    :func:`propagate_poison` makes exactly their outputs NaN, as the arithmetic says they are. (A finite
+    row no pixel sees needs nothing: 0 times a finite value is 0.)
+
+    cond_k, cond_v: [B, M, heads, D] or None; cond_mask: [B, M, H, W] bool or None (every pixel sees all).
+    Returns (cond_k, cond_v, poisoned [B, H, W] bool, or None when nothing can be poisoned). Syncs with
+    the host only on the CPU (where it is free), to skip both passes when every conditioner is finite.
+    """
+    if cond_k is None or cond_k.shape[1] == 0:
+        return cond_k, cond_v, None
+    finite = torch.isfinite(cond_k).flatten(2).all(2) & torch.isfinite(cond_v).flatten(2).all(2)  # [B, M]
+    if _can_branch_on(finite) and bool(finite.all()):
+        return cond_k, cond_v, None  # the common case: nothing to screen
+    B = cond_k.shape[0]
+    if cond_mask is None:
+        poisoned = (~finite).any(1)[:, None, None].expand(B, H, W)
+    else:
+        poisoned = (cond_mask & ~finite[:, :, None, None]).any(1)  # [B, H, W]
+    keep = finite[:, :, None, None]
+    zero = cond_k.new_zeros(())
+    return torch.where(keep, cond_k, zero), torch.where(keep, cond_v, zero), poisoned
+
+
+def _can_branch_on(t: torch.Tensor) -> bool:
+    """Whether Python may read t's values: an eager CPU tensor (no device sync), not traced by
+    torch.compile nor batched by torch.func (vmap, jvp), where data-dependent branches cannot run."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def propagate_poison(out: torch.Tensor, poisoned: Optional[torch.Tensor]) -> torch.Tensor:
+    """out [B, H, W, heads, D] with NaN at the pixels screen_conditioners found seeing a non-finite token."""
+    if poisoned is None:
+        return out
+    return out.masked_fill(poisoned[:, :, :, None, None], float("nan"))
+
+
 def local_conditional_attention_reference(
     q: torch.Tensor,  # [B, H, W, heads, D]
     k: torch.Tensor,  # [B, H, W, heads, D]
@@ -55,6 +100,7 @@ def local_conditional_attention_reference(
     def tokens(x):
         return x.reshape(B, N, heads, D).transpose(1, 2)
 
+    cond_k, cond_v, poisoned = screen_conditioners(cond_k, cond_v, cond_mask, H, W)
     keys, values = tokens(k), tokens(v)
     mask = window_mask(H, W, kh, kw, q.device).expand(B, N, N)  # [B, N, N]
     if cond_k is not None:
@@ -69,7 +115,7 @@ def local_conditional_attention_reference(
 
     # Every row has kh*kw >= 1 allowed keys, so no softmax row is empty.
     out = F.scaled_dot_product_attention(tokens(q), keys, values, attn_mask=mask[:, None], scale=scale)
-    return out.transpose(1, 2).reshape(B, H, W, heads, D)
+    return propagate_poison(out.transpose(1, 2).reshape(B, H, W, heads, D), poisoned)
 
 
 def disk_mask_reference(points: torch.Tensor, radius: float, H: int, W: int) -> torch.Tensor:
@@ -79,4 +125,5 @@ def disk_mask_reference(points: torch.Tensor, radius: float, H: int, W: int) -> 
     j = torch.arange(W, dtype=torch.float64, device=points.device)
     di = i[None, None, :, None] - p[..., 0, None, None]  # [B, M, H, 1]
     dj = j[None, None, None, :] - p[..., 1, None, None]  # [B, M, 1, W]
-    return di * di + dj * dj <= float(radius) ** 2
+    radius = float(radius)
+    return di * di + dj * dj <= radius * radius  # not radius ** 2: that raises OverflowError past 1.3e154

@@ -9,8 +9,9 @@ AdamW with linear warmup, gradient clipping, an EMA of the weights, bf16 autocas
 CUDA, checkpoints in safetensors + JSON, and DistributedDataParallel under torchrun.
 """
 
-from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, CheckpointWarning, find_checkpoint, load_checkpoint,
+                         save_checkpoint)
 from .loop import TrainConfig, TrainResult, step_generators, train
 
 __all__ = ["TrainConfig", "TrainResult", "train", "save_checkpoint", "load_checkpoint", "find_checkpoint",
-           "Checkpoint", "step_generators"]
+           "Checkpoint", "CheckpointError", "CheckpointWarning", "step_generators"]

@@ -11,6 +11,7 @@ where the last checkpoint went.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -50,9 +51,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="default: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
     p.add_argument("--out", required=True, help="directory for checkpoints and run.json")
-    p.add_argument("--resume", default=None, help="a checkpoint file, or a directory (its newest checkpoint)")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint file, or a directory (its newest checkpoint that verifies); flags not "
+                        "given are taken from the resumed run, and given ones must match it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out may hold another run's checkpoints: delete them and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+# Flags that define what a run computes: a resumed run takes them from its checkpoint, and refuses
+# different values given on the command line. The others (steps, logging, checkpointing, compile, device,
+# paths) may change when resuming.
+RUN_FLAGS = ("task", "locality", "labelling", "max_objects", "image_size", "channels", "depth", "sigma_dist",
+             "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay", "seed", "precision")
+KEPT_ON_RESUME = ("steps", "log_every", "checkpoint_every", "compile")  # unless given again
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The dests of the options given on the command line (not left at their defaults)."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(bare.parse_args(argv)))
+
+
+def merge_resumed_args(args, explicit: set, recorded: dict) -> argparse.Namespace:
+    """The resumed run's flags (recorded in its checkpoint) updated by those given now; a given RUN_FLAGS
+    value that differs from the recorded one is refused, naming every such flag."""
+    from .._cli import CommandError
+
+    differ = [f"--{k.replace('_', '-')} {recorded[k]} (given: {getattr(args, k)})" for k in RUN_FLAGS
+              if k in explicit and k in recorded and recorded[k] != getattr(args, k)]
+    if differ:
+        raise CommandError(f"--resume {args.resume}: the run was trained with " + ", ".join(differ),
+                           "drop those flags (a resumed run keeps its own) or start a fresh run with another --out")
+    merged = argparse.Namespace(**vars(args))
+    for k in RUN_FLAGS + KEPT_ON_RESUME:
+        if k not in explicit and k in recorded:
+            setattr(merged, k, recorded[k])
+    return merged
 
 
 def build_model_and_dataset(args, model_config=None):
@@ -86,22 +125,28 @@ def build_loss(args):
     return loss_fn
 
 
-def _device(arg) -> torch.device:
-    if arg is not None:
-        return torch.device(arg)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    from .. import _cli
     from .checkpoint import load_checkpoint
-    from .loop import TrainConfig, train
+    from .loop import TrainConfig, prepare_out_dir, train
 
-    device = _device(args.device)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    device = _cli.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    ckpt, model_config = None, None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)  # verified; a directory falls back to its newest intact one
+        recorded = (ckpt.extra.get("run") or {}).get("args")
+        if isinstance(recorded, dict):
+            args = merge_resumed_args(args, explicit_flags(parser, argv), recorded)
+        else:
+            print(f"fastcomp train: {ckpt.path} records no command line (not written by fastcomp train): "
+                  "its model is rebuilt from its config, the data flags are taken as given", file=sys.stderr)
+        # Rebuild the model the checkpoint was trained with (its .config); train() refuses a mismatch.
+        model_config = ckpt.model_config
     try:
         config = TrainConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -110,23 +155,21 @@ def main(argv=None) -> int:
             checkpoint_every=args.checkpoint_every, out_dir=args.out, precision=args.precision,
             compile={"auto": "auto", "on": True, "off": False}[args.compile])
     except ValueError as e:
-        print(f"fastcomp train: {e}", file=sys.stderr)
-        return 2
-    model_config = None
-    if args.resume:
-        # Rebuild the model the checkpoint was trained with (its .config), whatever the options say.
-        model_config = load_checkpoint(args.resume).model_config
+        raise _cli.CommandError(str(e), "fix the flag") from None
+    rank = int(os.environ.get("RANK", 0))
+    # Before run.json is written: a folder holding another run is refused here, not after overwriting it.
+    prepare_out_dir(args.out, resume_from=args.resume, overwrite=args.overwrite, rank=rank)
     torch.manual_seed(args.seed)  # the same initial weights on every DDP rank
     model, dataset = build_model_and_dataset(args, model_config)
     model.to(device)
-    rank = int(os.environ.get("RANK", 0))
+    run_info = {"command": "fastcomp train", "args": {k: v for k, v in vars(args).items()
+                                                      if k not in ("resume", "overwrite", "no_progress")}}
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "run.json"), "w") as f:
-            json.dump({"command": "fastcomp train", "args": vars(args), "model_config":
-                       getattr(model, "config", None)}, f, indent=1, default=str)
-    result = train(model, dataset, config, loss_fn=build_loss(args),
-                   resume=args.resume, progress=not args.no_progress)
+            json.dump({**run_info, "resumed_from": ckpt.path if ckpt else None,
+                       "model_config": getattr(model, "config", None)}, f, indent=1, default=str)
+    result = train(model, dataset, config, loss_fn=build_loss(args), resume=ckpt if ckpt else None,
+                   overwrite=args.overwrite, progress=not args.no_progress, run_info=run_info)
     if rank == 0:
         last = result.losses[-1] if result.losses else float("nan")
         print(f"trained {result.step} steps: final loss {last:.4f}, "
@@ -136,4 +179,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .._cli import run
+
+    sys.exit(run("train", main, sys.argv[1:]))

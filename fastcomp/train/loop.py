@@ -22,7 +22,10 @@ import datetime
 import math
 import os
 import sys
+import tempfile
 import time
+import traceback
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Optional, Union
 
@@ -31,7 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import checkpoint_path, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointWarning, checkpoint_path, find_checkpoint,
+                         list_checkpoints, load_checkpoint, remove_orphans, restore, save_checkpoint)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -96,6 +100,11 @@ class TrainConfig:
              "must be two floats in [0, 1), e.g. (0.9, 0.999)")
         need(is_int(self.keep_checkpoints) and self.keep_checkpoints >= 0, "keep_checkpoints",
              "must be an int >= 0 (0 keeps all)")
+        need(self.out_dir is None or (isinstance(self.out_dir, (str, os.PathLike)) and os.fspath(self.out_dir) != ""),
+             "out_dir", "must be a directory path, or None to write no checkpoints ('' would mean the working "
+             "directory; pass '.' if that is meant)")
+        if self.out_dir is not None:
+            self.out_dir = os.fspath(self.out_dir)
         self.betas = tuple(float(b) for b in self.betas)
 
     def to_dict(self) -> dict:
@@ -225,21 +234,123 @@ def _make_progress(progress, total: int, initial: int, rank: int):
                 disable=None if progress is None else False, file=sys.stderr)
 
 
+def prepare_out_dir(out_dir: str, *, resume_from: Optional[str] = None, overwrite: bool = False,
+                    rank: int = 0) -> None:
+    """Make out_dir ready for a run, before step 0, so that a run never trains for nothing or overwrites
+    another: create it, check it is a writable directory, remove the orphans of interrupted writes, and
+    refuse a folder that holds another run's checkpoints unless this run resumes from that folder
+    (resume_from: the checkpoint file or folder resumed) or overwrite=True (which deletes them first).
+    Only rank 0 deletes anything; every rank checks, so all of them fail together under DDP."""
+    where = f"TrainConfig.out_dir={out_dir!r}"
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{where} is a file, not a directory; pass a directory for the checkpoints")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        # An unnamed file (O_TMPFILE): nothing left behind if killed here, nothing another rank could
+        # remove under this one.
+        with tempfile.TemporaryFile(dir=out_dir) as f:
+            f.write(b"ok")
+    except OSError as e:
+        raise PermissionError(f"{where} cannot be written ({e.strerror or e}); pass a directory you can write "
+                              "to") from None
+    if rank == 0:
+        removed = remove_orphans(out_dir)
+        if removed:
+            warnings.warn(f"removed {len(removed)} incomplete checkpoint file(s) left by an interrupted write or "
+                          f"prune in {out_dir}: {', '.join(os.path.basename(p) for p in removed)}",
+                          CheckpointWarning, stacklevel=3)
+    existing = list_checkpoints(out_dir)
+    if not existing:
+        return
+    if resume_from is not None:
+        source = resume_from if os.path.isdir(resume_from) else os.path.dirname(os.path.abspath(resume_from))
+        if os.path.samefile(source, out_dir):
+            return
+    if not overwrite:
+        names = ", ".join(os.path.basename(p) for p in existing[-3:])
+        raise FileExistsError(f"{where} already holds another run's checkpoints ({len(existing)}, newest: "
+                              f"{names}); resume it (resume=True, or --resume {out_dir}), pass overwrite=True "
+                              "(--overwrite) to delete them and start over, or choose another out_dir")
+    if rank == 0:
+        for path in existing:
+            _remove_checkpoint(path[: -len(".safetensors")])
+
+
+def _remove_checkpoint(stem: str) -> None:
+    for path in (stem + ".json", stem + ".safetensors"):  # JSON first: never a JSON without tensors
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _set_aside(skipped: list) -> None:
+    """Rename checkpoints that failed verification to *.corrupt: kept for inspection (never deleted), but
+    out of the way of the resumed run, which would otherwise overwrite or prune them."""
+    for path, _ in skipped:
+        for part in (path[: -len(".safetensors")] + ".json", path):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(part, part + ".corrupt")
+
+
+# Training settings a resumed run must share with its checkpoint (anything else would make the
+# checkpoints record a config that did not produce them), and those that may change (with a warning).
+RESUME_MUST_MATCH = ("seed", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay",
+                     "betas", "precision")
+RESUME_MAY_CHANGE = ("log_every", "checkpoint_every", "compile", "keep_checkpoints",
+                     "ddp_find_unused_parameters")
+# Model-config keys that choose how, not what, a model computes.
+HARMLESS_MODEL_KEYS = ("backend",)
+
+
+def _differences(old: dict, new: dict, keys) -> list[str]:
+    return [f"{k}={old[k]!r} (now {k}={new.get(k)!r})" for k in keys if k in old and old[k] != new.get(k)]
+
+
+def check_resume(ckpt, config: "TrainConfig", model: nn.Module) -> None:
+    """Refuse to resume ckpt with another training config or model config (naming every differing field);
+    warn about differences that do not change the run's numbers (logging, checkpointing, backends) and
+    model options the checkpoint does not record (added to the model since)."""
+    from .checkpoint import _jsonable
+
+    old = ckpt.config or {}
+    new = _jsonable(config.to_dict())
+    refuse = _differences(old, new, RESUME_MUST_MATCH)
+    harmless = _differences(old, new, RESUME_MAY_CHANGE)
+    old_model, new_model = ckpt.model_config, _jsonable(getattr(model, "config", None))
+    if isinstance(old_model, dict) and isinstance(new_model, dict):
+        keys = sorted(set(old_model) | set(new_model))
+        refuse += [f"model {d}" for d in _differences(old_model, new_model, [k for k in keys
+                                                                           if k not in HARMLESS_MODEL_KEYS])]
+        harmless += [f"model {d}" for d in _differences(old_model, new_model, HARMLESS_MODEL_KEYS)]
+        # A key the checkpoint lacks is most likely an option added since, at its default: say so, go on.
+        harmless += [f"model {k}={new_model[k]!r} (not recorded in the checkpoint)" for k in keys
+                     if k not in old_model]
+    model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    if ckpt.meta.get("model_class") not in (None, model_class):
+        refuse.append(f"model class {ckpt.meta['model_class']} (now {model_class})")
+    if refuse:
+        raise ValueError(f"cannot resume {ckpt.path}: it was trained with " + "; ".join(refuse)
+                         + ". A resumed run must use the same settings (the checkpoints would record a config "
+                         "that did not produce them): pass the same ones, or start a fresh run")
+    if harmless:
+        warnings.warn(f"resuming {ckpt.path} with settings that differ from its own, which a resume may "
+                      "change (logging, checkpointing, backends, options added since): "
+                      + "; ".join(harmless), UserWarning, stacklevel=4)
+
+
 def _prune_checkpoints(out_dir: str, keep: int) -> None:
     if keep <= 0:
         return
     import re
     found = sorted(name for name in os.listdir(out_dir) if re.match(r"^checkpoint-\d+\.json$", name))
     for name in found[:-keep]:
-        stem = os.path.join(out_dir, name[: -len(".json")])
-        for path in (stem + ".json", stem + ".safetensors"):  # JSON first: never a JSON without tensors
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+        # A kill between the two removals leaves an orphan .safetensors: the next run's prepare_out_dir
+        # removes it.
+        _remove_checkpoint(os.path.join(out_dir, name[: -len(".json")]))
 
 
 def train(model: nn.Module, dataset: Any, config: TrainConfig, *, loss_fn: Optional[Callable] = None,
-          sigma_dist: Any = None, resume: Union[str, bool, None] = None,
-          progress: Optional[bool] = None) -> TrainResult:
+          sigma_dist: Any = None, resume: Union[str, bool, None] = None, overwrite: bool = False,
+          progress: Optional[bool] = None, run_info: Optional[dict] = None) -> TrainResult:
     """Train `model` on `dataset` for `config.steps` optimizer steps (counted from 0; a resumed run goes on
     from its checkpoint's step up to config.steps).
 
@@ -249,8 +360,14 @@ def train(model: nn.Module, dataset: Any, config: TrainConfig, *, loss_fn: Optio
     loss_fn: ``loss_fn(model, batch, generator) -> scalar`` (default: fastcomp.models.edm_loss with
     `sigma_dist`, LogNormalSigma() when None). `generator` is a CPU torch.Generator: draw on the CPU and
     move, so the numbers do not depend on the device or on the DDP rank.
-    resume: a checkpoint file or directory (its newest checkpoint), or True for config.out_dir.
+    resume: a checkpoint file or directory (its newest checkpoint that verifies; newer ones that do not are
+    renamed to *.corrupt, with a warning), True for config.out_dir, or a Checkpoint already loaded. The checkpoint's training config
+    and model config must match (check_resume names any field that differs).
+    overwrite: config.out_dir may hold another run's checkpoints, which are deleted first; without it
+    (and without resuming from that folder) such a folder is refused before step 0.
     progress: None = a tqdm bar when stderr is a terminal, True = always, False = never (rank 0 only).
+    run_info: JSON-serializable facts about the run (e.g. the command line) stored in every checkpoint
+    as ``extra["run"]``.
     Under torchrun (RANK / WORLD_SIZE set) or an initialized process group, trains with DDP.
     """
     if not isinstance(config, TrainConfig):
@@ -269,13 +386,24 @@ def train(model: nn.Module, dataset: Any, config: TrainConfig, *, loss_fn: Optio
 
     rank, world, own_group = _distributed_from_env(device)
     try:
-        return _train(model, dataset, config, loss_fn, resume, progress, device, rank, world)
+        # The DDP wrapper lives in _train's frame only, so it is gone before the group is destroyed.
+        return _train(model, dataset, config, loss_fn, resume, progress, device, rank, world,
+                      overwrite=overwrite, run_info=run_info)
+    except BaseException as e:
+        if own_group:
+            # Or an exception's traceback would keep it alive past destroy_process_group, and its
+            # Reducer, holding the last reference to a gloo group, would destroy the group with the GIL
+            # held: that joins gloo's threads, which may need the GIL to free tensors, and deadlocks
+            # (pytorch/pytorch#56297; tests/helpers.py tells how it was found).
+            traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
-def _train(model, dataset, config, loss_fn, resume, progress, device, rank, world) -> TrainResult:
+def _train(model, dataset, config, loss_fn, resume, progress, device, rank, world, *, overwrite=False,
+           run_info=None) -> TrainResult:
     if config.batch_size % world:
         raise ValueError(f"TrainConfig.batch_size={config.batch_size} (the global batch) must divide by the "
                          f"{world} DDP processes; use a multiple of {world}")
@@ -296,17 +424,22 @@ def _train(model, dataset, config, loss_fn, resume, progress, device, rank, worl
         ema = copy.deepcopy(model).eval().requires_grad_(False)
 
     start, losses = 0, []
-    if resume:
-        where = config.out_dir if resume is True else resume
+    where = None
+    if isinstance(resume, Checkpoint):  # already read (and verified) by the caller
+        where = resume.path
+    elif resume:
+        where = config.out_dir if resume is True else os.fspath(resume)
         if where is None:
             raise ValueError("resume=True needs TrainConfig.out_dir (the directory to resume from)")
-        ckpt = load_checkpoint(where, model, optimizer, ema=ema, restore_rng=True)
-        old = ckpt.config or {}
-        for name in ("seed", "batch_size"):
-            if name in old and old[name] != getattr(config, name):
-                raise ValueError(f"cannot resume {ckpt.path}: it was trained with {name}={old[name]}, this "
-                                 f"config has {name}={getattr(config, name)}; the data stream would change. "
-                                 f"Pass the same {name}, or start a fresh run")
+    if config.out_dir is not None:
+        prepare_out_dir(config.out_dir, resume_from=where, overwrite=overwrite, rank=rank)
+    if resume:
+        # Verified; a directory falls back to its newest intact checkpoint.
+        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(where)
+        check_resume(ckpt, config, model)
+        if ckpt.skipped and rank == 0:
+            _set_aside(ckpt.skipped)
+        restore(ckpt, model, optimizer, ema=ema, restore_rng=True)
         start, losses = ckpt.step, list(ckpt.extra.get("losses", []))[: ckpt.step]
         if start > config.steps:
             raise ValueError(f"the checkpoint is at step {start}, past TrainConfig.steps={config.steps}; "
@@ -323,7 +456,8 @@ def _train(model, dataset, config, loss_fn, resume, progress, device, rank, worl
 
     def save(step: int) -> str:
         path = save_checkpoint(checkpoint_path(config.out_dir, step), model, optimizer, step=step,
-                               config=config.to_dict(), ema=ema, extra={"losses": losses[:step]})
+                               config=config.to_dict(), ema=ema,
+                               extra={"losses": losses[:step], **({"run": run_info} if run_info else {})})
         _prune_checkpoints(config.out_dir, config.keep_checkpoints)
         return path
 
