@@ -446,9 +446,9 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
 // L pixels x L channels (L = lanes of a register) go through a register transpose (simd::transpose), so
 // every load and store is a whole contiguous vector; the D % L and W % L edges go element by element.
 template <typename T>
-inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
+inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst, int64_t ld_ = 0) {
   constexpr int64_t L = simd::kLanes<T>;
-  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+  const int64_t pix = P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
   const int64_t d_vec = D / L * L;
   int64_t j0 = 0;
   for (; j0 + L <= W; j0 += L) {
@@ -475,9 +475,10 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
 // The inverse: src [D][ld] times mul (and times scale[j] per pixel where scale is given) into W pixels x D
 // of a heads-last row.
 template <typename T>
-inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row, const T* scale = nullptr) {
+inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row, const T* scale = nullptr,
+                        int64_t ld_ = 0) {
   constexpr int64_t L = simd::kLanes<T>;
-  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+  const int64_t pix = P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
   const int64_t d_vec = D / L * L;
   int64_t j0 = 0;
   for (; j0 + L <= W; j0 += L) {
@@ -579,68 +580,405 @@ int64_t work_of(const Problem<T>& P) {
   return P.B * P.NH * P.H * P.W * P.D * (P.keys() + P.M);
 }
 
+// --- the forward, by blocks of one register of queries ---------------------------------------------------
+//
+// Every query block (L consecutive queries of a row, L = lanes of a register) computes its whole softmax
+// in registers and L1: its kh*kw window scores and its allowed conditioners' scores (one vector each),
+// their max, exp2 and sum, then the weighted sum of the values, D channels at a time, and the output
+// block. No score row buffer and no pass over a row of probabilities.
+//
+// Keys and values come as *panels*: panel p of a key row holds its columns [pL, pL + 2L) for every channel,
+// [p][D][2L], one 64-byte line per channel on AVX2. Interior query block t (queries half + tL + lane) sees,
+// at window offset dc, key column tL + lane + dc: for a chunk of up to C = min(8, L) offsets starting at
+// dc0 = mC, that is panel t + dc0 / L at lane offset dc0 % L + e, e < C, inside one panel row. So the inner
+// loop reads one query vector and C shifted key vectors from one line per channel, streaming through
+// panels in order (a row-length layout [D][W] reads C vectors from lines W apart per channel, and its L1
+// traffic was what bounded the previous kernel at ~40% of the FMA rate). Panels are built once per key row
+// (a ring of kh rows per task) and used by the kh query rows that see the row. Each panel stores its
+// columns twice over (as the second half of panel p - 1 and the first of p): 2x a row, O(W D) per slot.
+//
+// Scores are in the exp2 domain (queries scaled by scale * log2(e)): p = 2^(s - max) saves the
+// multiplication of the argument and half of the range reduction of exp; the stored lse is natural.
+// Border queries (the first and last kw/2 of a row share a clamped window) read their keys and values as
+// broadcast scalars from per-row copies of those kw columns.
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// 2^x for x <= 0 on a register, relative error ~2e-7: 2^n * 2^r, n = round(x), |r| <= 1/2, 2^r by its
+// Taylor series to degree 6 in r ln 2. Clamped to [-125, 0] (finite for -inf scores; masked keys are
+// blended to 0 afterwards, never multiplied).
+FASTCOMP_CONTRACT inline simd::vec<float> exp2_neg(simd::vec<float> x) {
+  FASTCOMP_CONTRACT_BODY
+  using V = simd::vec<float>;
+  using I = simd::ivec<float>;
+  const V lo = simd::splat(-125.0f), zero = simd::zero<float>();
+  x = simd::select<float>(x < lo, lo, x);
+  x = simd::select<float>(x > zero, zero, x);
+  const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = x - n;
+  V p = simd::splat(1.5403530393381609e-4f);
+  p = p * r + 1.3333558146428443e-3f;
+  p = p * r + 9.618129107628477e-3f;
+  p = p * r + 5.550410866482158e-2f;
+  p = p * r + 0.2402265069591007f;
+  p = p * r + 0.6931471805599453f;
+  p = p * r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return p * (V)bits;
+}
+
+inline simd::vec<double> exp2_neg(simd::vec<double> x) {  // float64: exact, lane by lane (tests, gradcheck)
+  for (int64_t l = 0; l < simd::kLanes<double>; ++l) x[l] = std::exp2(x[l] > 0.0 ? 0.0 : x[l]);
+  return x;
+}
+
+// Offsets per chunk of window columns: at most 8 (accumulators + operands fit AVX2's 16 registers) and at
+// most L (a chunk of shifted loads stays inside one 2L panel row).
+template <typename T>
+constexpr int64_t kChunk = simd::kLanes<T> < 8 ? simd::kLanes<T> : 8;
+
+// A buffer aligned to 64 bytes (a panel row is then exactly whole cache lines).
+template <typename T>
+struct Aligned {
+  std::vector<T> raw;
+  T* p = nullptr;
+  explicit Aligned(size_t n) : raw(n + 64 / sizeof(T), T(0)) {
+    p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
+  }
+};
+
+// s[c] = sum_d qb[d] * kp[d * 2L + c] for c < NC (lanes: the block's queries; kp: a panel row pointer
+// at the chunk's lane offset). Two key rows at once (dots2) share every query load.
+template <typename T, int NC>
+FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __restrict kp, int64_t D,
+                                         simd::vec<T>* __restrict s) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> acc[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) acc[c] = simd::zero<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    const simd::vec<T> b_q = simd::load(qb + d * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[c] = b_q * simd::load(kp + d * 2 * L + c) + acc[c];
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) s[c] = acc[c];
+}
+
+template <typename T, int NC>
+FASTCOMP_CONTRACT inline void block_dots2(const T* __restrict qb, const T* __restrict kp0, const T* __restrict kp1,
+                                          int64_t D, simd::vec<T>* __restrict s0, simd::vec<T>* __restrict s1) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> a0[NC], a1[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) a0[c] = a1[c] = simd::zero<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    const simd::vec<T> b_q = simd::load(qb + d * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      a0[c] = b_q * simd::load(kp0 + d * 2 * L + c) + a0[c];
+      a1[c] = b_q * simd::load(kp1 + d * 2 * L + c) + a1[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    s0[c] = a0[c];
+    s1[c] = a1[c];
+  }
+}
+
+// Broadcast keys (border blocks, conditioners): s[c] = sum_d qb[d] * key_c[d], key_c[d] = kc[c * cs + d * ds].
+template <typename T, int NC>
+FASTCOMP_CONTRACT inline void block_dots_bcast(const T* __restrict qb, const T* __restrict kc, int64_t cs, int64_t ds,
+                                               int64_t D, simd::vec<T>* __restrict s) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> acc[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) acc[c] = simd::zero<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    const simd::vec<T> b_q = simd::load(qb + d * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[c] = b_q * kc[c * cs + d * ds] + acc[c];
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) s[c] = acc[c];
+}
+
+// Dispatch on a run-time count n <= 8 to the instantiation for it (the chunk and D tails).
+#define FASTCOMP_UP_TO_8(n, F)                 \
+  switch (n) {                                 \
+    case 8: F(8); break;                       \
+    case 7: F(7); break;                       \
+    case 6: F(6); break;                       \
+    case 5: F(5); break;                       \
+    case 4: F(4); break;                       \
+    case 3: F(3); break;                       \
+    case 2: F(2); break;                       \
+    default: F(1); break;                      \
+  }
+
+// acc[n] += sum_e p[e] * vp[(d0 + n) * 2L + e] over the e < ne offsets of a chunk (interior, panel values).
+template <typename T, int ND>
+FASTCOMP_CONTRACT inline void block_wsum(const simd::vec<T>* __restrict p, int64_t ne, const T* __restrict vp,
+                                         simd::vec<T>* __restrict acc) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> b_acc[ND];
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
+  for (int64_t e = 0; e < ne; ++e) {
+    const simd::vec<T> b_p = p[e];
+#pragma GCC unroll 8
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * simd::load(vp + n * 2 * L + e) + b_acc[n];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
+}
+
+// acc[n] += sum_e p[e] * vc[e * es + n * ds] (border blocks and conditioners: broadcast values).
+template <typename T, int ND>
+FASTCOMP_CONTRACT inline void block_wsum_bcast(const simd::vec<T>* __restrict p, int64_t ne, const T* __restrict vc,
+                                               int64_t es, int64_t ds, simd::vec<T>* __restrict acc) {
+  FASTCOMP_CONTRACT_BODY
+  simd::vec<T> b_acc[ND];
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
+  for (int64_t e = 0; e < ne; ++e) {
+    const simd::vec<T> b_p = p[e];
+#pragma GCC unroll 8
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * vc[e * es + n * ds] + b_acc[n];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
+}
+
+// One task's ring of kh key rows as panels, plus the border columns of each as [D][kw] for broadcasts.
+template <typename T>
+struct KeyRing {
+  const Problem<T>& P;
+  int64_t NP, panel, row_len, ldr;
+  Aligned<T> k, v, tmp;
+  std::vector<T> kb_left, kb_right, vb_left, vb_right;  // [slot][D][kw]
+  std::vector<int64_t> row_of;                          // key row held by each slot (-1: none)
+
+  explicit KeyRing(const Problem<T>& P_)
+      : P(P_), NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2), panel(P_.D * 2 * simd::kLanes<T>),
+        row_len(NP * P_.D * 2 * simd::kLanes<T>), ldr((NP + 2) * simd::kLanes<T>), k(P_.kh * row_len),
+        v(P_.kh * row_len), tmp(P_.D * ldr), kb_left(P_.kh * P_.D * P_.kw), kb_right(P_.kh * P_.D * P_.kw),
+        vb_left(P_.kh * P_.D * P_.kw), vb_right(P_.kh * P_.D * P_.kw), row_of(P_.kh, -1) {}
+
+  void reset() { std::fill(row_of.begin(), row_of.end(), int64_t(-1)); }
+
+  // Row r of (b, h) of the heads-last x into panels (dst) and border copies (left, right), via tmp.
+  void build(const T* x, int64_t b, int64_t h, int64_t r, T* dst, T* left, T* right) {
+    constexpr int64_t L = simd::kLanes<T>;
+    load_row_t(P, x + ((b * P.H + r) * P.W) * P.pix() + h * P.D, T(1), tmp.p, ldr);  // columns >= W stay 0
+    for (int64_t pi = 0; pi < NP; ++pi)
+      for (int64_t d = 0; d < P.D; ++d) std::memcpy(dst + pi * panel + d * 2 * L, tmp.p + d * ldr + pi * L, 2 * L * sizeof(T));
+    for (int64_t d = 0; d < P.D; ++d)
+      for (int64_t c = 0; c < P.kw; ++c) {
+        left[d * P.kw + c] = tmp.p[d * ldr + c];
+        right[d * P.kw + c] = tmp.p[d * ldr + P.W - P.kw + c];
+      }
+  }
+
+  // Make slots hold key rows [r0, r0 + kh); returns nothing, slot of row r is r % kh.
+  void ensure(const T* kx, const T* vx, int64_t b, int64_t h, int64_t r0) {
+    for (int64_t r = r0; r < r0 + P.kh; ++r) {
+      const int64_t s = r % P.kh;
+      if (row_of[s] == r) continue;
+      const int64_t bo = s * P.D * P.kw;
+      build(kx, b, h, r, k.p + s * row_len, kb_left.data() + bo, kb_right.data() + bo);
+      build(vx, b, h, r, v.p + s * row_len, vb_left.data() + bo, vb_right.data() + bo);
+      row_of[s] = r;
+    }
+  }
+};
+
+// The forward of one query block: queries j0 .. j0 + L - 1 of row i (lanes), `interior` (window start
+// j - kw/2 for every lane, panel index t) or a border block (window start ws for every lane). qb [D][L]
+// queries (scaled by scale * log2 e); writes ob [D][L] (normalized) and the block's lse2 (log2 domain).
+template <typename T>
+struct BlockForward {
+  const Problem<T>& P;
+  std::vector<simd::vec<T>> s;  // [keys + M] scores, then probabilities
+  std::vector<simd::vec<T>> allow;  // [M] 0 / 1 per lane of the block's active conditioners
+  std::vector<int64_t> active;
+  std::vector<simd::vec<T>> acc;  // [D] output accumulators (block_wsum's register tiles pass through here)
+
+  explicit BlockForward(const Problem<T>& P_) : P(P_), s(P_.keys() + P_.M), allow(P_.M), acc(P_.D) {
+    active.reserve(P_.M);
+  }
+
+  // The conditioners allowed for some lane of the block, with their lane masks.
+  void conditioners(int64_t b, int64_t i, int64_t j0, int64_t nvalid) {
+    active.clear();
+    for (int64_t m = 0; m < P.M; ++m) {
+      simd::vec<T> a = simd::zero<T>();
+      bool any = false;
+      for (int64_t l = 0; l < nvalid; ++l) {
+        const bool ok = P.mask == nullptr || P.mask[((b * P.M + m) * P.H + i) * P.W + j0 + l] != 0;
+        a[l] = ok ? T(1) : T(0);
+        any = any || ok;
+      }
+      if (any) {
+        allow[active.size()] = a;
+        active.push_back(m);
+      }
+    }
+  }
+
+  void run(const KeyRing<T>& ring, int64_t r_first, bool interior, int64_t t, int64_t ws, const T* qb,
+           const T* ck, const T* cv, int64_t c_stride, T* ob, T* lse2, T* inv_sum) {
+    constexpr int64_t L = simd::kLanes<T>, C = kChunk<T>;
+    const int64_t D = P.D, kh = P.kh, kw = P.kw, keys = P.keys();
+    const int64_t na = static_cast<int64_t>(active.size());
+    // scores
+    for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+      const int64_t nc = std::min<int64_t>(C, kw - dc0);
+      int64_t dr = 0;
+      if (interior) {
+        const int64_t pi = t + dc0 / L, off = dc0 % L;
+        for (; dr + 2 <= kh; dr += 2) {
+          const T* kp0 = ring.k.p + ((r_first + dr) % kh) * ring.row_len + pi * ring.panel + off;
+          const T* kp1 = ring.k.p + ((r_first + dr + 1) % kh) * ring.row_len + pi * ring.panel + off;
+          simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTS2(N) block_dots2<T, N>(qb, kp0, kp1, D, s0, s0 + kw)
+          FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS2)
+#undef FASTCOMP_DOTS2
+        }
+        for (; dr < kh; ++dr) {
+          const T* kp = ring.k.p + ((r_first + dr) % kh) * ring.row_len + pi * ring.panel + off;
+          simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTS(N) block_dots<T, N>(qb, kp, D, s0)
+          FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS)
+#undef FASTCOMP_DOTS
+        }
+      } else {
+        const std::vector<T>& kb = ws == 0 ? ring.kb_left : ring.kb_right;
+        for (; dr < kh; ++dr) {
+          const T* kc = kb.data() + ((r_first + dr) % kh) * D * kw + dc0;
+          simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTSB(N) block_dots_bcast<T, N>(qb, kc, 1, kw, D, s0)
+          FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTSB)
+#undef FASTCOMP_DOTSB
+        }
+      }
+    }
+    for (int64_t a0 = 0; a0 < na; a0 += 4) {  // conditioners, 4 at a time (one query load feeds 4)
+      const int64_t n = std::min<int64_t>(4, na - a0);
+      for (int64_t a = a0; a < a0 + n; ++a) {  // (gathered: active conditioners need not be adjacent)
+        block_dots_bcast<T, 1>(qb, ck + active[a] * c_stride, 0, 1, D, s.data() + keys + a);
+      }
+    }
+    // softmax: max over the window and the allowed conditioners, 2^(s - max), sum
+    simd::vec<T> b_max = s[0];
+    for (int64_t key = 1; key < keys; ++key) b_max = simd::max<T>(b_max, s[key]);
+    const simd::vec<T> zero = simd::zero<T>(), ninf = simd::splat(-std::numeric_limits<T>::infinity());
+    for (int64_t a = 0; a < na; ++a) b_max = simd::max<T>(b_max, simd::select<T>(allow[a] != zero, s[keys + a], ninf));
+    simd::vec<T> b_sum = zero;
+    for (int64_t key = 0; key < keys; ++key) {
+      s[key] = exp2_neg(s[key] - b_max);
+      b_sum += s[key];
+    }
+    for (int64_t a = 0; a < na; ++a) {
+      s[keys + a] = simd::select<T>(allow[a] != zero, exp2_neg(s[keys + a] - b_max), zero);
+      b_sum += s[keys + a];
+    }
+    // weighted sum of the values, up to 8 channels at a time
+    for (int64_t d = 0; d < D; ++d) acc[d] = zero;
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      const int64_t nd = std::min<int64_t>(8, D - d0);
+      simd::vec<T>* a_d = acc.data() + d0;
+      for (int64_t dr = 0; dr < kh; ++dr) {
+        const int64_t slot = (r_first + dr) % kh;
+        for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+          const int64_t ne = std::min<int64_t>(C, kw - dc0);
+          const simd::vec<T>* p = s.data() + dr * kw + dc0;
+          if (interior) {
+            const T* vp = ring.v.p + slot * ring.row_len + (t + dc0 / L) * ring.panel + d0 * 2 * L + dc0 % L;
+#define FASTCOMP_WSUM(N) block_wsum<T, N>(p, ne, vp, a_d)
+            FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUM)
+#undef FASTCOMP_WSUM
+          } else {
+            const std::vector<T>& vb = ws == 0 ? ring.vb_left : ring.vb_right;
+            const T* vc = vb.data() + slot * D * kw + d0 * kw + dc0;
+#define FASTCOMP_WSUMB(N) block_wsum_bcast<T, N>(p, ne, vc, 1, kw, a_d)
+            FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUMB)
+#undef FASTCOMP_WSUMB
+          }
+        }
+      }
+      for (int64_t a = 0; a < na; ++a) {
+        const T* vc = cv + active[a] * c_stride + d0;
+#define FASTCOMP_WSUMC(N) block_wsum_bcast<T, N>(s.data() + keys + a, 1, vc, 0, 1, a_d)
+        FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUMC)
+#undef FASTCOMP_WSUMC
+      }
+    }
+    const simd::vec<T> inv = simd::splat(T(1)) / b_sum;
+    for (int64_t d = 0; d < D; ++d) simd::store(ob + d * L, acc[d] * inv);
+    for (int64_t l = 0; l < L; ++l) {
+      lse2[l] = b_max[l] + std::log2(b_sum[l]);
+      inv_sum[l] = inv[l];
+    }
+  }
+};
+
 template <typename T>
 void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const T* cond_k, const T* cond_v, T* out,
                   T* lse) {
-  // Enough row blocks that every thread has several tasks even when B*heads is small.
+  constexpr int64_t L = simd::kLanes<T>;
+  // Enough row blocks that every thread has several tasks even when B*heads is small
+  // (8 per thread: dynamic scheduling then evens out threads slowed by other processes on shared cores).
   const int64_t bh = P.B * P.NH;
-  // (8 per thread: dynamic scheduling then evens out threads slowed by other processes on shared cores)
   const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
   const int64_t blocks = std::min<int64_t>(P.H, std::max<int64_t>(1, (want + bh - 1) / bh));
   const int64_t rows_per = (P.H + blocks - 1) / blocks;
   const int64_t tasks = bh * blocks;
   const int64_t c_stride = P.NH * P.D;
+  const int64_t half = P.kw / 2, n_int = P.W - 2 * half;
+  const int64_t n_blocks_int = (n_int + L - 1) / L, n_blocks_border = (half + L - 1) / L;
 
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
-    RowScratch<T> R(P);
-    const int64_t rows_max = std::min<int64_t>(P.H, rows_per + P.kh);
-    std::vector<T> kt(rows_max * P.D * P.ld + P.ld, T(0)), vt(rows_max * P.D * P.ld + P.ld, T(0));
+    KeyRing<T> ring(P);
+    BlockForward<T> F(P);
+    const int64_t ldr = ring.ldr;
+    Aligned<T> qt(P.D * ldr), ot(P.D * ldr), qb(P.D * L), ob(P.D * L), lse2(ldr), inv(ldr);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / (P.NH * blocks), h = (task / blocks) % P.NH, blk = task % blocks;
       const int64_t i0 = blk * rows_per, i1 = std::min(P.H, i0 + rows_per);
       if (i0 >= i1) continue;
-      const int64_t lo = window_start(i0, P.kh, P.H), hi = window_start(i1 - 1, P.kh, P.H) + P.kh;
-      load_rows_t(P, k, b, h, lo, hi, kt.data());
-      load_rows_t(P, v, b, h, lo, hi, vt.data());
+      ring.reset();
       const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * P.D;
       const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * P.D;
       for (int64_t i = i0; i < i1; ++i) {
-        scores_row(P, b, h, i, q, kt.data(), lo, cond_k, R);
-        const size_t na = R.active.size();
-        // Row max over the window and the allowed conditioners (window keys make it finite).
-        T* __restrict mx = R.mx.data();
-        for (int64_t j = 0; j < P.W; ++j) mx[j] = -std::numeric_limits<T>::infinity();
-        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
-          const T* __restrict ps = R.s.data() + key * P.ld;
-          if (key < P.keys()) {
-#pragma omp simd
-            for (int64_t j = 0; j < P.W; ++j) mx[j] = std::max(mx[j], ps[j]);
-          } else {
-            const T* __restrict pa = R.allow.data() + (key - P.keys()) * P.ld;
-#pragma omp simd
-            for (int64_t j = 0; j < P.W; ++j) mx[j] = pa[j] != T(0) ? std::max(mx[j], ps[j]) : mx[j];
-          }
-        }
-        probabilities(P, R.s.data(), mx, R.allow.data(), na, R.p.data());
-        T* __restrict sum = R.sum.data();
-        for (int64_t j = 0; j < P.W; ++j) sum[j] = T(0);
-        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
-          const T* __restrict pp = R.p.data() + key * P.ld;
-#pragma omp simd
-          for (int64_t j = 0; j < P.W; ++j) sum[j] += pp[j];
-        }
+        const int64_t r_first = window_start(i, P.kh, P.H);
+        ring.ensure(k, v, b, h, r_first);
+        const int64_t row_off = ((b * P.H + i) * P.W) * P.pix() + h * P.D;
+        load_row_t(P, q + row_off, static_cast<T>(P.scale * kLog2e), qt.p, ldr);
+        // left border, interior, right border: a later block overwrites the lanes an earlier one spilled into
+        auto block = [&](int64_t j0, int64_t nvalid, bool interior, int64_t t, int64_t ws) {
+          for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, simd::load(qt.p + d * ldr + j0));
+          F.conditioners(b, i, j0, nvalid);
+          F.run(ring, r_first, interior, t, ws, qb.p, ck, cv, c_stride, ob.p, lse2.p + j0, inv.p + j0);
+          for (int64_t d = 0; d < P.D; ++d) simd::store(ot.p + d * ldr + j0, simd::load(ob.p + d * L));
+        };
+        for (int64_t tb = 0; tb < n_blocks_border; ++tb)
+          block(tb * L, std::min<int64_t>(L, half - tb * L), false, 0, 0);
+        for (int64_t t = 0; t < n_blocks_int; ++t)
+          block(half + t * L, std::min<int64_t>(L, n_int - t * L), true, t, 0);
+        for (int64_t tb = 0; tb < n_blocks_border; ++tb)
+          block(P.W - half + tb * L, std::min<int64_t>(L, half - tb * L), false, 0, P.W - P.kw);
+        store_row_t(P, ot.p, T(1), out + row_off, static_cast<const T*>(nullptr), ldr);
         T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
-        for (int64_t j = 0; j < P.W; ++j) {
-          lse_row[j] = mx[j] + std::log(sum[j]);
-          sum[j] = T(1) / sum[j];
-        }
-        // out = (sum_keys exp(s - max) v) / sum: the division is applied per pixel as the row is stored,
-        // not as a pass over every probability.
-        weighted_sum(P, R.p.data(), vt.data(), window_start(i, P.kh, P.H) - lo, cv == nullptr ? vt.data() : cv,
-                     c_stride, R.active, R.o.data());
-        store_row_t(P, R.o.data(), T(1), out + ((b * P.H + i) * P.W) * P.pix() + h * P.D, R.sum.data());
+        for (int64_t j = 0; j < P.W; ++j) lse_row[j] = lse2.p[j] * static_cast<T>(kLn2);
       }
     }
   }
