@@ -85,7 +85,7 @@ def _require_compiled_kernels():
 def capture(call: Callable[[], object], op: str, arch: Optional[int] = None, **tags) -> list[Launch]:
     """Run `call` (a launcher on meta tensors) with every kernel launch recorded instead of run; `arch`
     (e.g. 90) is the compute capability the launchers configure for, as on such a GPU."""
-    from . import ddn, disk_mask, local_attention, probe
+    from . import ddn, disk_mask, local_attention, local_attention_jvp, probe
 
     launches: list[Launch] = []
 
@@ -93,7 +93,7 @@ def capture(call: Callable[[], object], op: str, arch: Optional[int] = None, **t
         launches.append(Launch(op, kernel, device, args, meta, arch=arch, **tags))
 
     with contextlib.ExitStack() as stack:
-        for module in (local_attention, ddn, probe, disk_mask):
+        for module in (local_attention, local_attention_jvp, ddn, probe, disk_mask):
             stack.enter_context(mock.patch.object(module, "launch", record))
         # the launchers' input checks accept CUDA tensors (or the interpreter); meta tensors stand in for them
         stack.enter_context(mock.patch.object(local_attention, "_interpreting", lambda: False))
@@ -109,9 +109,10 @@ def _meta(*shape, dtype=torch.float32):
 
 
 def attention_launches(dtype_name: str, D: int, arch: int) -> list[Launch]:
-    """Every launch of the attention forward and backward, with and without conditioners, as configured on
+    """Every launch of the attention forward, backward and jvp, with and without conditioners, as configured on
     a GPU of compute capability `arch` (the block sizes depend on it)."""
     from . import local_attention as la
+    from . import local_attention_jvp as lj
 
     s, dt = ATTN_SHAPE, DTYPES[dtype_name]
     B, H, W, heads, M, ks = s["B"], s["H"], s["W"], s["heads"], s["M"], (s["kernel"], s["kernel"])
@@ -125,6 +126,8 @@ def attention_launches(dtype_name: str, D: int, arch: int) -> list[Launch]:
     for cond in ((ck, cv, mask), (None, None, None)):
         found += capture(lambda: la.lca_forward(q, k, v, *cond, ks, D ** -0.5), op, **tags)
         found += capture(lambda: la.lca_backward(do, q, k, v, *cond, out, lse, ks, D ** -0.5), op, **tags)
+        tangents = (q, k, v, *((ck, cv) if cond[0] is not None else (None, None)))
+        found += capture(lambda: lj.lca_jvp(q, k, v, *cond, out, lse, *tangents, ks, D ** -0.5), op, **tags)
     return found
 
 
@@ -159,7 +162,7 @@ def other_launches() -> list[Launch]:
     return found
 
 
-KERNEL_MODULES = ("local_attention", "ddn", "probe", "disk_mask")
+KERNEL_MODULES = ("local_attention", "local_attention_jvp", "ddn", "probe", "disk_mask")
 
 
 def all_kernels() -> dict[str, object]:

@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import (_COND_BLOCK, _RCP_LN2, _check_inputs, _cond_bits, _config, _dot, _key_box,
-                              _pack_cond_mask, _precision, _strides4, _strides5, _upcast, _window_start)
+from ._launch import launch
+from . import local_attention as _la
+from .local_attention import (_COND_BLOCK, _RCP_LN2, _cond_bits, _config, _dot, _key_box, _pack_cond_mask,
+                              _precision, _strides4, _strides5, _upcast, _window_start)
 
 
 @triton.jit
@@ -163,7 +165,7 @@ def _like(name: str, t, ref: torch.Tensor):
 
 def lca_jvp(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, dcond_v, kernel_size, scale):
     """Fused forward-mode derivative from lca_forward's out and lse: dout [B, H, W, heads, D] in q.dtype."""
-    _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, "lca_jvp")
+    _la._check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, "lca_jvp")
     B, H, W, heads, D = q.shape
     kh, kw = kernel_size
     dq, dk, dv = _like("dq", dq, q), _like("dk", dk, k), _like("dv", dv, v)
@@ -177,22 +179,25 @@ def lca_jvp(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, d
     # dq, dk, dv are indexed with q's, k's, v's strides: give them the same layout.
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
     dq, dk, dv = (None if t is None else t.contiguous() for t in (dq, dk, dv))
-    q, sq = _strides5("q", q)
-    k, sk = _strides5("k", k)
-    v, sv = _strides5("v", v)
+    q, sq = _strides5("q", q, "lca_jvp")
+    k, sk = _strides5("k", k, "lca_jvp")
+    v, sv = _strides5("v", v, "lca_jvp")
+    # out, dout and the tangents are indexed with q's strides (all contiguous, same shape): one check covers
+    # them; see _strides5 for the int32 offsets inside one batch item.
     if has_cond:
         cond_k, cond_v = cond_k.contiguous(), cond_v.contiguous()
         dcond_k, dcond_v = (None if t is None else t.contiguous() for t in (dcond_k, dcond_v))
-        cond_k, sck = _strides4(cond_k)
-        cond_v, scv = _strides4(cond_v)
+        cond_k, sck = _strides4("cond_k", cond_k, "lca_jvp")
+        cond_v, scv = _strides4("cond_v", cond_v, "lca_jvp")
         bits = _pack_cond_mask(cond_mask, B, M, H, W, q.device)
     else:  # dummies: never dereferenced with HAS_COND false
         cond_k, cond_v, sck, scv = q, q, (0, 0, 0), (0, 0, 0)
         bits = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cfg = _config(D, q.dtype)
+    cfg = _config(D, q.dtype, _la._capability(q.device))
     n_tiles_w = triton.cdiv(W, cfg["TILE_W"])
     grid = (triton.cdiv(H, cfg["TILE_H"]) * n_tiles_w, B * heads)
-    _lca_jvp_kernel[grid](
+    launch(
+        _lca_jvp_kernel, grid, q.device,
         q, k, v, q if dq is None else dq, k if dk is None else dk, v if dv is None else dv,
         cond_k, cond_v, cond_k if dcond_k is None else dcond_k, cond_v if dcond_v is None else dcond_v,
         bits, out, lse.contiguous(), dout,
@@ -203,6 +208,6 @@ def lca_jvp(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, d
         HAS_COND=has_cond, HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None,
         HAS_DCK=dcond_k is not None, HAS_DCV=dcond_v is not None,
         PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
     )
     return dout
