@@ -599,8 +599,8 @@ int64_t work_of(const Problem<T>& P) {
 //
 // Scores are in the exp2 domain (queries scaled by scale * log2(e)): p = 2^(s - max) saves the
 // multiplication of the argument and half of the range reduction of exp; the stored lse is natural.
-// Border queries (the first and last kw/2 of a row share a clamped window) read their keys and values as
-// broadcast scalars from per-row copies of those kw columns.
+// Border queries (the first and last kw/2 of a row, whose windows are clamped to the first or last kw
+// columns) go through border panels, one register per (offset, channel) holding each lane's column.
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -612,9 +612,7 @@ FASTCOMP_CONTRACT inline simd::vec<float> exp2_neg(simd::vec<float> x) {
   FASTCOMP_CONTRACT_BODY
   using V = simd::vec<float>;
   using I = simd::ivec<float>;
-  const V lo = simd::splat(-125.0f), zero = simd::zero<float>();
-  x = simd::select<float>(x < lo, lo, x);
-  x = simd::select<float>(x > zero, zero, x);
+  x = simd::min<float>(simd::max<float>(x, simd::splat(-125.0f)), simd::zero<float>());
   const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
   const V r = x - n;
   V p = simd::splat(1.5403530393381609e-4f);
@@ -648,10 +646,14 @@ struct Aligned {
   }
 };
 
-// s[c] = sum_d qb[d] * kp[d * 2L + c] for c < NC (lanes: the block's queries; kp: a panel row pointer
-// at the chunk's lane offset). Two key rows at once (dots2) share every query load.
-template <typename T, int NC>
-FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __restrict kp, int64_t D,
+// s[c] = sum_d qb[d] * key_c[d] for c < NC, key_c[d] the register at kp + c * CS + d * ds (lanes: the
+// block's queries; ds = DS, or ds_ when DS is 0). Interior blocks: kp a panel row at the chunk's lane
+// offset, CS = 1, DS = 2L (shifted loads inside one panel row); border blocks: their own panels
+// [D][kw][L], CS = L, ds = kw L. Compile-time strides keep every load an immediate offset from one
+// pointer (run-time ones cost ~10% of the forward in address arithmetic). Two key rows at once
+// (block_dots2) share every query load.
+template <typename T, int NC, int CS, int DS>
+FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __restrict kp, int64_t ds_, int64_t D,
                                          simd::vec<T>* __restrict s) {
   FASTCOMP_CONTRACT_BODY
   constexpr int64_t L = simd::kLanes<T>;
@@ -661,15 +663,16 @@ FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __rest
   for (int64_t d = 0; d < D; ++d) {
     const simd::vec<T> b_q = simd::load(qb + d * L);
 #pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) acc[c] = b_q * simd::load(kp + d * 2 * L + c) + acc[c];
+    for (int c = 0; c < NC; ++c) acc[c] = b_q * simd::load(kp + c * CS + d * (DS ? DS : ds_)) + acc[c];
   }
 #pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) s[c] = acc[c];
 }
 
-template <typename T, int NC>
+template <typename T, int NC, int CS, int DS>
 FASTCOMP_CONTRACT inline void block_dots2(const T* __restrict qb, const T* __restrict kp0, const T* __restrict kp1,
-                                          int64_t D, simd::vec<T>* __restrict s0, simd::vec<T>* __restrict s1) {
+                                          int64_t ds_, int64_t D, simd::vec<T>* __restrict s0,
+                                          simd::vec<T>* __restrict s1) {
   FASTCOMP_CONTRACT_BODY
   constexpr int64_t L = simd::kLanes<T>;
   simd::vec<T> a0[NC], a1[NC];
@@ -679,8 +682,8 @@ FASTCOMP_CONTRACT inline void block_dots2(const T* __restrict qb, const T* __res
     const simd::vec<T> b_q = simd::load(qb + d * L);
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
-      a0[c] = b_q * simd::load(kp0 + d * 2 * L + c) + a0[c];
-      a1[c] = b_q * simd::load(kp1 + d * 2 * L + c) + a1[c];
+      a0[c] = b_q * simd::load(kp0 + c * CS + d * (DS ? DS : ds_)) + a0[c];
+      a1[c] = b_q * simd::load(kp1 + c * CS + d * (DS ? DS : ds_)) + a1[c];
     }
   }
 #pragma GCC unroll 8
@@ -690,19 +693,23 @@ FASTCOMP_CONTRACT inline void block_dots2(const T* __restrict qb, const T* __res
   }
 }
 
-// Broadcast keys (border blocks, conditioners): s[c] = sum_d qb[d] * key_c[d], key_c[d] = kc[c * cs + d * ds].
+// Conditioner scores, up to 8 at once (one query load feeds them all): s[c] = sum_d qb[d] * kc[c][d].
 template <typename T, int NC>
-FASTCOMP_CONTRACT inline void block_dots_bcast(const T* __restrict qb, const T* __restrict kc, int64_t cs, int64_t ds,
-                                               int64_t D, simd::vec<T>* __restrict s) {
+FASTCOMP_CONTRACT inline void block_dots_cond(const T* __restrict qb, const T* const* kc, int64_t D,
+                                              simd::vec<T>* __restrict s) {
   FASTCOMP_CONTRACT_BODY
   constexpr int64_t L = simd::kLanes<T>;
   simd::vec<T> acc[NC];
+  const T* b_k[NC];
 #pragma GCC unroll 8
-  for (int c = 0; c < NC; ++c) acc[c] = simd::zero<T>();
+  for (int c = 0; c < NC; ++c) {
+    acc[c] = simd::zero<T>();
+    b_k[c] = kc[c];
+  }
   for (int64_t d = 0; d < D; ++d) {
     const simd::vec<T> b_q = simd::load(qb + d * L);
 #pragma GCC unroll 8
-    for (int c = 0; c < NC; ++c) acc[c] = b_q * kc[c * cs + d * ds] + acc[c];
+    for (int c = 0; c < NC; ++c) acc[c] = b_q * b_k[c][d] + acc[c];
   }
 #pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) s[c] = acc[c];
@@ -721,107 +728,214 @@ FASTCOMP_CONTRACT inline void block_dots_bcast(const T* __restrict qb, const T* 
     default: F(1); break;                      \
   }
 
-// acc[n] += sum_e p[e] * vp[(d0 + n) * 2L + e] over the e < ne offsets of a chunk (interior, panel values).
-template <typename T, int ND>
-FASTCOMP_CONTRACT inline void block_wsum(const simd::vec<T>* __restrict p, int64_t ne, const T* __restrict vp,
+// acc[n] += sum_e p[e] * value_e[d0 + n], value_e[d] the register at vp + e * ES + d * ds (as block_dots:
+// interior ES = 1, DS = 2L; border ES = L, ds = kw L).
+template <typename T, int ND, int NE, int ES, int DS>
+FASTCOMP_CONTRACT inline void block_wsum(const simd::vec<T>* __restrict p, const T* __restrict vp, int64_t ds_,
                                          simd::vec<T>* __restrict acc) {
   FASTCOMP_CONTRACT_BODY
-  constexpr int64_t L = simd::kLanes<T>;
   simd::vec<T> b_acc[ND];
 #pragma GCC unroll 8
   for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
-  for (int64_t e = 0; e < ne; ++e) {
+#pragma GCC unroll 8
+  for (int e = 0; e < NE; ++e) {
     const simd::vec<T> b_p = p[e];
 #pragma GCC unroll 8
-    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * simd::load(vp + n * 2 * L + e) + b_acc[n];
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * simd::load(vp + e * ES + n * (DS ? DS : ds_)) + b_acc[n];
   }
 #pragma GCC unroll 8
   for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
 }
 
-// acc[n] += sum_e p[e] * vc[e * es + n * ds] (border blocks and conditioners: broadcast values).
+// block_wsum for ND channels and a run-time chunk length ne <= 8 (unrolled: the loop over a chunk's
+// offsets cost ~5 instructions per 8 FMAs).
+template <typename T, int ND, int ES, int DS>
+inline void block_wsum_n(const simd::vec<T>* __restrict p, int64_t ne, const T* __restrict vp, int64_t ds_,
+                         simd::vec<T>* __restrict acc) {
+#define FASTCOMP_WSUM_NE(N) block_wsum<T, ND, N, ES, DS>(p, vp, ds_, acc)
+  FASTCOMP_UP_TO_8(ne, FASTCOMP_WSUM_NE)
+#undef FASTCOMP_WSUM_NE
+}
+
+// acc[n] += sum_e p[e] * vc[e][n] (conditioners: broadcast values, vc[e] pointing at channel d0).
 template <typename T, int ND>
-FASTCOMP_CONTRACT inline void block_wsum_bcast(const simd::vec<T>* __restrict p, int64_t ne, const T* __restrict vc,
-                                               int64_t es, int64_t ds, simd::vec<T>* __restrict acc) {
+FASTCOMP_CONTRACT inline void block_wsum_cond(const simd::vec<T>* __restrict p, int64_t ne, const T* const* vc,
+                                              simd::vec<T>* __restrict acc) {
   FASTCOMP_CONTRACT_BODY
   simd::vec<T> b_acc[ND];
 #pragma GCC unroll 8
   for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
   for (int64_t e = 0; e < ne; ++e) {
     const simd::vec<T> b_p = p[e];
+    const T* b_v = vc[e];
 #pragma GCC unroll 8
-    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * vc[e * es + n * ds] + b_acc[n];
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * b_v[n] + b_acc[n];
   }
 #pragma GCC unroll 8
   for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
 }
 
-// One task's ring of kh key rows as panels, plus the border columns of each as [D][kw] for broadcasts.
+// Prefetches row r of (b, h) of a heads-last tensor (D values per pixel at a stride of heads * D: lines the
+// hardware prefetcher does not follow); `write` for an output. Without it the transposes of the rows into
+// and out of the kernel's layouts waited on memory for ~40% of the forward.
+template <typename T>
+inline void prefetch_row(const Problem<T>& P, const T* x, int64_t b, int64_t h, int64_t r, bool write) {
+  const T* row = x + ((b * P.H + r) * P.W) * P.pix() + h * P.D;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = 0; j < P.W; ++j)
+    for (int64_t d = 0; d < P.D; d += kLine) {
+      if (write)
+        __builtin_prefetch(row + j * P.pix() + d, 1);
+      else
+        __builtin_prefetch(row + j * P.pix() + d, 0);
+    }
+}
+
+// One task's ring of kh key rows (slot of row r: r % kh), keys and values each as
+//   NP interior panels [p][D][2L]: columns pL .. pL + 2L of the row (0 beyond W), and
+//   NBB border panels [u][D][kw][L]: for lane l of border block u, border query g = uL + l (the kw/2
+//   first queries of a row, then the kw/2 last), the column its window has at offset dc: dc for the first
+//   ones, W - kw + dc for the last (0 for lanes past 2 (kw/2)). One border block serves both ends of a
+//   row (6 queries in one register at kw = 7, where a block per end used 3 lanes of 8 each).
 template <typename T>
 struct KeyRing {
   const Problem<T>& P;
-  int64_t NP, panel, row_len, ldr;
-  Aligned<T> k, v, tmp;
-  std::vector<T> kb_left, kb_right, vb_left, vb_right;  // [slot][D][kw]
-  std::vector<int64_t> row_of;                          // key row held by each slot (-1: none)
+  int64_t half, NP, panel, NBB, bpanel, row_len, ldr;
+  Aligned<T> k, v;
+  std::vector<int64_t> row_of;  // key row held by each slot (-1: none)
 
   explicit KeyRing(const Problem<T>& P_)
-      : P(P_), NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2), panel(P_.D * 2 * simd::kLanes<T>),
-        row_len(NP * P_.D * 2 * simd::kLanes<T>), ldr((NP + 2) * simd::kLanes<T>), k(P_.kh * row_len),
-        v(P_.kh * row_len), tmp(P_.D * ldr), kb_left(P_.kh * P_.D * P_.kw), kb_right(P_.kh * P_.D * P_.kw),
-        vb_left(P_.kh * P_.D * P_.kw), vb_right(P_.kh * P_.D * P_.kw), row_of(P_.kh, -1) {}
+      : P(P_), half(P_.kw / 2), NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2),
+        panel(P_.D * 2 * simd::kLanes<T>), NBB((2 * (P_.kw / 2) + simd::kLanes<T> - 1) / simd::kLanes<T>),
+        bpanel(P_.kw * P_.D * simd::kLanes<T>), row_len(NP * panel + NBB * bpanel), ldr((NP + 2) * simd::kLanes<T>),
+        k(P_.kh * row_len), v(P_.kh * row_len), row_of(P_.kh, -1) {}
+
+  // The pixel of border query g (g < 2 (kw/2)).
+  int64_t border_pixel(int64_t g) const { return g < half ? g : P.W - 2 * half + g; }
+
+  // The slots of key rows r0 .. r0 + kh - 1 (once per query row: a % per panel access cost ~10% of the
+  // forward in integer divisions).
+  void slots(const Aligned<T>& x, int64_t r0, const T** out) const {
+    for (int64_t dr = 0; dr < P.kh; ++dr) out[dr] = x.p + ((r0 + dr) % P.kh) * row_len;
+  }
+  const T* interior(const T* slot, int64_t pi) const { return slot + pi * panel; }
+  const T* border(const T* slot, int64_t u) const { return slot + NP * panel + u * bpanel; }
 
   void reset() { std::fill(row_of.begin(), row_of.end(), int64_t(-1)); }
 
-  // Row r of (b, h) of the heads-last x into panels (dst) and border copies (left, right), via tmp.
-  void build(const T* x, int64_t b, int64_t h, int64_t r, T* dst, T* left, T* right) {
+  // Row r of (b, h) of the heads-last x into the panels at dst: each register transpose of L pixels x L
+  // channels (tile t of the row) goes straight to its two places, the first half of panel t and the
+  // second half of panel t - 1 (columns >= W are never written: they stay 0). The border panels then
+  // take their columns from the panels.
+  void build(const T* x, int64_t b, int64_t h, int64_t r, T* dst) {
     constexpr int64_t L = simd::kLanes<T>;
-    load_row_t(P, x + ((b * P.H + r) * P.W) * P.pix() + h * P.D, T(1), tmp.p, ldr);  // columns >= W stay 0
-    for (int64_t pi = 0; pi < NP; ++pi)
-      for (int64_t d = 0; d < P.D; ++d) std::memcpy(dst + pi * panel + d * 2 * L, tmp.p + d * ldr + pi * L, 2 * L * sizeof(T));
-    for (int64_t d = 0; d < P.D; ++d)
-      for (int64_t c = 0; c < P.kw; ++c) {
-        left[d * P.kw + c] = tmp.p[d * ldr + c];
-        right[d * P.kw + c] = tmp.p[d * ldr + P.W - P.kw + c];
+    const int64_t D = P.D, kw = P.kw, W = P.W, pix = P.pix();
+    const T* src = x + ((b * P.H + r) * W) * pix + h * D;
+    const int64_t d_vec = D / L * L;
+    auto put = [&](int64_t t, int64_t d, int64_t lane, T value) {  // column tL + lane, channel d
+      dst[t * panel + d * 2 * L + lane] = value;
+      if (t > 0) dst[(t - 1) * panel + d * 2 * L + L + lane] = value;
+    };
+    int64_t t = 0;
+    for (; (t + 1) * L <= W; ++t) {
+      const T* s = src + t * L * pix;
+      if ((t + 2) * L <= W)  // the next tile's pixels: lines at a stride the hardware prefetcher misses
+        for (int64_t jj = 0; jj < L; ++jj)
+          for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (L + jj) * pix + d);
+      for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
+        simd::vec<T> b_rows[L];  // [pixel][channel], then [channel][pixel]
+        for (int64_t jj = 0; jj < L; ++jj) b_rows[jj] = simd::load(s + jj * pix + d0);
+        simd::transpose<T>(b_rows);
+        for (int64_t dd = 0; dd < L; ++dd) {
+          simd::store(dst + t * panel + (d0 + dd) * 2 * L, b_rows[dd]);
+          if (t > 0) simd::store(dst + (t - 1) * panel + (d0 + dd) * 2 * L + L, b_rows[dd]);
+        }
       }
+      for (int64_t d = d_vec; d < D; ++d)
+        for (int64_t jj = 0; jj < L; ++jj) put(t, d, jj, s[jj * pix + d]);
+    }
+    for (int64_t j = t * L; j < W; ++j)
+      for (int64_t d = 0; d < D; ++d) put(t, d, j - t * L, src[j * pix + d]);
+    T* bp = dst + NP * panel;
+    auto column = [&](int64_t c, int64_t d) { return dst[(c / L) * panel + d * 2 * L + c % L]; };
+    for (int64_t u = 0; u < NBB; ++u) {
+      // lanes of the first kw/2 queries take the left column, those of the last kw/2 the right one
+      simd::ivec<T> left_lane{}, used_lane{};
+      for (int64_t l = 0; l < L; ++l) {
+        left_lane[l] = u * L + l < half ? -1 : 0;
+        used_lane[l] = u * L + l < 2 * half ? -1 : 0;
+      }
+      const simd::vec<T> zero = simd::zero<T>();
+      for (int64_t d = 0; d < D; ++d) {
+        T* o = bp + (u * D + d) * kw * L;
+        for (int64_t dc = 0; dc < kw; ++dc) {
+          const simd::vec<T> b_v = simd::select<T>(left_lane, simd::splat(column(dc, d)), simd::splat(column(W - kw + dc, d)));
+          simd::store(o + dc * L, simd::select<T>(used_lane, b_v, zero));
+        }
+      }
+    }
   }
 
-  // Make slots hold key rows [r0, r0 + kh); returns nothing, slot of row r is r % kh.
+  // Make the slots hold key rows [r0, r0 + kh).
   void ensure(const T* kx, const T* vx, int64_t b, int64_t h, int64_t r0) {
     for (int64_t r = r0; r < r0 + P.kh; ++r) {
       const int64_t s = r % P.kh;
       if (row_of[s] == r) continue;
-      const int64_t bo = s * P.D * P.kw;
-      build(kx, b, h, r, k.p + s * row_len, kb_left.data() + bo, kb_right.data() + bo);
-      build(vx, b, h, r, v.p + s * row_len, vb_left.data() + bo, vb_right.data() + bo);
+      build(kx, b, h, r, k.p + s * row_len);
+      build(vx, b, h, r, v.p + s * row_len);
       row_of[s] = r;
     }
   }
 };
 
-// The forward of one query block: queries j0 .. j0 + L - 1 of row i (lanes), `interior` (window start
-// j - kw/2 for every lane, panel index t) or a border block (window start ws for every lane). qb [D][L]
-// queries (scaled by scale * log2 e); writes ob [D][L] (normalized) and the block's lse2 (log2 domain).
+// The forward of one query block of row i: interior block t (queries kw/2 + tL + lane, window start
+// j - kw/2) or border block u (queries as in KeyRing). qb [D][L] the queries (scaled by scale * log2 e);
+// writes ob [D][L] (normalized) and lse2[L] (log2 domain).
 template <typename T>
 struct BlockForward {
   const Problem<T>& P;
-  std::vector<simd::vec<T>> s;  // [keys + M] scores, then probabilities
+  std::vector<simd::vec<T>> s;      // [keys + M] scores, then probabilities
   std::vector<simd::vec<T>> allow;  // [M] 0 / 1 per lane of the block's active conditioners
   std::vector<int64_t> active;
-  std::vector<simd::vec<T>> acc;  // [D] output accumulators (block_wsum's register tiles pass through here)
+  std::vector<simd::vec<T>> acc;    // [D] output accumulators (block_wsum's register tiles pass through here)
+  std::vector<const T*> kc, vc;     // [M] the active conditioners' keys and values (at channel 0 / d0)
 
-  explicit BlockForward(const Problem<T>& P_) : P(P_), s(P_.keys() + P_.M), allow(P_.M), acc(P_.D) {
+  explicit BlockForward(const Problem<T>& P_)
+      : P(P_), s(P_.keys() + P_.M), allow(P_.M), acc(P_.D), kc(P_.M), vc(P_.M) {
     active.reserve(P_.M);
   }
 
-  // The conditioners allowed for some lane of the block, with their lane masks.
-  void conditioners(int64_t b, int64_t i, int64_t j0, int64_t nvalid) {
+  // The conditioners some lane of the block may see (lane l: pixel pixels[l], l < nvalid), with lane masks.
+  void conditioners(int64_t b, int64_t i, const int64_t* pixels, int64_t nvalid) {
+    constexpr int64_t L = simd::kLanes<T>;
     active.clear();
+    if (P.mask == nullptr) {  // every pixel sees every conditioner
+      simd::vec<T> a = simd::zero<T>();
+      for (int64_t l = 0; l < nvalid; ++l) a[l] = T(1);
+      for (int64_t m = 0; m < P.M; ++m) {
+        allow[m] = a;
+        active.push_back(m);
+      }
+      return;
+    }
+    const bool contiguous = pixels[nvalid - 1] - pixels[0] == nvalid - 1;
     for (int64_t m = 0; m < P.M; ++m) {
+      const uint8_t* row = P.mask + ((b * P.M + m) * P.H + i) * P.W;
+      if (contiguous) {  // interior blocks: skip a conditioner none of the block's pixels sees, 8 bytes a test
+        uint64_t bits = 0;
+        int64_t l = 0;
+        for (; l + 8 <= nvalid; l += 8) {
+          uint64_t w;
+          std::memcpy(&w, row + pixels[0] + l, 8);
+          bits |= w;
+        }
+        for (; l < nvalid; ++l) bits |= row[pixels[0] + l];
+        if (bits == 0) continue;
+      }
       simd::vec<T> a = simd::zero<T>();
       bool any = false;
       for (int64_t l = 0; l < nvalid; ++l) {
-        const bool ok = P.mask == nullptr || P.mask[((b * P.M + m) * P.H + i) * P.W + j0 + l] != 0;
+        const bool ok = row[pixels[l]] != 0;
         a[l] = ok ? T(1) : T(0);
         any = any || ok;
       }
@@ -830,55 +944,63 @@ struct BlockForward {
         active.push_back(m);
       }
     }
+    (void)L;
   }
 
-  void run(const KeyRing<T>& ring, int64_t r_first, bool interior, int64_t t, int64_t ws, const T* qb,
-           const T* ck, const T* cv, int64_t c_stride, T* ob, T* lse2, T* inv_sum) {
+  // ks, vs: the kh key / value slots of the row (KeyRing::slots).
+  void run(const KeyRing<T>& ring, const T* const* ks, const T* const* vs, bool interior, int64_t t, const T* qb,
+           const T* ck, const T* cv, int64_t c_stride, T* ob, T* lse2) {
+    constexpr int64_t L = simd::kLanes<T>;
+    if (interior)
+      run_as<1, 2 * L>(ks, vs, qb, ck, cv, c_stride, ob, lse2, [&](const T* slot, int64_t dc) {
+        return ring.interior(slot, t + dc / L) + dc % L;
+      }, 2 * L);
+    else
+      run_as<L, 0>(ks, vs, qb, ck, cv, c_stride, ob, lse2, [&](const T* slot, int64_t dc) {
+        return ring.border(slot, t) + dc * L;
+      }, P.kw * L);
+  }
+
+  // run() for one layout: key (value) c of a chunk at at(x, dr, dc0) + c * CS, channel d at + d * ds.
+  template <int CS, int DS, typename At>
+  void run_as(const T* const* ks, const T* const* vs, const T* qb, const T* ck, const T* cv, int64_t c_stride, T* ob,
+              T* lse2, At at, int64_t ds) {
     constexpr int64_t L = simd::kLanes<T>, C = kChunk<T>;
     const int64_t D = P.D, kh = P.kh, kw = P.kw, keys = P.keys();
     const int64_t na = static_cast<int64_t>(active.size());
-    // scores
+    // scores: the window, two key rows per pass, then the conditioners, up to 8 per pass
     for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
       const int64_t nc = std::min<int64_t>(C, kw - dc0);
       int64_t dr = 0;
-      if (interior) {
-        const int64_t pi = t + dc0 / L, off = dc0 % L;
-        for (; dr + 2 <= kh; dr += 2) {
-          const T* kp0 = ring.k.p + ((r_first + dr) % kh) * ring.row_len + pi * ring.panel + off;
-          const T* kp1 = ring.k.p + ((r_first + dr + 1) % kh) * ring.row_len + pi * ring.panel + off;
-          simd::vec<T>* s0 = s.data() + dr * kw + dc0;
-#define FASTCOMP_DOTS2(N) block_dots2<T, N>(qb, kp0, kp1, D, s0, s0 + kw)
-          FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS2)
+      for (; dr + 2 <= kh; dr += 2) {
+        const T *kp0 = at(ks[dr], dc0), *kp1 = at(ks[dr + 1], dc0);
+        simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTS2(N) block_dots2<T, N, CS, DS>(qb, kp0, kp1, ds, D, s0, s0 + kw)
+        FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS2)
 #undef FASTCOMP_DOTS2
-        }
-        for (; dr < kh; ++dr) {
-          const T* kp = ring.k.p + ((r_first + dr) % kh) * ring.row_len + pi * ring.panel + off;
-          simd::vec<T>* s0 = s.data() + dr * kw + dc0;
-#define FASTCOMP_DOTS(N) block_dots<T, N>(qb, kp, D, s0)
-          FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS)
+      }
+      for (; dr < kh; ++dr) {
+        const T* kp = at(ks[dr], dc0);
+        simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTS(N) block_dots<T, N, CS, DS>(qb, kp, ds, D, s0)
+        FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS)
 #undef FASTCOMP_DOTS
-        }
-      } else {
-        const std::vector<T>& kb = ws == 0 ? ring.kb_left : ring.kb_right;
-        for (; dr < kh; ++dr) {
-          const T* kc = kb.data() + ((r_first + dr) % kh) * D * kw + dc0;
-          simd::vec<T>* s0 = s.data() + dr * kw + dc0;
-#define FASTCOMP_DOTSB(N) block_dots_bcast<T, N>(qb, kc, 1, kw, D, s0)
-          FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTSB)
-#undef FASTCOMP_DOTSB
-        }
       }
     }
-    for (int64_t a0 = 0; a0 < na; a0 += 4) {  // conditioners, 4 at a time (one query load feeds 4)
-      const int64_t n = std::min<int64_t>(4, na - a0);
-      for (int64_t a = a0; a < a0 + n; ++a) {  // (gathered: active conditioners need not be adjacent)
-        block_dots_bcast<T, 1>(qb, ck + active[a] * c_stride, 0, 1, D, s.data() + keys + a);
-      }
+    for (int64_t a = 0; a < na; ++a) {
+      kc[a] = ck + active[a] * c_stride;
+      vc[a] = cv + active[a] * c_stride;
+    }
+    for (int64_t a0 = 0; a0 < na; a0 += 8) {
+      const int64_t n = std::min<int64_t>(8, na - a0);
+#define FASTCOMP_DOTSC(N) block_dots_cond<T, N>(qb, kc.data() + a0, D, s.data() + keys + a0)
+      FASTCOMP_UP_TO_8(n, FASTCOMP_DOTSC)
+#undef FASTCOMP_DOTSC
     }
     // softmax: max over the window and the allowed conditioners, 2^(s - max), sum
+    const simd::vec<T> zero = simd::zero<T>(), ninf = simd::splat(-std::numeric_limits<T>::infinity());
     simd::vec<T> b_max = s[0];
     for (int64_t key = 1; key < keys; ++key) b_max = simd::max<T>(b_max, s[key]);
-    const simd::vec<T> zero = simd::zero<T>(), ninf = simd::splat(-std::numeric_limits<T>::infinity());
     for (int64_t a = 0; a < na; ++a) b_max = simd::max<T>(b_max, simd::select<T>(allow[a] != zero, s[keys + a], ninf));
     simd::vec<T> b_sum = zero;
     for (int64_t key = 0; key < keys; ++key) {
@@ -889,43 +1011,34 @@ struct BlockForward {
       s[keys + a] = simd::select<T>(allow[a] != zero, exp2_neg(s[keys + a] - b_max), zero);
       b_sum += s[keys + a];
     }
-    // weighted sum of the values, up to 8 channels at a time
-    for (int64_t d = 0; d < D; ++d) acc[d] = zero;
+    // weighted sum of the values, up to 8 channels per register tile
     for (int64_t d0 = 0; d0 < D; d0 += 8) {
       const int64_t nd = std::min<int64_t>(8, D - d0);
       simd::vec<T>* a_d = acc.data() + d0;
-      for (int64_t dr = 0; dr < kh; ++dr) {
-        const int64_t slot = (r_first + dr) % kh;
+      for (int64_t n = 0; n < nd; ++n) a_d[n] = zero;
+      for (int64_t dr = 0; dr < kh; ++dr)
         for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
           const int64_t ne = std::min<int64_t>(C, kw - dc0);
           const simd::vec<T>* p = s.data() + dr * kw + dc0;
-          if (interior) {
-            const T* vp = ring.v.p + slot * ring.row_len + (t + dc0 / L) * ring.panel + d0 * 2 * L + dc0 % L;
-#define FASTCOMP_WSUM(N) block_wsum<T, N>(p, ne, vp, a_d)
+          const T* vp = at(vs[dr], dc0) + d0 * ds;
+          if (nd == 8) {
+            block_wsum_n<T, 8, CS, DS>(p, ne, vp, ds, a_d);
+          } else {  // the D % 8 channels
+#define FASTCOMP_WSUM(N) block_wsum_n<T, N, CS, DS>(p, ne, vp, ds, a_d)
             FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUM)
 #undef FASTCOMP_WSUM
-          } else {
-            const std::vector<T>& vb = ws == 0 ? ring.vb_left : ring.vb_right;
-            const T* vc = vb.data() + slot * D * kw + d0 * kw + dc0;
-#define FASTCOMP_WSUMB(N) block_wsum_bcast<T, N>(p, ne, vc, 1, kw, a_d)
-            FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUMB)
-#undef FASTCOMP_WSUMB
           }
         }
-      }
-      for (int64_t a = 0; a < na; ++a) {
-        const T* vc = cv + active[a] * c_stride + d0;
-#define FASTCOMP_WSUMC(N) block_wsum_bcast<T, N>(s.data() + keys + a, 1, vc, 0, 1, a_d)
+      if (na) {
+        for (int64_t a = 0; a < na; ++a) vc[a] = cv + active[a] * c_stride + d0;
+#define FASTCOMP_WSUMC(N) block_wsum_cond<T, N>(s.data() + keys, na, vc.data(), a_d)
         FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUMC)
 #undef FASTCOMP_WSUMC
       }
     }
     const simd::vec<T> inv = simd::splat(T(1)) / b_sum;
     for (int64_t d = 0; d < D; ++d) simd::store(ob + d * L, acc[d] * inv);
-    for (int64_t l = 0; l < L; ++l) {
-      lse2[l] = b_max[l] + std::log2(b_sum[l]);
-      inv_sum[l] = inv[l];
-    }
+    for (int64_t l = 0; l < L; ++l) lse2[l] = b_max[l] + std::log2(b_sum[l]);
   }
 };
 
@@ -942,14 +1055,16 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
   const int64_t tasks = bh * blocks;
   const int64_t c_stride = P.NH * P.D;
   const int64_t half = P.kw / 2, n_int = P.W - 2 * half;
-  const int64_t n_blocks_int = (n_int + L - 1) / L, n_blocks_border = (half + L - 1) / L;
+  const int64_t n_blocks_int = (n_int + L - 1) / L;
 
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
     KeyRing<T> ring(P);
     BlockForward<T> F(P);
     const int64_t ldr = ring.ldr;
-    Aligned<T> qt(P.D * ldr), ot(P.D * ldr), qb(P.D * L), ob(P.D * L), lse2(ldr), inv(ldr);
+    Aligned<T> qt(P.D * ldr), ot(P.D * ldr), qb(P.D * L), ob(P.D * L), lse2(ldr), lse2_b(L);
+    int64_t pixels[L];
+    std::vector<const T*> ks(P.kh), vs(P.kh);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / (P.NH * blocks), h = (task / blocks) % P.NH, blk = task % blocks;
@@ -961,21 +1076,40 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r_first = window_start(i, P.kh, P.H);
         ring.ensure(k, v, b, h, r_first);
+        if (i + 1 < i1) {  // the next row's queries, its new key/value row and its output, a row of compute ahead
+          const int64_t r_next = window_start(i + 1, P.kh, P.H) + P.kh - 1;
+          prefetch_row(P, q, b, h, i + 1, false);
+          if (r_next != r_first + P.kh - 1) {
+            prefetch_row(P, k, b, h, r_next, false);
+            prefetch_row(P, v, b, h, r_next, false);
+          }
+          prefetch_row(P, out, b, h, i + 1, true);
+        }
+        ring.slots(ring.k, r_first, ks.data());
+        ring.slots(ring.v, r_first, vs.data());
         const int64_t row_off = ((b * P.H + i) * P.W) * P.pix() + h * P.D;
         load_row_t(P, q + row_off, static_cast<T>(P.scale * kLog2e), qt.p, ldr);
-        // left border, interior, right border: a later block overwrites the lanes an earlier one spilled into
-        auto block = [&](int64_t j0, int64_t nvalid, bool interior, int64_t t, int64_t ws) {
+        // interior blocks (the last may spill into the border pixels, which the border blocks then write)
+        for (int64_t t = 0; t < n_blocks_int; ++t) {
+          const int64_t j0 = half + t * L, nvalid = std::min<int64_t>(L, n_int - t * L);
+          for (int64_t l = 0; l < L; ++l) pixels[l] = j0 + l;
           for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, simd::load(qt.p + d * ldr + j0));
-          F.conditioners(b, i, j0, nvalid);
-          F.run(ring, r_first, interior, t, ws, qb.p, ck, cv, c_stride, ob.p, lse2.p + j0, inv.p + j0);
+          F.conditioners(b, i, pixels, nvalid);
+          F.run(ring, ks.data(), vs.data(), true, t, qb.p, ck, cv, c_stride, ob.p, lse2.p + j0);
           for (int64_t d = 0; d < P.D; ++d) simd::store(ot.p + d * ldr + j0, simd::load(ob.p + d * L));
-        };
-        for (int64_t tb = 0; tb < n_blocks_border; ++tb)
-          block(tb * L, std::min<int64_t>(L, half - tb * L), false, 0, 0);
-        for (int64_t t = 0; t < n_blocks_int; ++t)
-          block(half + t * L, std::min<int64_t>(L, n_int - t * L), true, t, 0);
-        for (int64_t tb = 0; tb < n_blocks_border; ++tb)
-          block(P.W - half + tb * L, std::min<int64_t>(L, half - tb * L), false, 0, P.W - P.kw);
+        }
+        for (int64_t u = 0; u < ring.NBB; ++u) {
+          const int64_t nvalid = std::min<int64_t>(L, 2 * half - u * L);
+          for (int64_t l = 0; l < nvalid; ++l) pixels[l] = ring.border_pixel(u * L + l);
+          for (int64_t d = 0; d < P.D; ++d)
+            for (int64_t l = 0; l < L; ++l) qb.p[d * L + l] = l < nvalid ? qt.p[d * ldr + pixels[l]] : T(0);
+          F.conditioners(b, i, pixels, nvalid);
+          F.run(ring, ks.data(), vs.data(), false, u, qb.p, ck, cv, c_stride, ob.p, lse2_b.p);
+          for (int64_t l = 0; l < nvalid; ++l) {
+            for (int64_t d = 0; d < P.D; ++d) ot.p[d * ldr + pixels[l]] = ob.p[d * L + l];
+            lse2.p[pixels[l]] = lse2_b.p[l];
+          }
+        }
         store_row_t(P, ot.p, T(1), out + row_off, static_cast<const T*>(nullptr), ldr);
         T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
         for (int64_t j = 0; j < P.W; ++j) lse_row[j] = lse2.p[j] * static_cast<T>(kLn2);
@@ -984,103 +1118,360 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
   }
 }
 
+// --- the backward, by the forward's blocks ---------------------------------------------------------------
+//
+// One task per (b, head): every dk / dv / dcond element has one writer (no atomics, deterministic). Per
+// query row, two phases:
+//  1. per query block (as the forward: interior blocks over the key/value panels, the border block over
+//     the border panels): recompute the scores and P = 2^(s log2 e - lse log2 e), dP = dO . V, delta =
+//     sum P dP, dS = P (dP - delta); dq = scale dS K (the forward's weighted sum, over the key panels);
+//     conditioner gradients accumulate lane by lane; the border block's dk / dv too (lane l of the border
+//     block always is border query l of a row, so its contributions are summed over lanes once, at the end).
+//  2. dk / dv of the interior queries, gathered per tile of L key columns: key column c' gets
+//     sum_dc dS[dc][u] x[u] over the queries u = c' + kw/2 - dc that see it at offset dc (dS kept for
+//     the row as [key][column], zero outside the interior queries; x = scale q or dO as query panels,
+//     the same 2L-wide rows as the key panels, so the shifted loads stay inside one line per channel).
+//     Accumulated in registers, added to the tile once per (key row, tile, 8 channels).
+
+// Query panels of the scatter: panel j holds columns jL + f .. jL + f + 2L of a transposed row (f =
+// kw/2 - L + 1), for j from -JOFF (so the gathers of the far offsets have panels) to NT.
+template <typename T>
+struct QueryPanels {
+  int64_t f, JOFF, NJ, panel;
+  Aligned<T> x;
+  QueryPanels(const Problem<T>& P, int64_t NT)
+      : f(P.kw / 2 - simd::kLanes<T> + 1), JOFF((P.kw + simd::kLanes<T> - 1) / simd::kLanes<T>),
+        NJ(NT + JOFF + 1), panel(P.D * 2 * simd::kLanes<T>), x(NJ * P.D * 2 * simd::kLanes<T>) {}
+  // from a transposed row xt [D][ldx] whose column c sits at xt + FP + c (zero outside [0, W))
+  void build(const T* xt, int64_t ldx, int64_t FP, int64_t D) {
+    constexpr int64_t L = simd::kLanes<T>;
+    for (int64_t jj = 0; jj < NJ; ++jj) {
+      const int64_t c0 = (jj - JOFF) * L + f;
+      for (int64_t d = 0; d < D; ++d) {
+        const T* src = xt + d * ldx + FP + c0;
+        T* o = x.p + jj * panel + d * 2 * L;
+        simd::store(o, simd::load(src));
+        simd::store(o + L, simd::load(src + L));
+      }
+    }
+  }
+  const T* at(int64_t j) const { return x.p + (j + JOFF) * panel; }
+};
+
+// acc[n] += sum_e w_e * x_e[n]: the gather of one chunk of window offsets for 8 (ND) channels.
+// w_e = weights of offset dc0 + e at the queries u0 - e (w + e * (ldw - 1)), x_e at xp - e (channel n at
+// + n * 2L): the query that sees the tile's lane l at offset dc0 + e is one column left per offset.
+template <typename T, int ND, int NE>
+FASTCOMP_CONTRACT inline void block_gather(const T* __restrict w, int64_t ldw, const T* __restrict xp,
+                                           simd::vec<T>* __restrict acc) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> b_acc[ND];
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
+#pragma GCC unroll 16
+  for (int e = 0; e < NE; ++e) {
+    const simd::vec<T> b_w = simd::load(w + e * (ldw - 1));
+#pragma GCC unroll 8
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_w * simd::load(xp + n * 2 * L - e) + b_acc[n];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
+}
+
+template <typename T, int ND>
+inline void block_gather_n(const T* w, int64_t ldw, const T* xp, int64_t ne, simd::vec<T>* acc) {
+  switch (ne) {
+#define FASTCOMP_G(N) case N: block_gather<T, ND, N>(w, ldw, xp, acc); break;
+    FASTCOMP_G(16) FASTCOMP_G(15) FASTCOMP_G(14) FASTCOMP_G(13) FASTCOMP_G(12) FASTCOMP_G(11) FASTCOMP_G(10)
+    FASTCOMP_G(9) FASTCOMP_G(8) FASTCOMP_G(7) FASTCOMP_G(6) FASTCOMP_G(5) FASTCOMP_G(4) FASTCOMP_G(3)
+    FASTCOMP_G(2)
+#undef FASTCOMP_G
+    default: block_gather<T, ND, 1>(w, ldw, xp, acc); break;
+  }
+}
+
 template <typename T>
 void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, const T* v, const T* cond_k,
                    const T* cond_v, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dck, T* dcv) {
+  (void)out;  // delta = sum_keys P dP (= dO . out) is formed from the recomputed P, see phase 1
+  constexpr int64_t L = simd::kLanes<T>, C = kChunk<T>;
   const int64_t tasks = P.B * P.NH;
   const int64_t c_stride = P.NH * P.D;
-  const int64_t img = P.H * P.D * P.ld + P.ld;
+  const int64_t D = P.D, kh = P.kh, kw = P.kw, keys = P.keys(), half = kw / 2, W = P.W, H = P.H;
+  const int64_t n_int = W - 2 * half, n_blocks_int = (n_int + L - 1) / L;
+  const int64_t NT = (W + L - 1) / L;                 // key tiles of a row
+  const T log2e = static_cast<T>(kLog2e);
+
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
-    RowScratch<T> R(P);
-    std::vector<T> kt(img, T(0)), vt(img, T(0)), gk(img), gv(img), go_buf(kFront + P.D * P.ld + P.ld, T(0)),
-        dp((P.keys() + P.M) * P.ld + P.ld, T(0)), ds((P.keys() + P.M) * P.ld + P.ld, T(0)), delta(P.ld, T(0)),
-        gck(P.M * P.D + 1), gcv(P.M * P.D + 1);
-    T* go_t = go_buf.data() + kFront;
-    ScatterScratch<T> Z(P);
+    KeyRing<T> ring(P);
+    BlockForward<T> F(P);  // conditioners(), the score and weighted-sum kernels' scratch
+    QueryPanels<T> xq(P, NT), xo(P, NT);
+    const int64_t FP = (xq.JOFF + 2) * L;               // front padding of the transposed query-side rows
+    const int64_t ldx = FP + (NT + xq.JOFF + 4) * L;    // their length
+    Aligned<T> qt(D * ldx), got(D * ldx), dqt(D * ldx), qb(D * L), gob(D * L), dqb(D * L), lse2(W + 2 * L);
+    Aligned<T> p_row((keys + 1) * ldx), ds_row((keys + 1) * ldx);  // interior P, dS by [key][column]
+    const int64_t tile = D * L;
+    std::vector<T> gk(H * NT * tile), gv(H * NT * tile);               // [row][tile][D][L]
+    const int64_t bsz = ring.NBB * kw * tile;                          // border accumulators per key row
+    std::vector<T> bk(H * bsz), bv(H * bsz);                           // [row][u][kw][D][L], lane-wise
+    std::vector<simd::vec<T>> ckv(P.M * D), cvv(P.M * D);              // conditioner gradients, lane-wise
+    std::vector<simd::vec<T>> sp(keys + P.M), dpv(keys + P.M);
+    std::vector<const T*> ks(kh), vs(kh), kc(P.M), vc(P.M);
+    int64_t pixels[L];
+    simd::vec<T> b_acc[8];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / P.NH, h = task % P.NH;
-      Z.reset();
-      load_rows_t(P, k, b, h, 0, P.H, kt.data());
-      load_rows_t(P, v, b, h, 0, P.H, vt.data());
+      ring.reset();
       std::fill(gk.begin(), gk.end(), T(0));
       std::fill(gv.begin(), gv.end(), T(0));
-      std::fill(gck.begin(), gck.end(), T(0));
-      std::fill(gcv.begin(), gcv.end(), T(0));
-      const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * P.D;
-      const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * P.D;
-      for (int64_t i = 0; i < P.H; ++i) {
-        const int64_t r_first = window_start(i, P.kh, P.H);
-        const int64_t row_off = ((b * P.H + i) * P.W) * P.pix() + h * P.D;
-        scores_row(P, b, h, i, q, kt.data(), 0, cond_k, R);
-        const size_t na = R.active.size();
-        const int64_t nkeys = P.keys() + static_cast<int64_t>(na);
-        const T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
-        probabilities(P, R.s.data(), lse_row, R.allow.data(), na, R.p.data());
-        load_row_t(P, go + row_off, T(1), go_t);
-        window_dot(P, go_t, vt.data(), r_first, dp.data());
-        if (na) cond_dot(P, go_t, cond_v + (b * P.M * P.NH + h) * P.D, c_stride, R.active, dp.data() + P.keys() * P.ld);
-        // delta_j = sum over keys of P dP (= dO_j . O_j, as flash attention computes it): vectorized over
-        // the row's queries, where dO_j . O_j would be a serial sum over D per query.
-        std::fill(delta.begin(), delta.end(), T(0));
-        for (int64_t key = 0; key < nkeys; ++key) {
-          const T* __restrict pp = R.p.data() + key * P.ld;
-          const T* __restrict pd = dp.data() + key * P.ld;
-          T* __restrict dl = delta.data();
-#pragma omp simd
-          for (int64_t j = 0; j < P.W; ++j) dl[j] = simd::mul_add(pp[j], pd[j], dl[j]);
+      std::fill(bk.begin(), bk.end(), T(0));
+      std::fill(bv.begin(), bv.end(), T(0));
+      std::fill(ckv.begin(), ckv.end(), simd::zero<T>());
+      std::fill(cvv.begin(), cvv.end(), simd::zero<T>());
+      const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * D;
+      const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * D;
+      for (int64_t i = 0; i < H; ++i) {
+        const int64_t r_first = window_start(i, kh, H);
+        ring.ensure(k, v, b, h, r_first);
+        if (i + 1 < H) {
+          const int64_t r_next = window_start(i + 1, kh, H) + kh - 1;
+          prefetch_row(P, q, b, h, i + 1, false);
+          prefetch_row(P, go, b, h, i + 1, false);
+          if (r_next != r_first + kh - 1) {
+            prefetch_row(P, k, b, h, r_next, false);
+            prefetch_row(P, v, b, h, r_next, false);
+          }
         }
-        for (int64_t key = 0; key < nkeys; ++key) {
-          const T* __restrict pp = R.p.data() + key * P.ld;
-          const T* __restrict pd = dp.data() + key * P.ld;
-          T* __restrict ps = ds.data() + key * P.ld;
-          const T* __restrict dl = delta.data();
-#pragma omp simd
-          for (int64_t j = 0; j < P.W; ++j) ps[j] = pp[j] * (pd[j] - dl[j]);
-        }
-        // dq = scale * dS K (q was loaded pre-scaled, so dk below already carries the scale).
-        weighted_sum(P, ds.data(), kt.data(), r_first, ck == nullptr ? kt.data() : ck, c_stride, R.active,
-                     R.o.data());
-        store_row_t(P, R.o.data(), P.scale, dq + row_off);
-        window_scatter(P, ds.data(), R.a, q + row_off, P.scale, r_first, gk.data(), Z.left_k.data(),
-                       Z.right_k.data(), Z);
-        window_scatter(P, R.p.data(), go_t, go + row_off, T(1), r_first, gv.data(), Z.left_v.data(),
-                       Z.right_v.data(), Z);
-        // dcond_k[m] += sum_j dS[m][j] q_j * scale, dcond_v[m] += sum_j P[m][j] dO_j: over D from the
-        // heads-last rows, skipping pixels the conditioner is masked from (P = dS = 0 there).
-        for (size_t a = 0; a < na; ++a) {
-          const T* pds = ds.data() + (P.keys() + a) * P.ld;
-          const T* pp = R.p.data() + (P.keys() + a) * P.ld;
-          const T* allow = R.allow.data() + a * P.ld;
-          T* __restrict gk_m = gck.data() + R.active[a] * P.D;
-          T* __restrict gv_m = gcv.data() + R.active[a] * P.D;
-          for (int64_t j = 0; j < P.W; ++j) {
-            if (allow[j] == T(0)) continue;
-            const T wk = pds[j] * P.scale, wv = pp[j];
-            const T* __restrict qr = q + row_off + j * P.pix();
-            const T* __restrict gr = go + row_off + j * P.pix();
-#pragma omp simd
-            for (int64_t d = 0; d < P.D; ++d) {
-              gk_m[d] = simd::mul_add(wk, qr[d], gk_m[d]);
-              gv_m[d] = simd::mul_add(wv, gr[d], gv_m[d]);
+        ring.slots(ring.k, r_first, ks.data());
+        ring.slots(ring.v, r_first, vs.data());
+        const int64_t row_off = ((b * H + i) * W) * P.pix() + h * D;
+        load_row_t(P, q + row_off, P.scale, qt.p + FP, ldx);  // columns outside [0, W) stay 0
+        load_row_t(P, go + row_off, T(1), got.p + FP, ldx);
+        const T* lse_row = lse + ((b * P.NH + h) * H + i) * W;
+        for (int64_t j = 0; j < W; ++j) lse2.p[j] = lse_row[j] * log2e;
+
+        // phase 1: one block of queries at a time
+        auto block = [&](bool interior, int64_t t, int64_t nvalid) {
+          const int64_t j0 = interior ? half + t * L : 0;
+          for (int64_t l = 0; l < L; ++l)
+            pixels[l] = interior ? j0 + l : (t * L + l < 2 * half ? ring.border_pixel(t * L + l) : 0);
+          simd::vec<T> b_lse = simd::zero<T>();
+          if (interior) {  // contiguous pixels: whole registers (lanes past the row hold zeros or its queries)
+            b_lse = simd::load(lse2.p + j0);
+            for (int64_t d = 0; d < D; ++d) {
+              simd::store(qb.p + d * L, simd::load(qt.p + d * ldx + FP + j0));
+              simd::store(gob.p + d * L, simd::load(got.p + d * ldx + FP + j0));
+            }
+          } else {
+            for (int64_t l = 0; l < L; ++l) {
+              const bool ok = l < nvalid;
+              b_lse[l] = ok ? lse2.p[pixels[l]] : T(0);
+              for (int64_t d = 0; d < D; ++d) {
+                qb.p[d * L + l] = ok ? qt.p[d * ldx + FP + pixels[l]] : T(0);
+                gob.p[d * L + l] = ok ? got.p[d * ldx + FP + pixels[l]] : T(0);
+              }
+            }
+          }
+          F.conditioners(b, i, pixels, nvalid);
+          const int64_t na = static_cast<int64_t>(F.active.size());
+          for (int64_t a = 0; a < na; ++a) {
+            kc[a] = ck + F.active[a] * c_stride;
+            vc[a] = cv + F.active[a] * c_stride;
+          }
+          // scores (s) and dP (dpv) over the window and the conditioners
+          const int64_t ds_ = interior ? 2 * L : kw * L;
+          auto kat = [&](const T* slot, int64_t dc) {
+            return interior ? ring.interior(slot, t + dc / L) + dc % L : ring.border(slot, t) + dc * L;
+          };
+          auto dots = [&](const T* x, const T* const* slots, simd::vec<T>* s) {
+            for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+              const int64_t nc = std::min<int64_t>(C, kw - dc0);
+              int64_t dr = 0;
+              for (; dr + 2 <= kh; dr += 2) {
+                const T *kp0 = kat(slots[dr], dc0), *kp1 = kat(slots[dr + 1], dc0);
+                simd::vec<T>* s0 = s + dr * kw + dc0;
+                if (interior) {
+#define FASTCOMP_D2(N) block_dots2<T, N, 1, 2 * L>(x, kp0, kp1, ds_, D, s0, s0 + kw)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D2)
+#undef FASTCOMP_D2
+                } else {
+#define FASTCOMP_D2B(N) block_dots2<T, N, L, 0>(x, kp0, kp1, ds_, D, s0, s0 + kw)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D2B)
+#undef FASTCOMP_D2B
+                }
+              }
+              for (; dr < kh; ++dr) {
+                const T* kp = kat(slots[dr], dc0);
+                simd::vec<T>* s0 = s + dr * kw + dc0;
+                if (interior) {
+#define FASTCOMP_D1(N) block_dots<T, N, 1, 2 * L>(x, kp, ds_, D, s0)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D1)
+#undef FASTCOMP_D1
+                } else {
+#define FASTCOMP_D1B(N) block_dots<T, N, L, 0>(x, kp, ds_, D, s0)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D1B)
+#undef FASTCOMP_D1B
+                }
+              }
+            }
+          };
+          dots(qb.p, ks.data(), sp.data());
+          dots(gob.p, vs.data(), dpv.data());
+          for (int64_t a0 = 0; a0 < na; a0 += 8) {
+            const int64_t n = std::min<int64_t>(8, na - a0);
+#define FASTCOMP_DC(N)                                                                  \
+  block_dots_cond<T, N>(qb.p, kc.data() + a0, D, sp.data() + keys + a0);               \
+  block_dots_cond<T, N>(gob.p, vc.data() + a0, D, dpv.data() + keys + a0)
+            FASTCOMP_UP_TO_8(n, FASTCOMP_DC)
+#undef FASTCOMP_DC
+          }
+          // P, delta = sum P dP, dS = P (dP - delta) (into dpv)
+          const simd::vec<T> zero = simd::zero<T>();
+          simd::vec<T> b_delta = zero;
+          for (int64_t key = 0; key < keys + na; ++key) {
+            simd::vec<T> p = exp2_neg(sp[key] * log2e - b_lse);
+            if (key >= keys) p = simd::select<T>(F.allow[key - keys] != zero, p, zero);
+            sp[key] = p;
+            b_delta += p * dpv[key];
+          }
+          for (int64_t key = 0; key < keys + na; ++key) dpv[key] = sp[key] * (dpv[key] - b_delta);
+          // dq = scale dS K, 8 channels per register tile
+          for (int64_t d0 = 0; d0 < D; d0 += 8) {
+            const int64_t nd = std::min<int64_t>(8, D - d0);
+            for (int64_t n = 0; n < nd; ++n) b_acc[n] = zero;
+            for (int64_t dr = 0; dr < kh; ++dr)
+              for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+                const int64_t ne = std::min<int64_t>(C, kw - dc0);
+                const simd::vec<T>* w = dpv.data() + dr * kw + dc0;
+                const T* kp = kat(ks[dr], dc0) + d0 * ds_;
+                if (interior) {
+#define FASTCOMP_W(N) block_wsum_n<T, N, 1, 2 * L>(w, ne, kp, ds_, b_acc)
+                  FASTCOMP_UP_TO_8(nd, FASTCOMP_W)
+#undef FASTCOMP_W
+                } else {
+#define FASTCOMP_WB(N) block_wsum_n<T, N, L, 0>(w, ne, kp, ds_, b_acc)
+                  FASTCOMP_UP_TO_8(nd, FASTCOMP_WB)
+#undef FASTCOMP_WB
+                }
+              }
+            if (na) {
+              for (int64_t a = 0; a < na; ++a) kc[a] = ck + F.active[a] * c_stride + d0;
+#define FASTCOMP_WC(N) block_wsum_cond<T, N>(dpv.data() + keys, na, kc.data(), b_acc)
+              FASTCOMP_UP_TO_8(nd, FASTCOMP_WC)
+#undef FASTCOMP_WC
+            }
+            for (int64_t n = 0; n < nd; ++n) simd::store(dqb.p + (d0 + n) * L, b_acc[n] * P.scale);
+          }
+          // conditioner gradients, lane by lane: dcond_k += dS q scale, dcond_v += P dO
+          for (int64_t a = 0; a < na; ++a) {
+            simd::vec<T>* gk_m = ckv.data() + F.active[a] * D;
+            simd::vec<T>* gv_m = cvv.data() + F.active[a] * D;
+            const simd::vec<T> w_k = dpv[keys + a], w_v = sp[keys + a];
+            for (int64_t d = 0; d < D; ++d) {
+              gk_m[d] += w_k * simd::load(qb.p + d * L);
+              gv_m[d] += w_v * simd::load(gob.p + d * L);
+            }
+          }
+          if (interior) {  // dq, and P / dS for the gathers of phase 2
+            for (int64_t d = 0; d < D; ++d) simd::store(dqt.p + d * ldx + FP + j0, simd::load(dqb.p + d * L));
+            for (int64_t key = 0; key < keys; ++key) {
+              simd::store(p_row.p + key * ldx + FP + j0, sp[key]);
+              simd::store(ds_row.p + key * ldx + FP + j0, dpv[key]);
+            }
+          } else {  // dq of the valid lanes; the border dk / dv, lane-wise, into the border accumulators
+            for (int64_t l = 0; l < nvalid; ++l)
+              for (int64_t d = 0; d < D; ++d) dqt.p[d * ldx + FP + pixels[l]] = dqb.p[d * L + l];
+            for (int64_t dr = 0; dr < kh; ++dr) {
+              T* bk_r = bk.data() + (r_first + dr) * bsz + t * kw * tile;
+              T* bv_r = bv.data() + (r_first + dr) * bsz + t * kw * tile;
+              for (int64_t dc = 0; dc < kw; ++dc) {
+                const simd::vec<T> w_k = dpv[dr * kw + dc], w_v = sp[dr * kw + dc];
+                T* ok = bk_r + dc * tile;
+                T* ov = bv_r + dc * tile;
+                for (int64_t d = 0; d < D; ++d) {
+                  simd::store(ok + d * L, w_k * simd::load(qb.p + d * L) + simd::load(ok + d * L));
+                  simd::store(ov + d * L, w_v * simd::load(gob.p + d * L) + simd::load(ov + d * L));
+                }
+              }
+            }
+          }
+        };
+        for (int64_t t = 0; t < n_blocks_int; ++t) block(true, t, std::min<int64_t>(L, n_int - t * L));
+        for (int64_t u = 0; u < ring.NBB; ++u) block(false, u, std::min<int64_t>(L, 2 * half - u * L));
+        // the gathers below read P and dS of the interior queries only (the last interior block wrote lanes
+        // past them); dq of the row
+        for (int64_t key = 0; key < keys; ++key)
+          for (int64_t j = W - half; j < half + n_blocks_int * L; ++j) {
+            p_row.p[key * ldx + FP + j] = T(0);
+            ds_row.p[key * ldx + FP + j] = T(0);
+          }
+        store_row_t(P, dqt.p + FP, T(1), dq + row_off, static_cast<const T*>(nullptr), ldx);
+
+        // phase 2: dk / dv of the interior queries, per tile of key columns
+        xq.build(qt.p, ldx, FP, D);
+        xo.build(got.p, ldx, FP, D);
+        for (int64_t dr = 0; dr < kh; ++dr) {
+          const int64_t r = r_first + dr;
+          for (int64_t c = 0; c < NT; ++c) {
+            T* g_k = gk.data() + (r * NT + c) * tile;
+            T* g_v = gv.data() + (r * NT + c) * tile;
+            for (int64_t d0 = 0; d0 < D; d0 += 8) {
+              const int64_t nd = std::min<int64_t>(8, D - d0);
+              for (int pass = 0; pass < 2; ++pass) {
+                T* g = pass == 0 ? g_k : g_v;
+                const Aligned<T>& wrow = pass == 0 ? ds_row : p_row;
+                const QueryPanels<T>& xp = pass == 0 ? xq : xo;
+                for (int64_t n = 0; n < nd; ++n) b_acc[n] = simd::load(g + (d0 + n) * L);
+                for (int64_t m = 0; m * L < kw; ++m) {
+                  const int64_t dc0 = m * L, ne = std::min<int64_t>(L, kw - dc0);
+                  // offset dc0 + e: queries c L + lane + kw/2 - dc0 - e
+                  const T* w = wrow.p + (dr * kw + dc0) * ldx + FP + c * L + half - dc0;
+                  const T* x = xp.at(c - m) + d0 * 2 * L + L - 1;
+                  switch (nd) {
+#define FASTCOMP_GN(N) case N: block_gather_n<T, N>(w, ldx, x, ne, b_acc); break;
+                    FASTCOMP_GN(8) FASTCOMP_GN(7) FASTCOMP_GN(6) FASTCOMP_GN(5) FASTCOMP_GN(4) FASTCOMP_GN(3)
+                    FASTCOMP_GN(2)
+#undef FASTCOMP_GN
+                    default: block_gather_n<T, 1>(w, ldx, x, ne, b_acc); break;
+                  }
+                }
+                for (int64_t n = 0; n < nd; ++n) simd::store(g + (d0 + n) * L, b_acc[n]);
+              }
             }
           }
         }
       }
-      Z.fold_borders(gk.data(), Z.left_k.data(), Z.right_k.data());
-      Z.fold_borders(gv.data(), Z.left_v.data(), Z.right_v.data());
-      for (int64_t r = 0; r < P.H; ++r) {
-        const int64_t row_off = ((b * P.H + r) * P.W) * P.pix() + h * P.D;
-        store_row_t(P, gk.data() + r * P.D * P.ld, T(1), dk + row_off);
-        store_row_t(P, gv.data() + r * P.D * P.ld, T(1), dv + row_off);
+      // dk, dv: the tiles, plus the border queries' lane-wise sums folded into their columns
+      for (int64_t r = 0; r < H; ++r) {
+        for (int pass = 0; pass < 2; ++pass) {
+          const std::vector<T>& g = pass == 0 ? gk : gv;
+          const std::vector<T>& bb = pass == 0 ? bk : bv;
+          T* row = dqt.p + FP;  // scratch transposed row
+          for (int64_t c = 0; c < NT; ++c)
+            for (int64_t d = 0; d < D; ++d)
+              simd::store(row + d * ldx + c * L, simd::load(g.data() + (r * NT + c) * tile + d * L));
+          for (int64_t u = 0; u < ring.NBB; ++u)
+            for (int64_t dc = 0; dc < kw; ++dc)
+              for (int64_t d = 0; d < D; ++d) {
+                const T* lanes = bb.data() + r * bsz + (u * kw + dc) * tile + d * L;
+                for (int64_t l = 0; l < L && u * L + l < 2 * half; ++l) {
+                  const int64_t col = u * L + l < half ? dc : W - kw + dc;
+                  row[d * ldx + col] += lanes[l];
+                }
+              }
+          store_row_t(P, row, T(1), (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D,
+                      static_cast<const T*>(nullptr), ldx);
+        }
       }
       for (int64_t m = 0; m < P.M; ++m) {
-        T* pk = dck + ((b * P.M + m) * P.NH + h) * P.D;
-        T* pv = dcv + ((b * P.M + m) * P.NH + h) * P.D;
-        for (int64_t d = 0; d < P.D; ++d) {
-          pk[d] = gck[m * P.D + d];
-          pv[d] = gcv[m * P.D + d];
+        T* pk = dck + ((b * P.M + m) * P.NH + h) * D;
+        T* pv = dcv + ((b * P.M + m) * P.NH + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          pk[d] = simd::lane_sum<T>(ckv[m * D + d]);
+          pv[d] = simd::lane_sum<T>(cvv[m * D + d]);
         }
       }
     }

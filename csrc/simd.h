@@ -143,9 +143,15 @@ inline vec<T> select(const ivec<T>& mask, const vec<T>& a, const vec<T>& b) {
   return (vec<T>)((mask & (ivec<T>)a) | (~mask & (ivec<T>)b));
 }
 
+// Lane-wise max / min: the vector ?: of GCC and clang (C++), which they turn into maxps/minps.
 template <typename T>
 inline vec<T> max(const vec<T>& a, const vec<T>& b) {
-  return select<T>(a > b, a, b);  // compiles to vmaxps/maxps
+  return a > b ? a : b;
+}
+
+template <typename T>
+inline vec<T> min(const vec<T>& a, const vec<T>& b) {
+  return a < b ? a : b;
 }
 
 template <typename T>
