@@ -636,8 +636,8 @@ def failure(name: str) -> Optional[str]:
     if isinstance(found, BuildError):
         first = str(found).strip().splitlines()[0].removeprefix("fastcomp: ")
         return f"{first} (`fastcomp build` shows the compiler output)"
-    if name == "cuda" or name not in EXTENSIONS:
-        return None
+    if found is not None or name == "cuda" or name not in EXTENSIONS:
+        return None  # loaded (the ops ask on every call: no file system past this point then)
     try:
         variant, _ = select_variant(name)
         plan = _plan(name, variant=variant)
