@@ -857,7 +857,9 @@ struct KeyRing {
     for (int64_t j = t * L; j < W; ++j)
       for (int64_t d = 0; d < D; ++d) put(t, d, j - t * L, src[j * pix + d]);
     T* bp = dst + NP * panel;
-    auto column = [&](int64_t c, int64_t d) { return dst[(c / L) * panel + d * 2 * L + c % L]; };
+    // the kw left and kw right columns of channel d: runs inside one panel row each when kw <= L + 1
+    const int64_t p_right = (W - kw) / L, o_right = (W - kw) % L;
+    const bool runs = o_right + kw <= 2 * L && kw <= 2 * L;
     for (int64_t u = 0; u < NBB; ++u) {
       // lanes of the first kw/2 queries take the left column, those of the last kw/2 the right one
       simd::ivec<T> left_lane{}, used_lane{};
@@ -868,9 +870,13 @@ struct KeyRing {
       const simd::vec<T> zero = simd::zero<T>();
       for (int64_t d = 0; d < D; ++d) {
         T* o = bp + (u * D + d) * kw * L;
+        const T* left = dst + d * 2 * L;
+        const T* right = dst + p_right * panel + d * 2 * L + o_right;
         for (int64_t dc = 0; dc < kw; ++dc) {
-          const simd::vec<T> b_v = simd::select<T>(left_lane, simd::splat(column(dc, d)), simd::splat(column(W - kw + dc, d)));
-          simd::store(o + dc * L, simd::select<T>(used_lane, b_v, zero));
+          const T lv = runs ? left[dc] : dst[(dc / L) * panel + d * 2 * L + dc % L];
+          const int64_t c = W - kw + dc;
+          const T rv = runs ? right[dc] : dst[(c / L) * panel + d * 2 * L + c % L];
+          simd::store(o + dc * L, simd::select<T>(used_lane, simd::select<T>(left_lane, simd::splat(lv), simd::splat(rv)), zero));
         }
       }
     }

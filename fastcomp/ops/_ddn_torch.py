@@ -82,6 +82,8 @@ from typing import Optional
 
 import torch
 
+from . import _library
+
 # At most this many candidate elements (B * chunk * Cout * H * W) exist at once in the direct paths.
 _CHUNK_ELEMENTS = 1 << 18
 # Confidence factor of the probabilistic rounding-error bound of the float32 part of the l2 expansion.
@@ -312,7 +314,7 @@ class ChosenCandidate(torch.autograd.Function):
 
 
 _CHOSEN_GRADIENT = _chosen_gradient()  # a second derivative through it raises a clear error
-torch.compiler.allow_in_graph(ChosenCandidate)  # see fastcomp/ops/_library.py: Dynamo cannot trace its jvp
+_library.compile_opaque(ChosenCandidate)  # see fastcomp/ops/_library.py: Dynamo cannot trace its jvp
 
 
 def chosen_candidate(features, weight, bias, residual, index, out=None):

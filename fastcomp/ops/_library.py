@@ -22,6 +22,7 @@ Function sits above the ops rather than inside them.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -49,9 +50,18 @@ def unfold_batch(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.view(n, t.shape[0] // n if n else 0, *t.shape[1:])
 
 
+def signature_once(function_cls: type) -> type:
+    """Compute the signature of ``function_cls.forward`` once: Function.apply binds the call's arguments to
+    it on every call (to apply defaults when setup_context is defined), and inspect.signature of a plain
+    function is rebuilt each time unless ``__signature__`` holds it (~20-40 us per apply, more than a
+    small kernel)."""
+    function_cls.forward.__signature__ = inspect.signature(function_cls.forward)
+    return function_cls
+
+
 def compile_opaque(function_cls: type) -> type:
     """Let torch.compile record calls of ``function_cls.apply`` as graph nodes (see the module docstring)."""
-    return torch.compiler.allow_in_graph(function_cls)
+    return torch.compiler.allow_in_graph(signature_once(function_cls))
 
 
 def once_differentiable(kernel, op: str, backend: str) -> type:
@@ -85,4 +95,4 @@ def once_differentiable(kernel, op: str, backend: str) -> type:
             raise RuntimeError(message)
 
     Gradient.__name__ = Gradient.__qualname__ = f"{op}_{backend}_gradient".replace("/", "_")
-    return Gradient
+    return signature_once(Gradient)
