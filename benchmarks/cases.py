@@ -162,41 +162,102 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_block_mask(cond_mask: torch.Tensor, H: int, W: int, kernel: int, device):
+def plain_attention(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
+    """Local conditional attention as plain PyTorch ops in the inputs' dtype: scores, masked softmax and
+    P @ V each rounded to that dtype, the baseline of the low-precision rule (ours within ~2x its error
+    against a float32/float64 reference). scaled_dot_product_attention is no such baseline: on CPU it keeps
+    half-precision intermediates in float32, stricter than the kernels, which round P to half precision
+    before P @ V as FlashAttention does. Dense: [B, heads, N, N + M] scores."""
+    from fastcomp.reference.attention import window_mask
+
+    B, H, W, heads, D = q.shape
+    N = H * W
+    tok = (lambda x: x.reshape(B, N, heads, D).transpose(1, 2))  # [B, heads, N, D]
+    keys, values = tok(k), tok(v)
+    mask = window_mask(H, W, *kernel_size, q.device).expand(B, N, N)
+    if cond_k is not None:
+        M = cond_k.shape[1]
+        keys = torch.cat([keys, cond_k.transpose(1, 2)], dim=2)
+        values = torch.cat([values, cond_v.transpose(1, 2)], dim=2)
+        allowed = (torch.ones(B, N, M, dtype=torch.bool, device=q.device) if cond_mask is None
+                   else cond_mask.reshape(B, M, N).transpose(1, 2))
+        mask = torch.cat([mask, allowed], dim=2)
+    scores = (tok(q) @ keys.transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
+    return (probs @ values).transpose(1, 2).reshape(B, H, W, heads, D)
+
+
+def tile_major_order(H: int, W: int, tile: tuple[int, int], device=None) -> torch.Tensor:
+    """[H*W] int64 token order in which each TH x TW pixel tile is contiguous (tiles row-major, pixels
+    row-major inside a tile), as NATTEN flattens: token t holds pixel order[t] (a row-major index). With
+    TH * TW = 128, every 128-token flex_attention block is one 2-D tile, so its key blocks are the tile's
+    halo instead of whole image rows. H and W must be multiples of TH and TW."""
+    TH, TW = tile
+    if H % TH or W % TW:
+        raise ValueError(f"tile {TH}x{TW} does not divide the image {H}x{W}")
+    t = torch.arange(H * W, device=device)
+    tile_index, within = t // (TH * TW), t % (TH * TW)
+    rows = (tile_index // (W // TW)) * TH + within // TW
+    cols = (tile_index % (W // TW)) * TW + within % TW
+    return rows * W + cols
+
+
+def flex_block_mask(cond_mask: torch.Tensor, H: int, W: int, kernel: int, device, *, order=None,
+                    compile_mask=None):
     """flex_attention BlockMask for local conditional attention with a square kernel: image keys are the
-    first H*W keys (window rule of the reference), conditioner keys follow, allowed by cond_mask [B, M, H, W]."""
+    first H*W keys (window rule of the reference), conditioner keys follow, allowed by cond_mask [B, M, H, W].
+
+    order: None (tokens in row-major pixel order) or [H*W] int64, token t holds pixel order[t] for queries
+    and image keys alike (`tile_major_order`); flex_local_conditional_attention takes the same order.
+    compile_mask (default: on CUDA, or wherever the dense intermediates would pass 1 GiB): build it with
+    create_block_mask(_compile=True). Uncompiled, create_block_mask evaluates mask_mod densely, with int64
+    intermediates of B * N * (N + M) elements (~8.6 GB each at B4 128x128); compiled, it fuses them away.
+    On CPU at the benchmark sizes (~270 MB) the uncompiled build is faster than compiling it."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, M = cond_mask.shape[:2]
     N = H * W
-    allowed = cond_mask.reshape(B, M, N).transpose(1, 2).contiguous()  # [B, N, M]
+    if compile_mask is None:
+        compile_mask = torch.device(device).type == "cuda" or B * N * (N + M) * 8 > 2**30
+    allowed = cond_mask.reshape(B, M, N).transpose(1, 2)  # [B, N(pixels), M]
+    if order is not None:
+        order = order.to(device)
+        allowed = allowed[:, order]  # [B, N(tokens), M]
+    allowed = allowed.contiguous()
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qi, qj = q_idx // W, q_idx % W
+        q_pix, k_pix = q_idx, kv_idx.clamp(0, N - 1)
+        if order is not None:
+            q_pix, k_pix = order[q_pix], order[k_pix]
+        qi, qj = q_pix // W, q_pix % W
         r0 = (qi - kernel // 2).clamp(0, H - kernel)
         c0 = (qj - kernel // 2).clamp(0, W - kernel)
-        ki, kj = kv_idx // W, kv_idx % W
+        ki, kj = k_pix // W, k_pix % W
         image = (kv_idx < N) & (ki >= r0) & (ki < r0 + kernel) & (kj >= c0) & (kj < c0 + kernel)
         if M == 0:
             return image
         cond = (kv_idx >= N) & allowed[b, q_idx, (kv_idx - N).clamp(0, M - 1)]
         return image | cond
 
-    return create_block_mask(mask_mod, B, None, N, N + M, device=device)
+    return create_block_mask(mask_mod, B, None, N, N + M, device=device, _compile=compile_mask)
 
 
-def flex_local_conditional_attention(flex, q, k, v, cond_k, cond_v, block_mask):
-    """Local conditional attention through ``flex`` (flex_attention, compiled or not); [B, H, W, heads, D]."""
+def flex_local_conditional_attention(flex, q, k, v, cond_k, cond_v, block_mask, order=None):
+    """Local conditional attention through ``flex`` (flex_attention, compiled or not); [B, H, W, heads, D].
+    order: the token order the block mask was built with (None = row-major); the output is in pixels."""
     B, H, W, heads, D = q.shape
     N = H * W
 
-    def tokens(x):  # [B, H, W, heads, D] -> [B, heads, N, D]
-        return x.reshape(B, N, heads, D).transpose(1, 2)
+    def tokens(x):  # [B, H, W, heads, D] -> [B, heads, N, D], tokens in `order`
+        x = x.reshape(B, N, heads, D)
+        return (x if order is None else x[:, order]).transpose(1, 2)
 
     keys = torch.cat([tokens(k), cond_k.transpose(1, 2)], dim=2)
     values = torch.cat([tokens(v), cond_v.transpose(1, 2)], dim=2)
-    out = flex(tokens(q), keys, values, block_mask=block_mask, scale=D ** -0.5)
-    return out.transpose(1, 2).reshape(B, H, W, heads, D)
+    out = flex(tokens(q), keys, values, block_mask=block_mask, scale=D ** -0.5).transpose(1, 2)  # [B, N, heads, D]
+    if order is not None:
+        out = out[:, torch.argsort(order)]  # back to row-major pixels
+    return out.reshape(B, H, W, heads, D)
 
 
 def _flex_provider(inp: dict, options: Options) -> Provider:

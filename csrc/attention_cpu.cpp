@@ -30,31 +30,35 @@
 //
 // The forward runs tasks of (b, head, block of query rows) so small B*heads still uses every thread.
 //
-// The extension is compiled with -ffp-contract=off (see fastcomp/_build.py); std::fma is used where a
-// fused multiply-add is wanted in the hot loops, so they still get FMA instructions.
+// The extension is compiled with -ffp-contract=off (see fastcomp/_build.py); simd::mul_add is used where
+// a fused multiply-add is wanted in the hot loops, so they still get FMA instructions where the target
+// has them (and a multiply and an add, not a software fma() call, where it does not).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/python.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_cpu.h"
 #include "common.h"
-#include "tensor_checks.h"
+#include "simd.h"
 
 namespace fastcomp {
 namespace {
 
-// Lanes (queries) per register block: one 512-bit vector of T for interior runs, half of it for the short
-// border runs (kw/2 queries each).
+// Lanes (queries) per register block: one vector register of T for interior runs (16 floats on AVX-512,
+// 8 on AVX2, 4 on SSE2/NEON), half of it for the short border runs (kw/2 queries each). Blocks of one
+// register keep every accumulator chain of window_dot_block (8 keys) and weighted_sum_block in the 16
+// registers of AVX2; blocks of 64 bytes on AVX2 took two registers per chain and spilled.
 template <typename T>
 struct Lanes {
-  static constexpr int kBlock = 64 / sizeof(T);
-  static constexpr int kBorder = 32 / sizeof(T);
+  static constexpr int kBlock = static_cast<int>(simd::kLanes<T>);
+  static constexpr int kBorder = kBlock >= 2 ? kBlock / 2 : 1;
 };
 
 // Query-side transposed rows [D][ld] are read up to kFront lanes before their start by window_scatter
@@ -72,22 +76,69 @@ inline float exp_neg(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 0.0f ? 0.0f : x;
   const float n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = std::fma(n, -0.693145751953125f, x);
-  r = std::fma(n, -1.428606765330187e-06f, r);
+  float r = simd::mul_add(n, -0.693145751953125f, x);
+  r = simd::mul_add(n, -1.428606765330187e-06f, r);
   float p = 1.0f / 5040.0f;
-  p = std::fma(p, r, 1.0f / 720.0f);
-  p = std::fma(p, r, 1.0f / 120.0f);
-  p = std::fma(p, r, 1.0f / 24.0f);
-  p = std::fma(p, r, 1.0f / 6.0f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.0f);
-  p = std::fma(p, r, 1.0f);
+  p = simd::mul_add(p, r, 1.0f / 720.0f);
+  p = simd::mul_add(p, r, 1.0f / 120.0f);
+  p = simd::mul_add(p, r, 1.0f / 24.0f);
+  p = simd::mul_add(p, r, 1.0f / 6.0f);
+  p = simd::mul_add(p, r, 0.5f);
+  p = simd::mul_add(p, r, 1.0f);
+  p = simd::mul_add(p, r, 1.0f);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
   return p * two_n;
 }
 inline double exp_neg(double x) { return std::exp(x > 0.0 ? 0.0 : x); }
+
+// exp_neg on a vector register of floats, the same arithmetic lane by lane. Written with vector types
+// because the scalar version does not auto-vectorize for AVX2 (its bit cast defeats GCC's vectorizer):
+// ~9 cycles per element, a third of the forward's time, against ~1 here.
+FASTCOMP_CONTRACT inline simd::vec<float> exp_neg(simd::vec<float> x) {
+  FASTCOMP_CONTRACT_BODY
+  using V = simd::vec<float>;
+  using I = simd::ivec<float>;
+  const V lo = simd::splat(-87.0f), zero = simd::zero<float>();
+  x = simd::select<float>(x < lo, lo, x);
+  x = simd::select<float>(x > zero, zero, x);
+  const V n = (x * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = n * -0.693145751953125f + x;
+  r = n * -1.428606765330187e-06f + r;
+  V p = simd::splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return p * (V)bits;
+}
+
+// p[j] = exp_neg(s[j] - shift[j]) for j < W; with `allow`, 0 where allow[j] == 0 (a blend, not a
+// product: a masked key's probability is exactly 0 whatever its score).
+template <typename T>
+inline void exp_row(const T* __restrict s, const T* __restrict shift, const T* __restrict allow, int64_t W,
+                    T* __restrict p) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    using V = simd::vec<float>;
+    constexpr int64_t L = simd::kLanes<float>;
+    const V zero = simd::zero<float>();
+    for (; j + L <= W; j += L) {
+      V e = exp_neg(simd::load(s + j) - simd::load(shift + j));
+      if (allow) e = simd::select<float>(simd::load(allow + j) != zero, e, zero);
+      simd::store(p + j, e);
+    }
+  }
+  for (; j < W; ++j) {
+    const T e = exp_neg(s[j] - shift[j]);
+    p[j] = (allow && allow[j] == T(0)) ? T(0) : e;
+  }
+}
 
 template <typename T>
 struct Problem {
@@ -140,7 +191,7 @@ inline void window_dot_block(const T* __restrict a, const T* __restrict kt_row, 
     const T* __restrict pk = kt_row + d * ld + col0;
     for (int c = 0; c < NC; ++c) {
 #pragma omp simd
-      for (int jj = 0; jj < JB; ++jj) acc[c][jj] = std::fma(pa[jj], BCAST ? pk[c] : pk[jj + c], acc[c][jj]);
+      for (int jj = 0; jj < JB; ++jj) acc[c][jj] = simd::mul_add(pa[jj], BCAST ? pk[c] : pk[jj + c], acc[c][jj]);
     }
   }
   for (int c = 0; c < NC; ++c)
@@ -151,9 +202,11 @@ template <typename T, int JB, bool BCAST>
 inline void window_dot_segment(const Problem<T>& P, const T* a, const T* kt, int64_t r_first, const Segment& sg,
                                T* s) {
   const int64_t D = P.D, ld = P.ld, kw = P.kw;
-  for (int64_t j0 = sg.j0; j0 < sg.j1; j0 += JB) {
-    for (int64_t dr = 0; dr < P.kh; ++dr) {
-      const T* kt_row = kt + (r_first + dr) * D * ld;
+  // Key rows outermost: one transposed key row (D x ld) stays in L1 while every query block of the row
+  // reads it, instead of each query block streaming all kh key rows through it.
+  for (int64_t dr = 0; dr < P.kh; ++dr) {
+    const T* kt_row = kt + (r_first + dr) * D * ld;
+    for (int64_t j0 = sg.j0; j0 < sg.j1; j0 += JB) {
       T* s_row = s + dr * kw * ld + j0;
       const int64_t col = BCAST ? sg.base : j0 + sg.base;
       // Up to 8 keys per block: independent accumulator chains hide the FMA latency, and the query
@@ -207,14 +260,14 @@ void cond_dot(const Problem<T>& P, const T* x, const T* c, int64_t c_stride, con
         const T* __restrict p1 = p0 + ld;
 #pragma omp simd
         for (int jj = 0; jj < JB; ++jj) {
-          acc0[jj] = std::fma(p0[jj], pc[d], acc0[jj]);
-          acc1[jj] = std::fma(p1[jj], pc[d + 1], acc1[jj]);
+          acc0[jj] = simd::mul_add(p0[jj], pc[d], acc0[jj]);
+          acc1[jj] = simd::mul_add(p1[jj], pc[d + 1], acc1[jj]);
         }
       }
       for (; d < D; ++d) {
         const T* __restrict p0 = x + d * ld + j0;
 #pragma omp simd
-        for (int jj = 0; jj < JB; ++jj) acc0[jj] = std::fma(p0[jj], pc[d], acc0[jj]);
+        for (int jj = 0; jj < JB; ++jj) acc0[jj] = simd::mul_add(p0[jj], pc[d], acc0[jj]);
       }
       T* __restrict out = s + a * ld + j0;
       for (int jj = 0; jj < JB; ++jj) out[jj] = acc0[jj] + acc1[jj];
@@ -240,7 +293,7 @@ inline void weighted_sum_block(const Problem<T>& P, const T* w, const T* vt, int
       const T* __restrict pv = vt_row + dc;
       for (int n = 0; n < ND; ++n) {
 #pragma omp simd
-        for (int jj = 0; jj < JB; ++jj) acc[n][jj] = std::fma(pw[jj], BCAST ? pv[n * ld] : pv[n * ld + jj], acc[n][jj]);
+        for (int jj = 0; jj < JB; ++jj) acc[n][jj] = simd::mul_add(pw[jj], BCAST ? pv[n * ld] : pv[n * ld + jj], acc[n][jj]);
       }
     }
   }
@@ -249,7 +302,7 @@ inline void weighted_sum_block(const Problem<T>& P, const T* w, const T* vt, int
     const T* __restrict pc = c + active[a] * c_stride + d;
     for (int n = 0; n < ND; ++n) {
 #pragma omp simd
-      for (int jj = 0; jj < JB; ++jj) acc[n][jj] = std::fma(pw[jj], pc[n], acc[n][jj]);
+      for (int jj = 0; jj < JB; ++jj) acc[n][jj] = simd::mul_add(pw[jj], pc[n], acc[n][jj]);
     }
   }
   for (int n = 0; n < ND; ++n)
@@ -262,6 +315,10 @@ inline void weighted_sum_segment(const Problem<T>& P, const T* w, const T* vt, i
   for (int64_t j0 = sg.j0; j0 < sg.j1; j0 += JB) {
     const int64_t col = BCAST ? sg.base : j0 + sg.base;
     int64_t d = 0;
+    // 8 channels per block: 8 independent accumulator chains keep both FMA pipes busy (4 left them half
+    // idle on the FMA latency), 8 + 2 registers fit AVX2's 16.
+    for (; d + 8 <= P.D; d += 8)
+      weighted_sum_block<T, JB, 8, BCAST>(P, w, vt, r_first, j0, col, d, c, c_stride, active, o);
     for (; d + 4 <= P.D; d += 4)
       weighted_sum_block<T, JB, 4, BCAST>(P, w, vt, r_first, j0, col, d, c, c_stride, active, o);
     for (; d < P.D; ++d) weighted_sum_block<T, JB, 1, BCAST>(P, w, vt, r_first, j0, col, d, c, c_stride, active, o);
@@ -318,7 +375,7 @@ template <typename T>
 void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row, T mul, int64_t r_first, T* g,
                     T* left, T* right, ScatterScratch<T>& Z) {
   constexpr int JB = Lanes<T>::kBlock;
-  constexpr int ND = 4;
+  constexpr int ND = 8;  // accumulator chains: 8 keep both FMA pipes busy, 8 + 2 registers fit AVX2's 16
   const int64_t ld = P.ld, D = P.D, kw = P.kw, half = kw / 2, W = P.W, pix = P.pix();
   for (int64_t dr = 0; dr < P.kh; ++dr) {
     const int64_t r = r_first + dr;
@@ -345,7 +402,7 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
           const T* __restrict px = x + d * ld + j0;
           for (int m = 0; m < ND; ++m) {
 #pragma omp simd
-            for (int jj = 0; jj < JB; ++jj) acc[m][jj] = std::fma(pz[jj], px[m * ld + jj], acc[m][jj]);
+            for (int jj = 0; jj < JB; ++jj) acc[m][jj] = simd::mul_add(pz[jj], px[m * ld + jj], acc[m][jj]);
           }
         }
         for (int m = 0; m < ND; ++m) {
@@ -361,7 +418,7 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
           const T* __restrict pz = Z.z.data() + dc * Z.zld + kFront + j0;
           const T* __restrict px = x + d * ld + j0;
 #pragma omp simd
-          for (int jj = 0; jj < JB; ++jj) acc[jj] = std::fma(pz[jj], px[jj], acc[jj]);
+          for (int jj = 0; jj < JB; ++jj) acc[jj] = simd::mul_add(pz[jj], px[jj], acc[jj]);
         }
         T* __restrict pg = g_row + d * ld + c0;
         for (int jj = 0; jj < n; ++jj) pg[jj] += acc[jj];
@@ -378,30 +435,36 @@ void window_scatter(const Problem<T>& P, const T* w, const T* x, const T* x_row,
           const T wj = pw[j] * mul;
           const T* __restrict xr = x_row + j * pix;
 #pragma omp simd
-          for (int64_t dd = 0; dd < D; ++dd) pa[dd] = std::fma(wj, xr[dd], pa[dd]);
+          for (int64_t dd = 0; dd < D; ++dd) pa[dd] = simd::mul_add(wj, xr[dd], pa[dd]);
         }
       }
     }
   }
 }
 
-// Transposes W pixels x D of one (b, row, head) from heads-last into dst [D][ld], times `mul`. Blocks of
-// 16 pixels: their 16 source rows stay in L1 across the d loop, and every store is a contiguous run.
+// Transposes W pixels x D of one (b, row, head) from heads-last into dst [D][ld], times `mul`: blocks of
+// L pixels x L channels (L = lanes of a register) go through a register transpose (simd::transpose), so
+// every load and store is a whole contiguous vector; the D % L and W % L edges go element by element.
 template <typename T>
-inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
-  constexpr int JB = 16;
-  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst, int64_t ld_ = 0) {
+  constexpr int64_t L = simd::kLanes<T>;
+  const int64_t pix = P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
+  const int64_t d_vec = D / L * L;
   int64_t j0 = 0;
-  for (; j0 + JB <= W; j0 += JB) {
+  for (; j0 + L <= W; j0 += L) {
     const T* s = src_row + j0 * pix;
-    if (j0 + 2 * JB <= W) {  // the next block's pixels: strided lines the hardware prefetcher misses
-      for (int jj = 0; jj < JB; ++jj)
-        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (JB + jj) * pix + d);
+    if (j0 + 2 * L <= W) {  // the next block's pixels: lines at a stride the hardware prefetcher misses
+      for (int64_t jj = 0; jj < L; ++jj)
+        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (L + jj) * pix + d);
     }
-    for (int64_t d = 0; d < D; ++d) {
-      T* __restrict o = dst + d * ld + j0;
-      for (int jj = 0; jj < JB; ++jj) o[jj] = s[jj * pix + d] * mul;
+    for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
+      simd::vec<T> b_rows[L];  // [pixel][channel], then [channel][pixel]
+      for (int64_t jj = 0; jj < L; ++jj) b_rows[jj] = simd::load(s + jj * pix + d0);
+      simd::transpose<T>(b_rows);
+      for (int64_t dd = 0; dd < L; ++dd) simd::store(dst + (d0 + dd) * ld + j0, b_rows[dd] * mul);
     }
+    for (int64_t d = d_vec; d < D; ++d)
+      for (int64_t jj = 0; jj < L; ++jj) dst[d * ld + j0 + jj] = s[jj * pix + d] * mul;
   }
   for (int64_t j = j0; j < W; ++j) {
     const T* s = src_row + j * pix;
@@ -409,22 +472,31 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst) {
   }
 }
 
-// The inverse: src [D][ld] times `mul` into W pixels x D of a heads-last row.
+// The inverse: src [D][ld] times mul (and times scale[j] per pixel where scale is given) into W pixels x D
+// of a heads-last row.
 template <typename T>
-inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row) {
-  constexpr int JB = 16;
-  const int64_t pix = P.pix(), ld = P.ld, D = P.D, W = P.W;
+inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row, const T* scale = nullptr,
+                        int64_t ld_ = 0) {
+  constexpr int64_t L = simd::kLanes<T>;
+  const int64_t pix = P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
+  const int64_t d_vec = D / L * L;
   int64_t j0 = 0;
-  for (; j0 + JB <= W; j0 += JB) {
+  for (; j0 + L <= W; j0 += L) {
     T* o = dst_row + j0 * pix;
-    for (int64_t d = 0; d < D; ++d) {
-      const T* __restrict s = src + d * ld + j0;
-      for (int jj = 0; jj < JB; ++jj) o[jj * pix + d] = s[jj] * mul;
+    const simd::vec<T> b_mul = scale ? simd::load(scale + j0) * mul : simd::splat(mul);
+    for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
+      simd::vec<T> b_rows[L];  // [channel][pixel], then [pixel][channel]
+      for (int64_t dd = 0; dd < L; ++dd) b_rows[dd] = simd::load(src + (d0 + dd) * ld + j0) * b_mul;
+      simd::transpose<T>(b_rows);
+      for (int64_t jj = 0; jj < L; ++jj) simd::store(o + jj * pix + d0, b_rows[jj]);
     }
+    for (int64_t d = d_vec; d < D; ++d)
+      for (int64_t jj = 0; jj < L; ++jj) o[jj * pix + d] = src[d * ld + j0 + jj] * b_mul[jj];
   }
   for (int64_t j = j0; j < W; ++j) {
     T* o = dst_row + j * pix;
-    for (int64_t d = 0; d < D; ++d) o[d] = src[d * ld + j] * mul;
+    const T m = scale ? scale[j] * mul : mul;
+    for (int64_t d = 0; d < D; ++d) o[d] = src[d * ld + j] * m;
   }
 }
 
@@ -469,23 +541,13 @@ struct RowScratch {
   }
 };
 
-// P (into p, lanes [0, W)) from scores s: p = exp(s - shift) (* allow for conditioners).
+// P (into p, lanes [0, W)) from scores s: p = exp(s - shift), 0 for conditioners where not allowed.
 template <typename T>
 void probabilities(const Problem<T>& P, const T* s, const T* shift, const T* allow, size_t n_active, T* p) {
   const int64_t ld = P.ld, W = P.W;
-  for (int64_t key = 0; key < P.keys(); ++key) {
-    const T* __restrict ps = s + key * ld;
-    T* __restrict pp = p + key * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) pp[j] = exp_neg(ps[j] - shift[j]);
-  }
-  for (size_t a = 0; a < n_active; ++a) {
-    const T* __restrict ps = s + (P.keys() + a) * ld;
-    const T* __restrict pa = allow + a * ld;
-    T* __restrict pp = p + (P.keys() + a) * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < W; ++j) pp[j] = exp_neg(ps[j] - shift[j]) * pa[j];
-  }
+  for (int64_t key = 0; key < P.keys(); ++key) exp_row<T>(s + key * ld, shift, nullptr, W, p + key * ld);
+  for (size_t a = 0; a < n_active; ++a)
+    exp_row<T>(s + (P.keys() + a) * ld, shift, allow + a * ld, W, p + (P.keys() + a) * ld);
 }
 
 template <typename T>
@@ -518,171 +580,904 @@ int64_t work_of(const Problem<T>& P) {
   return P.B * P.NH * P.H * P.W * P.D * (P.keys() + P.M);
 }
 
+// --- the forward, by blocks of one register of queries ---------------------------------------------------
+//
+// Every query block (L consecutive queries of a row, L = lanes of a register) computes its whole softmax
+// in registers and L1: its kh*kw window scores and its allowed conditioners' scores (one vector each),
+// their max, exp2 and sum, then the weighted sum of the values, D channels at a time, and the output
+// block. No score row buffer and no pass over a row of probabilities.
+//
+// Keys and values come as *panels*: panel p of a key row holds its columns [pL, pL + 2L) for every channel,
+// [p][D][2L], one 64-byte line per channel on AVX2. Interior query block t (queries half + tL + lane) sees,
+// at window offset dc, key column tL + lane + dc: for a chunk of up to C = min(8, L) offsets starting at
+// dc0 = mC, that is panel t + dc0 / L at lane offset dc0 % L + e, e < C, inside one panel row. So the inner
+// loop reads one query vector and C shifted key vectors from one line per channel, streaming through
+// panels in order (a row-length layout [D][W] reads C vectors from lines W apart per channel, and its L1
+// traffic was what bounded the previous kernel at ~40% of the FMA rate). Panels are built once per key row
+// (a ring of kh rows per task) and used by the kh query rows that see the row. Each panel stores its
+// columns twice over (as the second half of panel p - 1 and the first of p): 2x a row, O(W D) per slot.
+//
+// Scores are in the exp2 domain (queries scaled by scale * log2(e)): p = 2^(s - max) saves the
+// multiplication of the argument and half of the range reduction of exp; the stored lse is natural.
+// Border queries (the first and last kw/2 of a row, whose windows are clamped to the first or last kw
+// columns) go through border panels, one register per (offset, channel) holding each lane's column.
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// 2^x for x <= 0 on a register, relative error ~2e-7: 2^n * 2^r, n = round(x), |r| <= 1/2, 2^r by its
+// Taylor series to degree 6 in r ln 2. Clamped to [-125, 0] (finite for -inf scores; masked keys are
+// blended to 0 afterwards, never multiplied).
+FASTCOMP_CONTRACT inline simd::vec<float> exp2_neg(simd::vec<float> x) {
+  FASTCOMP_CONTRACT_BODY
+  using V = simd::vec<float>;
+  using I = simd::ivec<float>;
+  x = simd::min<float>(simd::max<float>(x, simd::splat(-125.0f)), simd::zero<float>());
+  const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = x - n;
+  V p = simd::splat(1.5403530393381609e-4f);
+  p = p * r + 1.3333558146428443e-3f;
+  p = p * r + 9.618129107628477e-3f;
+  p = p * r + 5.550410866482158e-2f;
+  p = p * r + 0.2402265069591007f;
+  p = p * r + 0.6931471805599453f;
+  p = p * r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  return p * (V)bits;
+}
+
+inline simd::vec<double> exp2_neg(simd::vec<double> x) {  // float64: exact, lane by lane (tests, gradcheck)
+  for (int64_t l = 0; l < simd::kLanes<double>; ++l) x[l] = std::exp2(x[l] > 0.0 ? 0.0 : x[l]);
+  return x;
+}
+
+// Offsets per chunk of window columns: at most 8 (accumulators + operands fit AVX2's 16 registers) and at
+// most L (a chunk of shifted loads stays inside one 2L panel row).
+template <typename T>
+constexpr int64_t kChunk = simd::kLanes<T> < 8 ? simd::kLanes<T> : 8;
+
+// A buffer aligned to 64 bytes (a panel row is then exactly whole cache lines).
+template <typename T>
+struct Aligned {
+  std::vector<T> raw;
+  T* p = nullptr;
+  explicit Aligned(size_t n) : raw(n + 64 / sizeof(T), T(0)) {
+    p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63));
+  }
+};
+
+// s[c] = sum_d qb[d] * key_c[d] for c < NC, key_c[d] the register at kp + c * CS + d * ds (lanes: the
+// block's queries; ds = DS, or ds_ when DS is 0). Interior blocks: kp a panel row at the chunk's lane
+// offset, CS = 1, DS = 2L (shifted loads inside one panel row); border blocks: their own panels
+// [D][kw][L], CS = L, ds = kw L. Compile-time strides keep every load an immediate offset from one
+// pointer (run-time ones cost ~10% of the forward in address arithmetic). Two key rows at once
+// (block_dots2) share every query load.
+template <typename T, int NC, int CS, int DS>
+FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __restrict kp, int64_t ds_, int64_t D,
+                                         simd::vec<T>* __restrict s) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> acc[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) acc[c] = simd::zero<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    const simd::vec<T> b_q = simd::load(qb + d * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[c] = b_q * simd::load(kp + c * CS + d * (DS ? DS : ds_)) + acc[c];
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) s[c] = acc[c];
+}
+
+template <typename T, int NC, int CS, int DS>
+FASTCOMP_CONTRACT inline void block_dots2(const T* __restrict qb, const T* __restrict kp0, const T* __restrict kp1,
+                                          int64_t ds_, int64_t D, simd::vec<T>* __restrict s0,
+                                          simd::vec<T>* __restrict s1) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> a0[NC], a1[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) a0[c] = a1[c] = simd::zero<T>();
+  for (int64_t d = 0; d < D; ++d) {
+    const simd::vec<T> b_q = simd::load(qb + d * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) {
+      a0[c] = b_q * simd::load(kp0 + c * CS + d * (DS ? DS : ds_)) + a0[c];
+      a1[c] = b_q * simd::load(kp1 + c * CS + d * (DS ? DS : ds_)) + a1[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    s0[c] = a0[c];
+    s1[c] = a1[c];
+  }
+}
+
+// Conditioner scores, up to 8 at once (one query load feeds them all): s[c] = sum_d qb[d] * kc[c][d].
+template <typename T, int NC>
+FASTCOMP_CONTRACT inline void block_dots_cond(const T* __restrict qb, const T* const* kc, int64_t D,
+                                              simd::vec<T>* __restrict s) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> acc[NC];
+  const T* b_k[NC];
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) {
+    acc[c] = simd::zero<T>();
+    b_k[c] = kc[c];
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const simd::vec<T> b_q = simd::load(qb + d * L);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; ++c) acc[c] = b_q * b_k[c][d] + acc[c];
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < NC; ++c) s[c] = acc[c];
+}
+
+// Dispatch on a run-time count n <= 8 to the instantiation for it (the chunk and D tails).
+#define FASTCOMP_UP_TO_8(n, F)                 \
+  switch (n) {                                 \
+    case 8: F(8); break;                       \
+    case 7: F(7); break;                       \
+    case 6: F(6); break;                       \
+    case 5: F(5); break;                       \
+    case 4: F(4); break;                       \
+    case 3: F(3); break;                       \
+    case 2: F(2); break;                       \
+    default: F(1); break;                      \
+  }
+
+// acc[n] += sum_e p[e] * value_e[d0 + n], value_e[d] the register at vp + e * ES + d * ds (as block_dots:
+// interior ES = 1, DS = 2L; border ES = L, ds = kw L).
+template <typename T, int ND, int NE, int ES, int DS>
+FASTCOMP_CONTRACT inline void block_wsum(const simd::vec<T>* __restrict p, const T* __restrict vp, int64_t ds_,
+                                         simd::vec<T>* __restrict acc) {
+  FASTCOMP_CONTRACT_BODY
+  simd::vec<T> b_acc[ND];
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
+#pragma GCC unroll 8
+  for (int e = 0; e < NE; ++e) {
+    const simd::vec<T> b_p = p[e];
+#pragma GCC unroll 8
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * simd::load(vp + e * ES + n * (DS ? DS : ds_)) + b_acc[n];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
+}
+
+// block_wsum for ND channels and a run-time chunk length ne <= 8 (unrolled: the loop over a chunk's
+// offsets cost ~5 instructions per 8 FMAs).
+template <typename T, int ND, int ES, int DS>
+inline void block_wsum_n(const simd::vec<T>* __restrict p, int64_t ne, const T* __restrict vp, int64_t ds_,
+                         simd::vec<T>* __restrict acc) {
+#define FASTCOMP_WSUM_NE(N) block_wsum<T, ND, N, ES, DS>(p, vp, ds_, acc)
+  FASTCOMP_UP_TO_8(ne, FASTCOMP_WSUM_NE)
+#undef FASTCOMP_WSUM_NE
+}
+
+// acc[n] += sum_e p[e] * vc[e][n] (conditioners: broadcast values, vc[e] pointing at channel d0).
+template <typename T, int ND>
+FASTCOMP_CONTRACT inline void block_wsum_cond(const simd::vec<T>* __restrict p, int64_t ne, const T* const* vc,
+                                              simd::vec<T>* __restrict acc) {
+  FASTCOMP_CONTRACT_BODY
+  simd::vec<T> b_acc[ND];
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
+  for (int64_t e = 0; e < ne; ++e) {
+    const simd::vec<T> b_p = p[e];
+    const T* b_v = vc[e];
+#pragma GCC unroll 8
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_p * b_v[n] + b_acc[n];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
+}
+
+// Prefetches row r of (b, h) of a heads-last tensor (D values per pixel at a stride of heads * D: lines the
+// hardware prefetcher does not follow); `write` for an output. Without it the transposes of the rows into
+// and out of the kernel's layouts waited on memory for ~40% of the forward.
+template <typename T>
+inline void prefetch_row(const Problem<T>& P, const T* x, int64_t b, int64_t h, int64_t r, bool write) {
+  const T* row = x + ((b * P.H + r) * P.W) * P.pix() + h * P.D;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t j = 0; j < P.W; ++j)
+    for (int64_t d = 0; d < P.D; d += kLine) {
+      if (write)
+        __builtin_prefetch(row + j * P.pix() + d, 1);
+      else
+        __builtin_prefetch(row + j * P.pix() + d, 0);
+    }
+}
+
+// One task's ring of kh key rows (slot of row r: r % kh), keys and values each as
+//   NP interior panels [p][D][2L]: columns pL .. pL + 2L of the row (0 beyond W), and
+//   NBB border panels [u][D][kw][L]: for lane l of border block u, border query g = uL + l (the kw/2
+//   first queries of a row, then the kw/2 last), the column its window has at offset dc: dc for the first
+//   ones, W - kw + dc for the last (0 for lanes past 2 (kw/2)). One border block serves both ends of a
+//   row (6 queries in one register at kw = 7, where a block per end used 3 lanes of 8 each).
+template <typename T>
+struct KeyRing {
+  const Problem<T>& P;
+  int64_t half, NP, panel, NBB, bpanel, row_len, ldr;
+  Aligned<T> k, v;
+  std::vector<int64_t> row_of;  // key row held by each slot (-1: none)
+
+  explicit KeyRing(const Problem<T>& P_)
+      : P(P_), half(P_.kw / 2), NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2),
+        panel(P_.D * 2 * simd::kLanes<T>), NBB((2 * (P_.kw / 2) + simd::kLanes<T> - 1) / simd::kLanes<T>),
+        bpanel(P_.kw * P_.D * simd::kLanes<T>), row_len(NP * panel + NBB * bpanel), ldr((NP + 2) * simd::kLanes<T>),
+        k(P_.kh * row_len), v(P_.kh * row_len), row_of(P_.kh, -1) {}
+
+  // The pixel of border query g (g < 2 (kw/2)).
+  int64_t border_pixel(int64_t g) const { return g < half ? g : P.W - 2 * half + g; }
+
+  // The slots of key rows r0 .. r0 + kh - 1 (once per query row: a % per panel access cost ~10% of the
+  // forward in integer divisions).
+  void slots(const Aligned<T>& x, int64_t r0, const T** out) const {
+    for (int64_t dr = 0; dr < P.kh; ++dr) out[dr] = x.p + ((r0 + dr) % P.kh) * row_len;
+  }
+  const T* interior(const T* slot, int64_t pi) const { return slot + pi * panel; }
+  const T* border(const T* slot, int64_t u) const { return slot + NP * panel + u * bpanel; }
+
+  void reset() { std::fill(row_of.begin(), row_of.end(), int64_t(-1)); }
+
+  // Row r of (b, h) of the heads-last x into the panels at dst: each register transpose of L pixels x L
+  // channels (tile t of the row) goes straight to its two places, the first half of panel t and the
+  // second half of panel t - 1 (columns >= W are never written: they stay 0). The border panels then
+  // take their columns from the panels.
+  void build(const T* x, int64_t b, int64_t h, int64_t r, T* dst) {
+    constexpr int64_t L = simd::kLanes<T>;
+    const int64_t D = P.D, kw = P.kw, W = P.W, pix = P.pix();
+    const T* src = x + ((b * P.H + r) * W) * pix + h * D;
+    const int64_t d_vec = D / L * L;
+    auto put = [&](int64_t t, int64_t d, int64_t lane, T value) {  // column tL + lane, channel d
+      dst[t * panel + d * 2 * L + lane] = value;
+      if (t > 0) dst[(t - 1) * panel + d * 2 * L + L + lane] = value;
+    };
+    int64_t t = 0;
+    for (; (t + 1) * L <= W; ++t) {
+      const T* s = src + t * L * pix;
+      if ((t + 2) * L <= W)  // the next tile's pixels: lines at a stride the hardware prefetcher misses
+        for (int64_t jj = 0; jj < L; ++jj)
+          for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (L + jj) * pix + d);
+      for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
+        simd::vec<T> b_rows[L];  // [pixel][channel], then [channel][pixel]
+        for (int64_t jj = 0; jj < L; ++jj) b_rows[jj] = simd::load(s + jj * pix + d0);
+        simd::transpose<T>(b_rows);
+        for (int64_t dd = 0; dd < L; ++dd) {
+          simd::store(dst + t * panel + (d0 + dd) * 2 * L, b_rows[dd]);
+          if (t > 0) simd::store(dst + (t - 1) * panel + (d0 + dd) * 2 * L + L, b_rows[dd]);
+        }
+      }
+      for (int64_t d = d_vec; d < D; ++d)
+        for (int64_t jj = 0; jj < L; ++jj) put(t, d, jj, s[jj * pix + d]);
+    }
+    for (int64_t j = t * L; j < W; ++j)
+      for (int64_t d = 0; d < D; ++d) put(t, d, j - t * L, src[j * pix + d]);
+    T* bp = dst + NP * panel;
+    // the kw left and kw right columns of channel d: runs inside one panel row each when kw <= L + 1
+    const int64_t p_right = (W - kw) / L, o_right = (W - kw) % L;
+    const bool runs = o_right + kw <= 2 * L && kw <= 2 * L;
+    for (int64_t u = 0; u < NBB; ++u) {
+      // lanes of the first kw/2 queries take the left column, those of the last kw/2 the right one
+      simd::ivec<T> left_lane{}, used_lane{};
+      for (int64_t l = 0; l < L; ++l) {
+        left_lane[l] = u * L + l < half ? -1 : 0;
+        used_lane[l] = u * L + l < 2 * half ? -1 : 0;
+      }
+      const simd::vec<T> zero = simd::zero<T>();
+      for (int64_t d = 0; d < D; ++d) {
+        T* o = bp + (u * D + d) * kw * L;
+        const T* left = dst + d * 2 * L;
+        const T* right = dst + p_right * panel + d * 2 * L + o_right;
+        for (int64_t dc = 0; dc < kw; ++dc) {
+          const T lv = runs ? left[dc] : dst[(dc / L) * panel + d * 2 * L + dc % L];
+          const int64_t c = W - kw + dc;
+          const T rv = runs ? right[dc] : dst[(c / L) * panel + d * 2 * L + c % L];
+          simd::store(o + dc * L, simd::select<T>(used_lane, simd::select<T>(left_lane, simd::splat(lv), simd::splat(rv)), zero));
+        }
+      }
+    }
+  }
+
+  // Make the slots hold key rows [r0, r0 + kh).
+  void ensure(const T* kx, const T* vx, int64_t b, int64_t h, int64_t r0) {
+    for (int64_t r = r0; r < r0 + P.kh; ++r) {
+      const int64_t s = r % P.kh;
+      if (row_of[s] == r) continue;
+      build(kx, b, h, r, k.p + s * row_len);
+      build(vx, b, h, r, v.p + s * row_len);
+      row_of[s] = r;
+    }
+  }
+};
+
+// The forward of one query block of row i: interior block t (queries kw/2 + tL + lane, window start
+// j - kw/2) or border block u (queries as in KeyRing). qb [D][L] the queries (scaled by scale * log2 e);
+// writes ob [D][L] (normalized) and lse2[L] (log2 domain).
+template <typename T>
+struct BlockForward {
+  const Problem<T>& P;
+  std::vector<simd::vec<T>> s;      // [keys + M] scores, then probabilities
+  std::vector<simd::vec<T>> allow;  // [M] 0 / 1 per lane of the block's active conditioners
+  std::vector<int64_t> active;
+  std::vector<simd::vec<T>> acc;    // [D] output accumulators (block_wsum's register tiles pass through here)
+  std::vector<const T*> kc, vc;     // [M] the active conditioners' keys and values (at channel 0 / d0)
+
+  explicit BlockForward(const Problem<T>& P_)
+      : P(P_), s(P_.keys() + P_.M), allow(P_.M), acc(P_.D), kc(P_.M), vc(P_.M) {
+    active.reserve(P_.M);
+  }
+
+  // The conditioners some lane of the block may see (lane l: pixel pixels[l], l < nvalid), with lane masks.
+  void conditioners(int64_t b, int64_t i, const int64_t* pixels, int64_t nvalid) {
+    constexpr int64_t L = simd::kLanes<T>;
+    active.clear();
+    if (P.mask == nullptr) {  // every pixel sees every conditioner
+      simd::vec<T> a = simd::zero<T>();
+      for (int64_t l = 0; l < nvalid; ++l) a[l] = T(1);
+      for (int64_t m = 0; m < P.M; ++m) {
+        allow[m] = a;
+        active.push_back(m);
+      }
+      return;
+    }
+    const bool contiguous = pixels[nvalid - 1] - pixels[0] == nvalid - 1;
+    for (int64_t m = 0; m < P.M; ++m) {
+      const uint8_t* row = P.mask + ((b * P.M + m) * P.H + i) * P.W;
+      if (contiguous) {  // interior blocks: skip a conditioner none of the block's pixels sees, 8 bytes a test
+        uint64_t bits = 0;
+        int64_t l = 0;
+        for (; l + 8 <= nvalid; l += 8) {
+          uint64_t w;
+          std::memcpy(&w, row + pixels[0] + l, 8);
+          bits |= w;
+        }
+        for (; l < nvalid; ++l) bits |= row[pixels[0] + l];
+        if (bits == 0) continue;
+      }
+      simd::vec<T> a = simd::zero<T>();
+      bool any = false;
+      for (int64_t l = 0; l < nvalid; ++l) {
+        const bool ok = row[pixels[l]] != 0;
+        a[l] = ok ? T(1) : T(0);
+        any = any || ok;
+      }
+      if (any) {
+        allow[active.size()] = a;
+        active.push_back(m);
+      }
+    }
+    (void)L;
+  }
+
+  // ks, vs: the kh key / value slots of the row (KeyRing::slots).
+  void run(const KeyRing<T>& ring, const T* const* ks, const T* const* vs, bool interior, int64_t t, const T* qb,
+           const T* ck, const T* cv, int64_t c_stride, T* ob, T* lse2) {
+    constexpr int64_t L = simd::kLanes<T>;
+    if (interior)
+      run_as<1, 2 * L>(ks, vs, qb, ck, cv, c_stride, ob, lse2, [&](const T* slot, int64_t dc) {
+        return ring.interior(slot, t + dc / L) + dc % L;
+      }, 2 * L);
+    else
+      run_as<L, 0>(ks, vs, qb, ck, cv, c_stride, ob, lse2, [&](const T* slot, int64_t dc) {
+        return ring.border(slot, t) + dc * L;
+      }, P.kw * L);
+  }
+
+  // run() for one layout: key (value) c of a chunk at at(x, dr, dc0) + c * CS, channel d at + d * ds.
+  template <int CS, int DS, typename At>
+  void run_as(const T* const* ks, const T* const* vs, const T* qb, const T* ck, const T* cv, int64_t c_stride, T* ob,
+              T* lse2, At at, int64_t ds) {
+    constexpr int64_t L = simd::kLanes<T>, C = kChunk<T>;
+    const int64_t D = P.D, kh = P.kh, kw = P.kw, keys = P.keys();
+    const int64_t na = static_cast<int64_t>(active.size());
+    // scores: the window, two key rows per pass, then the conditioners, up to 8 per pass
+    for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+      const int64_t nc = std::min<int64_t>(C, kw - dc0);
+      int64_t dr = 0;
+      for (; dr + 2 <= kh; dr += 2) {
+        const T *kp0 = at(ks[dr], dc0), *kp1 = at(ks[dr + 1], dc0);
+        simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTS2(N) block_dots2<T, N, CS, DS>(qb, kp0, kp1, ds, D, s0, s0 + kw)
+        FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS2)
+#undef FASTCOMP_DOTS2
+      }
+      for (; dr < kh; ++dr) {
+        const T* kp = at(ks[dr], dc0);
+        simd::vec<T>* s0 = s.data() + dr * kw + dc0;
+#define FASTCOMP_DOTS(N) block_dots<T, N, CS, DS>(qb, kp, ds, D, s0)
+        FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS)
+#undef FASTCOMP_DOTS
+      }
+    }
+    for (int64_t a = 0; a < na; ++a) {
+      kc[a] = ck + active[a] * c_stride;
+      vc[a] = cv + active[a] * c_stride;
+    }
+    for (int64_t a0 = 0; a0 < na; a0 += 8) {
+      const int64_t n = std::min<int64_t>(8, na - a0);
+#define FASTCOMP_DOTSC(N) block_dots_cond<T, N>(qb, kc.data() + a0, D, s.data() + keys + a0)
+      FASTCOMP_UP_TO_8(n, FASTCOMP_DOTSC)
+#undef FASTCOMP_DOTSC
+    }
+    // softmax: max over the window and the allowed conditioners, 2^(s - max), sum
+    const simd::vec<T> zero = simd::zero<T>(), ninf = simd::splat(-std::numeric_limits<T>::infinity());
+    simd::vec<T> b_max = s[0];
+    for (int64_t key = 1; key < keys; ++key) b_max = simd::max<T>(b_max, s[key]);
+    for (int64_t a = 0; a < na; ++a) b_max = simd::max<T>(b_max, simd::select<T>(allow[a] != zero, s[keys + a], ninf));
+    simd::vec<T> b_sum = zero;
+    for (int64_t key = 0; key < keys; ++key) {
+      s[key] = exp2_neg(s[key] - b_max);
+      b_sum += s[key];
+    }
+    for (int64_t a = 0; a < na; ++a) {
+      s[keys + a] = simd::select<T>(allow[a] != zero, exp2_neg(s[keys + a] - b_max), zero);
+      b_sum += s[keys + a];
+    }
+    // weighted sum of the values, up to 8 channels per register tile
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      const int64_t nd = std::min<int64_t>(8, D - d0);
+      simd::vec<T>* a_d = acc.data() + d0;
+      for (int64_t n = 0; n < nd; ++n) a_d[n] = zero;
+      for (int64_t dr = 0; dr < kh; ++dr)
+        for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+          const int64_t ne = std::min<int64_t>(C, kw - dc0);
+          const simd::vec<T>* p = s.data() + dr * kw + dc0;
+          const T* vp = at(vs[dr], dc0) + d0 * ds;
+          if (nd == 8) {
+            block_wsum_n<T, 8, CS, DS>(p, ne, vp, ds, a_d);
+          } else {  // the D % 8 channels
+#define FASTCOMP_WSUM(N) block_wsum_n<T, N, CS, DS>(p, ne, vp, ds, a_d)
+            FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUM)
+#undef FASTCOMP_WSUM
+          }
+        }
+      if (na) {
+        for (int64_t a = 0; a < na; ++a) vc[a] = cv + active[a] * c_stride + d0;
+#define FASTCOMP_WSUMC(N) block_wsum_cond<T, N>(s.data() + keys, na, vc.data(), a_d)
+        FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUMC)
+#undef FASTCOMP_WSUMC
+      }
+    }
+    const simd::vec<T> inv = simd::splat(T(1)) / b_sum;
+    for (int64_t d = 0; d < D; ++d) simd::store(ob + d * L, acc[d] * inv);
+    for (int64_t l = 0; l < L; ++l) lse2[l] = b_max[l] + std::log2(b_sum[l]);
+  }
+};
+
 template <typename T>
 void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const T* cond_k, const T* cond_v, T* out,
                   T* lse) {
-  // Enough row blocks that every thread has several tasks even when B*heads is small.
+  constexpr int64_t L = simd::kLanes<T>;
+  // Enough row blocks that every thread has several tasks even when B*heads is small
+  // (8 per thread: dynamic scheduling then evens out threads slowed by other processes on shared cores).
   const int64_t bh = P.B * P.NH;
-  // (8 per thread: dynamic scheduling then evens out threads slowed by other processes on shared cores)
   const int64_t want = 8 * static_cast<int64_t>(at::get_num_threads());
   const int64_t blocks = std::min<int64_t>(P.H, std::max<int64_t>(1, (want + bh - 1) / bh));
   const int64_t rows_per = (P.H + blocks - 1) / blocks;
   const int64_t tasks = bh * blocks;
   const int64_t c_stride = P.NH * P.D;
+  const int64_t half = P.kw / 2, n_int = P.W - 2 * half;
+  const int64_t n_blocks_int = (n_int + L - 1) / L;
 
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
-    RowScratch<T> R(P);
-    const int64_t rows_max = std::min<int64_t>(P.H, rows_per + P.kh);
-    std::vector<T> kt(rows_max * P.D * P.ld + P.ld, T(0)), vt(rows_max * P.D * P.ld + P.ld, T(0));
+    KeyRing<T> ring(P);
+    BlockForward<T> F(P);
+    const int64_t ldr = ring.ldr;
+    Aligned<T> qt(P.D * ldr), ot(P.D * ldr), qb(P.D * L), ob(P.D * L), lse2(ldr), lse2_b(L);
+    int64_t pixels[L];
+    std::vector<const T*> ks(P.kh), vs(P.kh);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / (P.NH * blocks), h = (task / blocks) % P.NH, blk = task % blocks;
       const int64_t i0 = blk * rows_per, i1 = std::min(P.H, i0 + rows_per);
       if (i0 >= i1) continue;
-      const int64_t lo = window_start(i0, P.kh, P.H), hi = window_start(i1 - 1, P.kh, P.H) + P.kh;
-      load_rows_t(P, k, b, h, lo, hi, kt.data());
-      load_rows_t(P, v, b, h, lo, hi, vt.data());
+      ring.reset();
       const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * P.D;
       const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * P.D;
       for (int64_t i = i0; i < i1; ++i) {
-        scores_row(P, b, h, i, q, kt.data(), lo, cond_k, R);
-        const size_t na = R.active.size();
-        // Row max over the window and the allowed conditioners (window keys make it finite).
-        T* __restrict mx = R.mx.data();
-        for (int64_t j = 0; j < P.W; ++j) mx[j] = -std::numeric_limits<T>::infinity();
-        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
-          const T* __restrict ps = R.s.data() + key * P.ld;
-          if (key < P.keys()) {
-#pragma omp simd
-            for (int64_t j = 0; j < P.W; ++j) mx[j] = std::max(mx[j], ps[j]);
-          } else {
-            const T* __restrict pa = R.allow.data() + (key - P.keys()) * P.ld;
-#pragma omp simd
-            for (int64_t j = 0; j < P.W; ++j) mx[j] = pa[j] != T(0) ? std::max(mx[j], ps[j]) : mx[j];
+        const int64_t r_first = window_start(i, P.kh, P.H);
+        ring.ensure(k, v, b, h, r_first);
+        if (i + 1 < i1) {  // the next row's queries, its new key/value row and its output, a row of compute ahead
+          const int64_t r_next = window_start(i + 1, P.kh, P.H) + P.kh - 1;
+          prefetch_row(P, q, b, h, i + 1, false);
+          if (r_next != r_first + P.kh - 1) {
+            prefetch_row(P, k, b, h, r_next, false);
+            prefetch_row(P, v, b, h, r_next, false);
+          }
+          prefetch_row(P, out, b, h, i + 1, true);
+        }
+        ring.slots(ring.k, r_first, ks.data());
+        ring.slots(ring.v, r_first, vs.data());
+        const int64_t row_off = ((b * P.H + i) * P.W) * P.pix() + h * P.D;
+        load_row_t(P, q + row_off, static_cast<T>(P.scale * kLog2e), qt.p, ldr);
+        // interior blocks (the last may spill into the border pixels, which the border blocks then write)
+        for (int64_t t = 0; t < n_blocks_int; ++t) {
+          const int64_t j0 = half + t * L, nvalid = std::min<int64_t>(L, n_int - t * L);
+          for (int64_t l = 0; l < L; ++l) pixels[l] = j0 + l;
+          for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, simd::load(qt.p + d * ldr + j0));
+          F.conditioners(b, i, pixels, nvalid);
+          F.run(ring, ks.data(), vs.data(), true, t, qb.p, ck, cv, c_stride, ob.p, lse2.p + j0);
+          for (int64_t d = 0; d < P.D; ++d) simd::store(ot.p + d * ldr + j0, simd::load(ob.p + d * L));
+        }
+        for (int64_t u = 0; u < ring.NBB; ++u) {
+          const int64_t nvalid = std::min<int64_t>(L, 2 * half - u * L);
+          for (int64_t l = 0; l < nvalid; ++l) pixels[l] = ring.border_pixel(u * L + l);
+          for (int64_t d = 0; d < P.D; ++d)
+            for (int64_t l = 0; l < L; ++l) qb.p[d * L + l] = l < nvalid ? qt.p[d * ldr + pixels[l]] : T(0);
+          F.conditioners(b, i, pixels, nvalid);
+          F.run(ring, ks.data(), vs.data(), false, u, qb.p, ck, cv, c_stride, ob.p, lse2_b.p);
+          for (int64_t l = 0; l < nvalid; ++l) {
+            for (int64_t d = 0; d < P.D; ++d) ot.p[d * ldr + pixels[l]] = ob.p[d * L + l];
+            lse2.p[pixels[l]] = lse2_b.p[l];
           }
         }
-        probabilities(P, R.s.data(), mx, R.allow.data(), na, R.p.data());
-        T* __restrict sum = R.sum.data();
-        for (int64_t j = 0; j < P.W; ++j) sum[j] = T(0);
-        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
-          const T* __restrict pp = R.p.data() + key * P.ld;
-#pragma omp simd
-          for (int64_t j = 0; j < P.W; ++j) sum[j] += pp[j];
-        }
+        store_row_t(P, ot.p, T(1), out + row_off, static_cast<const T*>(nullptr), ldr);
         T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
-        for (int64_t j = 0; j < P.W; ++j) {
-          lse_row[j] = mx[j] + std::log(sum[j]);
-          sum[j] = T(1) / sum[j];
-        }
-        for (int64_t key = 0; key < P.keys() + static_cast<int64_t>(na); ++key) {
-          T* __restrict pp = R.p.data() + key * P.ld;
-#pragma omp simd
-          for (int64_t j = 0; j < P.W; ++j) pp[j] *= sum[j];
-        }
-        weighted_sum(P, R.p.data(), vt.data(), window_start(i, P.kh, P.H) - lo, cv == nullptr ? vt.data() : cv,
-                     c_stride, R.active, R.o.data());
-        store_row_t(P, R.o.data(), T(1), out + ((b * P.H + i) * P.W) * P.pix() + h * P.D);
+        for (int64_t j = 0; j < P.W; ++j) lse_row[j] = lse2.p[j] * static_cast<T>(kLn2);
       }
     }
+  }
+}
+
+// --- the backward, by the forward's blocks ---------------------------------------------------------------
+//
+// One task per (b, head): every dk / dv / dcond element has one writer (no atomics, deterministic). Per
+// query row, two phases:
+//  1. per query block (as the forward: interior blocks over the key/value panels, the border block over
+//     the border panels): recompute the scores and P = 2^(s log2 e - lse log2 e), dP = dO . V, delta =
+//     sum P dP, dS = P (dP - delta); dq = scale dS K (the forward's weighted sum, over the key panels);
+//     conditioner gradients accumulate lane by lane; the border block's dk / dv too (lane l of the border
+//     block always is border query l of a row, so its contributions are summed over lanes once, at the end).
+//  2. dk / dv of the interior queries, gathered per tile of L key columns: key column c' gets
+//     sum_dc dS[dc][u] x[u] over the queries u = c' + kw/2 - dc that see it at offset dc (dS kept for
+//     the row as [key][column], zero outside the interior queries; x = scale q or dO as query panels,
+//     the same 2L-wide rows as the key panels, so the shifted loads stay inside one line per channel).
+//     Accumulated in registers, added to the tile once per (key row, tile, 8 channels).
+
+// Query panels of the scatter: panel j holds columns jL + f .. jL + f + 2L of a transposed row (f =
+// kw/2 - L + 1), for j from -JOFF (so the gathers of the far offsets have panels) to NT.
+template <typename T>
+struct QueryPanels {
+  int64_t f, JOFF, NJ, panel;
+  Aligned<T> x;
+  QueryPanels(const Problem<T>& P, int64_t NT)
+      : f(P.kw / 2 - simd::kLanes<T> + 1), JOFF((P.kw + simd::kLanes<T> - 1) / simd::kLanes<T>),
+        NJ(NT + JOFF + 1), panel(P.D * 2 * simd::kLanes<T>), x(NJ * P.D * 2 * simd::kLanes<T>) {}
+  // from a transposed row xt [D][ldx] whose column c sits at xt + FP + c (zero outside [0, W))
+  void build(const T* xt, int64_t ldx, int64_t FP, int64_t D) {
+    constexpr int64_t L = simd::kLanes<T>;
+    for (int64_t jj = 0; jj < NJ; ++jj) {
+      const int64_t c0 = (jj - JOFF) * L + f;
+      for (int64_t d = 0; d < D; ++d) {
+        const T* src = xt + d * ldx + FP + c0;
+        T* o = x.p + jj * panel + d * 2 * L;
+        simd::store(o, simd::load(src));
+        simd::store(o + L, simd::load(src + L));
+      }
+    }
+  }
+  const T* at(int64_t j) const { return x.p + (j + JOFF) * panel; }
+};
+
+// acc[n] += sum_e w_e * x_e[n]: the gather of one chunk of window offsets for 8 (ND) channels.
+// w_e = weights of offset dc0 + e at the queries u0 - e (w + e * (ldw - 1)), x_e at xp - e (channel n at
+// + n * 2L): the query that sees the tile's lane l at offset dc0 + e is one column left per offset.
+template <typename T, int ND, int NE>
+FASTCOMP_CONTRACT inline void block_gather(const T* __restrict w, int64_t ldw, const T* __restrict xp,
+                                           simd::vec<T>* __restrict acc) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  simd::vec<T> b_acc[ND];
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
+#pragma GCC unroll 16
+  for (int e = 0; e < NE; ++e) {
+    const simd::vec<T> b_w = simd::load(w + e * (ldw - 1));
+#pragma GCC unroll 8
+    for (int n = 0; n < ND; ++n) b_acc[n] = b_w * simd::load(xp + n * 2 * L - e) + b_acc[n];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
+}
+
+template <typename T, int ND>
+inline void block_gather_n(const T* w, int64_t ldw, const T* xp, int64_t ne, simd::vec<T>* acc) {
+  switch (ne) {
+#define FASTCOMP_G(N) case N: block_gather<T, ND, N>(w, ldw, xp, acc); break;
+    FASTCOMP_G(16) FASTCOMP_G(15) FASTCOMP_G(14) FASTCOMP_G(13) FASTCOMP_G(12) FASTCOMP_G(11) FASTCOMP_G(10)
+    FASTCOMP_G(9) FASTCOMP_G(8) FASTCOMP_G(7) FASTCOMP_G(6) FASTCOMP_G(5) FASTCOMP_G(4) FASTCOMP_G(3)
+    FASTCOMP_G(2)
+#undef FASTCOMP_G
+    default: block_gather<T, ND, 1>(w, ldw, xp, acc); break;
   }
 }
 
 template <typename T>
 void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, const T* v, const T* cond_k,
                    const T* cond_v, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dck, T* dcv) {
+  (void)out;  // delta = sum_keys P dP (= dO . out) is formed from the recomputed P, see phase 1
+  constexpr int64_t L = simd::kLanes<T>, C = kChunk<T>;
   const int64_t tasks = P.B * P.NH;
   const int64_t c_stride = P.NH * P.D;
-  const int64_t img = P.H * P.D * P.ld + P.ld;
+  const int64_t D = P.D, kh = P.kh, kw = P.kw, keys = P.keys(), half = kw / 2, W = P.W, H = P.H;
+  const int64_t n_int = W - 2 * half, n_blocks_int = (n_int + L - 1) / L;
+  const int64_t NT = (W + L - 1) / L;                 // key tiles of a row
+  const T log2e = static_cast<T>(kLog2e);
+
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
-    RowScratch<T> R(P);
-    std::vector<T> kt(img, T(0)), vt(img, T(0)), gk(img), gv(img), go_buf(kFront + P.D * P.ld + P.ld, T(0)),
-        dp((P.keys() + P.M) * P.ld + P.ld, T(0)), ds((P.keys() + P.M) * P.ld + P.ld, T(0)), delta(P.ld, T(0)),
-        gck(P.M * P.D + 1), gcv(P.M * P.D + 1);
-    T* go_t = go_buf.data() + kFront;
-    ScatterScratch<T> Z(P);
+    KeyRing<T> ring(P);
+    BlockForward<T> F(P);  // conditioners(), the score and weighted-sum kernels' scratch
+    QueryPanels<T> xq(P, NT), xo(P, NT);
+    const int64_t FP = (xq.JOFF + 2) * L;               // front padding of the transposed query-side rows
+    const int64_t ldx = FP + (NT + xq.JOFF + 4) * L;    // their length
+    Aligned<T> qt(D * ldx), got(D * ldx), dqt(D * ldx), qb(D * L), gob(D * L), dqb(D * L), lse2(W + 2 * L);
+    Aligned<T> p_row((keys + 1) * ldx), ds_row((keys + 1) * ldx);  // interior P, dS by [key][column]
+    const int64_t tile = D * L;
+    std::vector<T> gk(H * NT * tile), gv(H * NT * tile);               // [row][tile][D][L]
+    const int64_t bsz = ring.NBB * kw * tile;                          // border accumulators per key row
+    std::vector<T> bk(H * bsz), bv(H * bsz);                           // [row][u][kw][D][L], lane-wise
+    std::vector<simd::vec<T>> ckv(P.M * D), cvv(P.M * D);              // conditioner gradients, lane-wise
+    std::vector<simd::vec<T>> sp(keys + P.M), dpv(keys + P.M);
+    std::vector<const T*> ks(kh), vs(kh), kc(P.M), vc(P.M);
+    int64_t pixels[L];
+    simd::vec<T> b_acc[8];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / P.NH, h = task % P.NH;
-      Z.reset();
-      load_rows_t(P, k, b, h, 0, P.H, kt.data());
-      load_rows_t(P, v, b, h, 0, P.H, vt.data());
+      ring.reset();
       std::fill(gk.begin(), gk.end(), T(0));
       std::fill(gv.begin(), gv.end(), T(0));
-      std::fill(gck.begin(), gck.end(), T(0));
-      std::fill(gcv.begin(), gcv.end(), T(0));
-      const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * P.D;
-      const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * P.D;
-      for (int64_t i = 0; i < P.H; ++i) {
-        const int64_t r_first = window_start(i, P.kh, P.H);
-        const int64_t row_off = ((b * P.H + i) * P.W) * P.pix() + h * P.D;
-        scores_row(P, b, h, i, q, kt.data(), 0, cond_k, R);
-        const size_t na = R.active.size();
-        const int64_t nkeys = P.keys() + static_cast<int64_t>(na);
-        const T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
-        probabilities(P, R.s.data(), lse_row, R.allow.data(), na, R.p.data());
-        // delta_j = dO_j . O_j (= sum over keys of P dP).
-        for (int64_t j = 0; j < P.W; ++j) {
-          const T* g = go + row_off + j * P.pix();
-          const T* o = out + row_off + j * P.pix();
-          T acc = 0;
-          for (int64_t d = 0; d < P.D; ++d) acc += g[d] * o[d];
-          delta[j] = acc;
+      std::fill(bk.begin(), bk.end(), T(0));
+      std::fill(bv.begin(), bv.end(), T(0));
+      std::fill(ckv.begin(), ckv.end(), simd::zero<T>());
+      std::fill(cvv.begin(), cvv.end(), simd::zero<T>());
+      const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * D;
+      const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * D;
+      for (int64_t i = 0; i < H; ++i) {
+        const int64_t r_first = window_start(i, kh, H);
+        ring.ensure(k, v, b, h, r_first);
+        if (i + 1 < H) {
+          const int64_t r_next = window_start(i + 1, kh, H) + kh - 1;
+          prefetch_row(P, q, b, h, i + 1, false);
+          prefetch_row(P, go, b, h, i + 1, false);
+          if (r_next != r_first + kh - 1) {
+            prefetch_row(P, k, b, h, r_next, false);
+            prefetch_row(P, v, b, h, r_next, false);
+          }
         }
-        load_row_t(P, go + row_off, T(1), go_t);
-        window_dot(P, go_t, vt.data(), r_first, dp.data());
-        if (na) cond_dot(P, go_t, cond_v + (b * P.M * P.NH + h) * P.D, c_stride, R.active, dp.data() + P.keys() * P.ld);
-        for (int64_t key = 0; key < nkeys; ++key) {
-          const T* __restrict pp = R.p.data() + key * P.ld;
-          const T* __restrict pd = dp.data() + key * P.ld;
-          T* __restrict ps = ds.data() + key * P.ld;
-          const T* __restrict dl = delta.data();
-#pragma omp simd
-          for (int64_t j = 0; j < P.W; ++j) ps[j] = pp[j] * (pd[j] - dl[j]);
-        }
-        // dq = scale * dS K (q was loaded pre-scaled, so dk below already carries the scale).
-        weighted_sum(P, ds.data(), kt.data(), r_first, ck == nullptr ? kt.data() : ck, c_stride, R.active,
-                     R.o.data());
-        store_row_t(P, R.o.data(), P.scale, dq + row_off);
-        window_scatter(P, ds.data(), R.a, q + row_off, P.scale, r_first, gk.data(), Z.left_k.data(),
-                       Z.right_k.data(), Z);
-        window_scatter(P, R.p.data(), go_t, go + row_off, T(1), r_first, gv.data(), Z.left_v.data(),
-                       Z.right_v.data(), Z);
-        // dcond_k[m] += sum_j dS[m][j] q_j * scale, dcond_v[m] += sum_j P[m][j] dO_j: over D from the
-        // heads-last rows, skipping pixels the conditioner is masked from (P = dS = 0 there).
-        for (size_t a = 0; a < na; ++a) {
-          const T* pds = ds.data() + (P.keys() + a) * P.ld;
-          const T* pp = R.p.data() + (P.keys() + a) * P.ld;
-          const T* allow = R.allow.data() + a * P.ld;
-          T* __restrict gk_m = gck.data() + R.active[a] * P.D;
-          T* __restrict gv_m = gcv.data() + R.active[a] * P.D;
-          for (int64_t j = 0; j < P.W; ++j) {
-            if (allow[j] == T(0)) continue;
-            const T wk = pds[j] * P.scale, wv = pp[j];
-            const T* __restrict qr = q + row_off + j * P.pix();
-            const T* __restrict gr = go + row_off + j * P.pix();
-#pragma omp simd
-            for (int64_t d = 0; d < P.D; ++d) {
-              gk_m[d] = std::fma(wk, qr[d], gk_m[d]);
-              gv_m[d] = std::fma(wv, gr[d], gv_m[d]);
+        ring.slots(ring.k, r_first, ks.data());
+        ring.slots(ring.v, r_first, vs.data());
+        const int64_t row_off = ((b * H + i) * W) * P.pix() + h * D;
+        load_row_t(P, q + row_off, P.scale, qt.p + FP, ldx);  // columns outside [0, W) stay 0
+        load_row_t(P, go + row_off, T(1), got.p + FP, ldx);
+        const T* lse_row = lse + ((b * P.NH + h) * H + i) * W;
+        for (int64_t j = 0; j < W; ++j) lse2.p[j] = lse_row[j] * log2e;
+
+        // phase 1: one block of queries at a time
+        auto block = [&](bool interior, int64_t t, int64_t nvalid) {
+          const int64_t j0 = interior ? half + t * L : 0;
+          for (int64_t l = 0; l < L; ++l)
+            pixels[l] = interior ? j0 + l : (t * L + l < 2 * half ? ring.border_pixel(t * L + l) : 0);
+          simd::vec<T> b_lse = simd::zero<T>();
+          if (interior) {  // contiguous pixels: whole registers (lanes past the row hold zeros or its queries)
+            b_lse = simd::load(lse2.p + j0);
+            for (int64_t d = 0; d < D; ++d) {
+              simd::store(qb.p + d * L, simd::load(qt.p + d * ldx + FP + j0));
+              simd::store(gob.p + d * L, simd::load(got.p + d * ldx + FP + j0));
+            }
+          } else {
+            for (int64_t l = 0; l < L; ++l) {
+              const bool ok = l < nvalid;
+              b_lse[l] = ok ? lse2.p[pixels[l]] : T(0);
+              for (int64_t d = 0; d < D; ++d) {
+                qb.p[d * L + l] = ok ? qt.p[d * ldx + FP + pixels[l]] : T(0);
+                gob.p[d * L + l] = ok ? got.p[d * ldx + FP + pixels[l]] : T(0);
+              }
+            }
+          }
+          F.conditioners(b, i, pixels, nvalid);
+          const int64_t na = static_cast<int64_t>(F.active.size());
+          for (int64_t a = 0; a < na; ++a) {
+            kc[a] = ck + F.active[a] * c_stride;
+            vc[a] = cv + F.active[a] * c_stride;
+          }
+          // scores (s) and dP (dpv) over the window and the conditioners
+          const int64_t ds_ = interior ? 2 * L : kw * L;
+          auto kat = [&](const T* slot, int64_t dc) {
+            return interior ? ring.interior(slot, t + dc / L) + dc % L : ring.border(slot, t) + dc * L;
+          };
+          auto dots = [&](const T* x, const T* const* slots, simd::vec<T>* s) {
+            for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+              const int64_t nc = std::min<int64_t>(C, kw - dc0);
+              int64_t dr = 0;
+              for (; dr + 2 <= kh; dr += 2) {
+                const T *kp0 = kat(slots[dr], dc0), *kp1 = kat(slots[dr + 1], dc0);
+                simd::vec<T>* s0 = s + dr * kw + dc0;
+                if (interior) {
+#define FASTCOMP_D2(N) block_dots2<T, N, 1, 2 * L>(x, kp0, kp1, ds_, D, s0, s0 + kw)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D2)
+#undef FASTCOMP_D2
+                } else {
+#define FASTCOMP_D2B(N) block_dots2<T, N, L, 0>(x, kp0, kp1, ds_, D, s0, s0 + kw)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D2B)
+#undef FASTCOMP_D2B
+                }
+              }
+              for (; dr < kh; ++dr) {
+                const T* kp = kat(slots[dr], dc0);
+                simd::vec<T>* s0 = s + dr * kw + dc0;
+                if (interior) {
+#define FASTCOMP_D1(N) block_dots<T, N, 1, 2 * L>(x, kp, ds_, D, s0)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D1)
+#undef FASTCOMP_D1
+                } else {
+#define FASTCOMP_D1B(N) block_dots<T, N, L, 0>(x, kp, ds_, D, s0)
+                  FASTCOMP_UP_TO_8(nc, FASTCOMP_D1B)
+#undef FASTCOMP_D1B
+                }
+              }
+            }
+          };
+          dots(qb.p, ks.data(), sp.data());
+          dots(gob.p, vs.data(), dpv.data());
+          for (int64_t a0 = 0; a0 < na; a0 += 8) {
+            const int64_t n = std::min<int64_t>(8, na - a0);
+#define FASTCOMP_DC(N)                                                                  \
+  block_dots_cond<T, N>(qb.p, kc.data() + a0, D, sp.data() + keys + a0);               \
+  block_dots_cond<T, N>(gob.p, vc.data() + a0, D, dpv.data() + keys + a0)
+            FASTCOMP_UP_TO_8(n, FASTCOMP_DC)
+#undef FASTCOMP_DC
+          }
+          // P, delta = sum P dP, dS = P (dP - delta) (into dpv)
+          const simd::vec<T> zero = simd::zero<T>();
+          simd::vec<T> b_delta = zero;
+          for (int64_t key = 0; key < keys + na; ++key) {
+            simd::vec<T> p = exp2_neg(sp[key] * log2e - b_lse);
+            if (key >= keys) p = simd::select<T>(F.allow[key - keys] != zero, p, zero);
+            sp[key] = p;
+            b_delta += p * dpv[key];
+          }
+          for (int64_t key = 0; key < keys + na; ++key) dpv[key] = sp[key] * (dpv[key] - b_delta);
+          // dq = scale dS K, 8 channels per register tile
+          for (int64_t d0 = 0; d0 < D; d0 += 8) {
+            const int64_t nd = std::min<int64_t>(8, D - d0);
+            for (int64_t n = 0; n < nd; ++n) b_acc[n] = zero;
+            for (int64_t dr = 0; dr < kh; ++dr)
+              for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
+                const int64_t ne = std::min<int64_t>(C, kw - dc0);
+                const simd::vec<T>* w = dpv.data() + dr * kw + dc0;
+                const T* kp = kat(ks[dr], dc0) + d0 * ds_;
+                if (interior) {
+#define FASTCOMP_W(N) block_wsum_n<T, N, 1, 2 * L>(w, ne, kp, ds_, b_acc)
+                  FASTCOMP_UP_TO_8(nd, FASTCOMP_W)
+#undef FASTCOMP_W
+                } else {
+#define FASTCOMP_WB(N) block_wsum_n<T, N, L, 0>(w, ne, kp, ds_, b_acc)
+                  FASTCOMP_UP_TO_8(nd, FASTCOMP_WB)
+#undef FASTCOMP_WB
+                }
+              }
+            if (na) {
+              for (int64_t a = 0; a < na; ++a) kc[a] = ck + F.active[a] * c_stride + d0;
+#define FASTCOMP_WC(N) block_wsum_cond<T, N>(dpv.data() + keys, na, kc.data(), b_acc)
+              FASTCOMP_UP_TO_8(nd, FASTCOMP_WC)
+#undef FASTCOMP_WC
+            }
+            for (int64_t n = 0; n < nd; ++n) simd::store(dqb.p + (d0 + n) * L, b_acc[n] * P.scale);
+          }
+          // conditioner gradients, lane by lane: dcond_k += dS q scale, dcond_v += P dO
+          for (int64_t a = 0; a < na; ++a) {
+            simd::vec<T>* gk_m = ckv.data() + F.active[a] * D;
+            simd::vec<T>* gv_m = cvv.data() + F.active[a] * D;
+            const simd::vec<T> w_k = dpv[keys + a], w_v = sp[keys + a];
+            for (int64_t d = 0; d < D; ++d) {
+              gk_m[d] += w_k * simd::load(qb.p + d * L);
+              gv_m[d] += w_v * simd::load(gob.p + d * L);
+            }
+          }
+          if (interior) {  // dq, and P / dS for the gathers of phase 2
+            for (int64_t d = 0; d < D; ++d) simd::store(dqt.p + d * ldx + FP + j0, simd::load(dqb.p + d * L));
+            for (int64_t key = 0; key < keys; ++key) {
+              simd::store(p_row.p + key * ldx + FP + j0, sp[key]);
+              simd::store(ds_row.p + key * ldx + FP + j0, dpv[key]);
+            }
+          } else {  // dq of the valid lanes; the border dk / dv, lane-wise, into the border accumulators
+            for (int64_t l = 0; l < nvalid; ++l)
+              for (int64_t d = 0; d < D; ++d) dqt.p[d * ldx + FP + pixels[l]] = dqb.p[d * L + l];
+            for (int64_t dr = 0; dr < kh; ++dr) {
+              T* bk_r = bk.data() + (r_first + dr) * bsz + t * kw * tile;
+              T* bv_r = bv.data() + (r_first + dr) * bsz + t * kw * tile;
+              for (int64_t dc = 0; dc < kw; ++dc) {
+                const simd::vec<T> w_k = dpv[dr * kw + dc], w_v = sp[dr * kw + dc];
+                T* ok = bk_r + dc * tile;
+                T* ov = bv_r + dc * tile;
+                for (int64_t d = 0; d < D; ++d) {
+                  simd::store(ok + d * L, w_k * simd::load(qb.p + d * L) + simd::load(ok + d * L));
+                  simd::store(ov + d * L, w_v * simd::load(gob.p + d * L) + simd::load(ov + d * L));
+                }
+              }
+            }
+          }
+        };
+        for (int64_t t = 0; t < n_blocks_int; ++t) block(true, t, std::min<int64_t>(L, n_int - t * L));
+        for (int64_t u = 0; u < ring.NBB; ++u) block(false, u, std::min<int64_t>(L, 2 * half - u * L));
+        // the gathers below read P and dS of the interior queries only (the last interior block wrote lanes
+        // past them); dq of the row
+        for (int64_t key = 0; key < keys; ++key)
+          for (int64_t j = W - half; j < half + n_blocks_int * L; ++j) {
+            p_row.p[key * ldx + FP + j] = T(0);
+            ds_row.p[key * ldx + FP + j] = T(0);
+          }
+        store_row_t(P, dqt.p + FP, T(1), dq + row_off, static_cast<const T*>(nullptr), ldx);
+
+        // phase 2: dk / dv of the interior queries, per tile of key columns
+        xq.build(qt.p, ldx, FP, D);
+        xo.build(got.p, ldx, FP, D);
+        for (int64_t dr = 0; dr < kh; ++dr) {
+          const int64_t r = r_first + dr;
+          for (int64_t c = 0; c < NT; ++c) {
+            T* g_k = gk.data() + (r * NT + c) * tile;
+            T* g_v = gv.data() + (r * NT + c) * tile;
+            for (int64_t d0 = 0; d0 < D; d0 += 8) {
+              const int64_t nd = std::min<int64_t>(8, D - d0);
+              for (int pass = 0; pass < 2; ++pass) {
+                T* g = pass == 0 ? g_k : g_v;
+                const Aligned<T>& wrow = pass == 0 ? ds_row : p_row;
+                const QueryPanels<T>& xp = pass == 0 ? xq : xo;
+                for (int64_t n = 0; n < nd; ++n) b_acc[n] = simd::load(g + (d0 + n) * L);
+                for (int64_t m = 0; m * L < kw; ++m) {
+                  const int64_t dc0 = m * L, ne = std::min<int64_t>(L, kw - dc0);
+                  // offset dc0 + e: queries c L + lane + kw/2 - dc0 - e
+                  const T* w = wrow.p + (dr * kw + dc0) * ldx + FP + c * L + half - dc0;
+                  const T* x = xp.at(c - m) + d0 * 2 * L + L - 1;
+                  switch (nd) {
+#define FASTCOMP_GN(N) case N: block_gather_n<T, N>(w, ldx, x, ne, b_acc); break;
+                    FASTCOMP_GN(8) FASTCOMP_GN(7) FASTCOMP_GN(6) FASTCOMP_GN(5) FASTCOMP_GN(4) FASTCOMP_GN(3)
+                    FASTCOMP_GN(2)
+#undef FASTCOMP_GN
+                    default: block_gather_n<T, 1>(w, ldx, x, ne, b_acc); break;
+                  }
+                }
+                for (int64_t n = 0; n < nd; ++n) simd::store(g + (d0 + n) * L, b_acc[n]);
+              }
             }
           }
         }
       }
-      Z.fold_borders(gk.data(), Z.left_k.data(), Z.right_k.data());
-      Z.fold_borders(gv.data(), Z.left_v.data(), Z.right_v.data());
-      for (int64_t r = 0; r < P.H; ++r) {
-        const int64_t row_off = ((b * P.H + r) * P.W) * P.pix() + h * P.D;
-        store_row_t(P, gk.data() + r * P.D * P.ld, T(1), dk + row_off);
-        store_row_t(P, gv.data() + r * P.D * P.ld, T(1), dv + row_off);
+      // dk, dv: the tiles, plus the border queries' lane-wise sums folded into their columns
+      for (int64_t r = 0; r < H; ++r) {
+        for (int pass = 0; pass < 2; ++pass) {
+          const std::vector<T>& g = pass == 0 ? gk : gv;
+          const std::vector<T>& bb = pass == 0 ? bk : bv;
+          T* row = dqt.p + FP;  // scratch transposed row
+          for (int64_t c = 0; c < NT; ++c)
+            for (int64_t d = 0; d < D; ++d)
+              simd::store(row + d * ldx + c * L, simd::load(g.data() + (r * NT + c) * tile + d * L));
+          for (int64_t u = 0; u < ring.NBB; ++u)
+            for (int64_t dc = 0; dc < kw; ++dc)
+              for (int64_t d = 0; d < D; ++d) {
+                const T* lanes = bb.data() + r * bsz + (u * kw + dc) * tile + d * L;
+                for (int64_t l = 0; l < L && u * L + l < 2 * half; ++l) {
+                  const int64_t col = u * L + l < half ? dc : W - kw + dc;
+                  row[d * ldx + col] += lanes[l];
+                }
+              }
+          store_row_t(P, row, T(1), (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D,
+                      static_cast<const T*>(nullptr), ldx);
+        }
       }
       for (int64_t m = 0; m < P.M; ++m) {
-        T* pk = dck + ((b * P.M + m) * P.NH + h) * P.D;
-        T* pv = dcv + ((b * P.M + m) * P.NH + h) * P.D;
-        for (int64_t d = 0; d < P.D; ++d) {
-          pk[d] = gck[m * P.D + d];
-          pv[d] = gcv[m * P.D + d];
+        T* pk = dck + ((b * P.M + m) * P.NH + h) * D;
+        T* pv = dcv + ((b * P.M + m) * P.NH + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          pk[d] = simd::lane_sum<T>(ckv[m * D + d]);
+          pv[d] = simd::lane_sum<T>(cvv[m * D + d]);
         }
       }
     }

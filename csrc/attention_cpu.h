@@ -1,4 +1,4 @@
-// Local conditional attention, CPU kernels (csrc/attention_cpu.cpp), bound in cpu_ops.cpp.
+// Local conditional attention, CPU kernels (csrc/attention_cpu.cpp), bound in attention_module.cpp.
 //
 // Python (fastcomp/ops/attention.py, lca_forward_cpu / lca_backward_cpu) passes contiguous heads-last
 // tensors and allocates every output:
@@ -8,7 +8,7 @@
 //   lse: [B, heads, H, W] in q's dtype, written by the forward, read by the backward
 #pragma once
 
-#include <torch/python.h>
+#include <ATen/core/Tensor.h>
 
 namespace fastcomp {
 

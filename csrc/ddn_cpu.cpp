@@ -33,76 +33,38 @@
 #include <vector>
 
 #include "common.h"
+#include "simd.h"
 
-// The Gram tiles may contract a * b + c into an FMA: their error is bounded, not compared bit for bit.
-#if defined(__clang__)
-#define FASTCOMP_CONTRACT
-#elif defined(__GNUC__)
-#define FASTCOMP_CONTRACT __attribute__((optimize("fp-contract=fast")))
-#else
-#define FASTCOMP_CONTRACT
-#endif
+// The Gram tiles may contract a * b + c into an FMA (FASTCOMP_CONTRACT, simd.h): their error is
+// bounded, not compared bit for bit.
 
 namespace fastcomp {
 namespace {
 
-// One 64-byte SIMD vector (AVX-512 register; the compiler splits it on narrower targets).
-typedef float vf32 __attribute__((vector_size(64)));
-typedef double vf64 __attribute__((vector_size(64)));
+using simd::lane_sum;
+using simd::load;
+using simd::pin;
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  using type = vf32;
-};
-template <>
-struct Simd<double> {
-  using type = vf64;
-};
+using vec_t = simd::vec<T>;
 template <typename T>
-using vec_t = typename Simd<T>::type;
-template <typename T>
-constexpr int64_t kLanes = static_cast<int64_t>(64 / sizeof(T));
-
-template <typename T>
-inline vec_t<T> load(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline T lane_sum(const vec_t<T>& v) {
-  T s = 0;
-  for (int64_t l = 0; l < kLanes<T>; ++l) s += v[l];
-  return s;
-}
-
-// Keeps a loaded vector in a register: without it GCC re-reads every row from memory as an FMA operand
-// for each of the RI x RJ products (2 loads per FMA, load-port bound; measured ~2x slower).
-template <typename V>
-inline void pin(V& v) {
-#if defined(__x86_64__) && defined(__AVX512F__)
-  asm("" : "+v"(v));
-#elif defined(__x86_64__) && defined(__AVX__)
-  asm("" : "+x"(v));
-#else
-  (void)v;
-#endif
-}
+constexpr int64_t kLanes = simd::kLanes<T>;
 
 // Below this much work (multiply-adds) a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
 
 int threads_for(int64_t work) { return work < kMinParallelWork ? 1 : std::max(1, at::get_num_threads()); }
 
-// Row-block height of the Gram tiles: RI x RJ accumulators + RI + RJ loaded rows fit 32 vector registers.
-constexpr int64_t kTile = 4;
+// Row-block height of the square Gram (and cross-product) tiles: RI x RJ accumulators plus the RI + RJ
+// pinned rows must fit the register file, 4 x 4 + 8 = 24 of 32 registers (AVX-512, AArch64) or 3 x 3 + 6 =
+// 15 of 16 (AVX2, SSE2): 4 x 4 tiles on AVX2 spill every accumulator once per pixel vector.
+constexpr int64_t kTile = simd::kVectorRegisters >= 32 ? 4 : 3;
+static_assert(kTile * kTile + 2 * kTile <= simd::kVectorRegisters, "Gram tiles must fit the registers");
 
 // G[i0 + r][j0 + s] for r < RI, s < RJ, kept where j >= i, written to the packed upper triangle.
 // x: [Cin, N] one sample's features.
 template <typename T, int RI, int RJ>
 FASTCOMP_CONTRACT void gram_tile(const T* x, int64_t N, int64_t Cin, int64_t i0, int64_t j0, T* g_packed) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V b_acc[RI][RJ];  // [RI][RJ] x L partial sums
@@ -153,6 +115,7 @@ void gram_tile_any(int64_t ri, int64_t rj, const T* x, int64_t N, int64_t Cin, i
 template <typename T, int RA, int RB>
 FASTCOMP_CONTRACT void cross_tile(const T* a, const T* b, int64_t N, double* out, int64_t out_stride_r,
                                   int64_t out_stride_s) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V b_acc[RA][RB];  // [RA][RB] x L partial sums
@@ -445,12 +408,21 @@ void l2_threshold(const T* p_a, const T* p_gram, const double* p_mfe, const doub
 // feature.
 constexpr int64_t kRows = 4;
 
+// Pixel vectors per step of candidate_rows: RR x PV accumulators and the PV pinned feature vectors in
+// the registers, two left for the broadcast weight and the address arithmetic; at most 4 (4 x 4 on
+// AVX-512; 2 x 4, 3 x 3 on AVX2's 16 registers, where 4 x 4 spilled).
+constexpr int pixel_vectors(int rows) {
+  const int fit = (simd::kVectorRegisters - 2) / (rows + 1);
+  return fit < 1 ? 1 : (fit > 4 ? 4 : fit);
+}
+
 template <typename T, int RR>
 FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, int64_t w_stride, int64_t Cin, int64_t N,
                     const T* bias, int64_t bias_stride, const T* res, T* rows) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
-  constexpr int PV = 4;  // pixel vectors per step: each broadcast weight feeds PV FMAs
+  constexpr int PV = pixel_vectors(RR);  // pixel vectors per step: each broadcast weight feeds PV FMAs
   int64_t p = 0;
   for (; p + PV * L <= N; p += PV * L) {
     V b_acc[RR][PV];  // RR rows x PV * L pixels
@@ -596,6 +568,7 @@ void rerank(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T
 // sum_t a[t] b[t] in T with SIMD-lane partial sums and FMAs (as a GEMM accumulates).
 template <typename T>
 FASTCOMP_CONTRACT T dot_simd(const T* a, const T* b, int64_t n) {
+  FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
   constexpr int64_t L = kLanes<T>;
   V b_acc0 = V{} * 0, b_acc1 = V{} * 0;  // two chains: L x 2 partial sums

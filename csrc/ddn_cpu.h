@@ -1,4 +1,4 @@
-// DDN K-way selection, CPU kernels (csrc/ddn_cpu.cpp), bound in cpu_ops.cpp; used by
+// DDN K-way selection, CPU kernels (csrc/ddn_cpu.cpp), bound in ddn_module.cpp; used by
 // fastcomp/ops/_ddn_torch.py for float32 and float64 CPU tensors (other dtypes take its PyTorch path).
 //
 // Python passes contiguous tensors and allocates every output (torch.empty, so the tests' NaN poisoning

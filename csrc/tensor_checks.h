@@ -1,11 +1,11 @@
-// Argument checks shared by the bindings (cpu_ops.cpp, cuda_ops.cpp): torch headers, no CUDA headers,
-// so never include this from a .cu file (see the convention in fastcomp/_build.py).
+// Argument checks shared by the CPU and CUDA bindings (disk_mask_cpu.cpp, cuda_ops.cpp): torch's tensor
+// header, no CUDA headers, so never include this from a .cu file (see the convention in fastcomp/_build.py).
 //
 // The Python side validates user input; these guard what it hands to the kernels, so that the CPU and
 // CUDA bindings of an op refuse exactly the same misuse with the same words.
 #pragma once
 
-#include <torch/python.h>
+#include <ATen/core/Tensor.h>
 
 #include "common.h"
 

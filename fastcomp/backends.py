@@ -31,6 +31,27 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here or on these inputs; the message says why."""
 
 
+class BuildFailure(str):
+    """A reason that is a C++/CUDA extension that failed to build: auto mode skips the backend, and says
+    so once per process with a RuntimeWarning (a silent fallback to a slower backend would hide it)."""
+
+    def __new__(cls, text: str, extension: str):
+        self = super().__new__(cls, text)
+        self.extension = extension
+        return self
+
+
+_warned_extensions: set[str] = set()
+
+
+def warn_build_failure(extension: str, message: str, *, stacklevel: int = 3) -> None:
+    """One RuntimeWarning per process and failed extension, carrying the first compiler error."""
+    if extension in _warned_extensions:
+        return
+    _warned_extensions.add(extension)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 @dataclass(frozen=True)
 class Backend:
     op: str
@@ -40,6 +61,8 @@ class Backend:
     machine_check: Callable[[], Reason] = field(default=lambda: None)
     input_check: Callable[..., Reason] = field(default=lambda *a, **k: None)
     description: str = ""
+    # Builds or loads what the backend needs (a C++/CUDA extension) before its first call; raises BuildError.
+    prepare: Callable[[], None] = field(default=lambda: None)
 
     @property
     def machine_reason(self) -> Reason:
@@ -55,7 +78,7 @@ _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 
 def register(op: str, name: str, *, priority: int, machine_check=None, input_check=None,
-             description: str = ""):
+             description: str = "", prepare=None):
     """Decorator: register ``fn`` as backend ``name`` of ``op``."""
     if name not in KNOWN_BACKENDS:
         raise ValueError(f"backend name must be one of {KNOWN_BACKENDS}, got {name!r}")
@@ -66,6 +89,7 @@ def register(op: str, name: str, *, priority: int, machine_check=None, input_che
             machine_check=machine_check or (lambda: None),
             input_check=input_check or (lambda *a, **k: None),
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            prepare=prepare or (lambda: None),
         )
         return fn
 
@@ -83,25 +107,84 @@ def backends(op: str) -> list[Backend]:
     return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
 
 
-def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple):
+def get(op: str, name: str) -> Backend:
+    """Backend ``name`` of ``op`` (KeyError if it has none)."""
+    return _REGISTRY[op][name]
+
+
+def dispatch(op: str, requested: Optional[str], check_args: tuple, call_args: tuple, *, compile_specs=None):
     """Run ``op`` on the requested backend, or on the best one that can run on ``check_args``.
 
-    In auto mode a backend whose C++/CUDA extension fails to compile is skipped with a warning that
-    carries the compiler's message (and stays skipped for the process); a requested one raises.
+    Under torch.compile the choice is made once, while tracing, by :func:`compile_time_choice` from the
+    check arguments' metadata (``compile_specs()``, default :func:`tensor_spec` of each): the machine checks
+    (compilers on PATH, build caches) cannot be traced, and neither can a failed build be retried there.
     """
     from ._build import BuildError
 
+    if torch.compiler.is_compiling():
+        specs = tuple(tensor_spec(a) for a in check_args) if compile_specs is None else compile_specs()
+        return get(op, compile_time_choice(op, requested, specs)).fn(*call_args)
     failed: list[str] = []
     while True:
-        chosen = select(op, requested, *check_args, exclude=failed)
+        chosen = choose(op, requested, *check_args, exclude=failed)
         try:
             return chosen.fn(*call_args)
-        except BuildError as e:
-            if requested is not None:
-                raise
-            warnings.warn(f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {e}",
-                          RuntimeWarning, stacklevel=3)
+        except BuildError as e:  # a build that failed inside the backend's launcher
+            _skip_unbuildable(op, requested, chosen, e)
             failed.append(chosen.name)
+
+
+def tensor_spec(t: Optional[torch.Tensor], shape=None):
+    """What a compile-time choice knows of a check argument: (device type, dtype, shape) of a tensor, with
+    every size 1 unless ``shape`` gives the sizes a backend's input check reads (as Python ints)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return (t.device.type, t.dtype, tuple(shape) if shape is not None else (1,) * t.dim())
+
+
+@torch.compiler.assume_constant_result
+def compile_time_choice(op: str, requested: Optional[str], specs: tuple) -> str:
+    """The backend eager dispatch (:func:`choose`) picks for check arguments of this metadata, by name.
+
+    Runs once per trace, not traced: each spec from :func:`tensor_spec` becomes a fake tensor (no memory, any
+    device, e.g. CUDA on a machine without one) of that device, dtype and shape, and the same selection and
+    build as eager calls run on them; the input checks look only at these. Builds the chosen backend's
+    extension now, falling back as eager dispatch does when that fails."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        args = [torch.empty(s[2], device=s[0], dtype=s[1]) if isinstance(s, tuple) else s for s in specs]
+    return choose(op, requested, *args).name
+
+
+def choose(op: str, requested: Optional[str], *args, exclude=()) -> Backend:
+    """:func:`select`, then the chosen backend's ``prepare`` (its extension built or loaded).
+
+    In auto mode a backend whose C++/CUDA extension fails to compile is skipped with a warning that
+    carries the compiler's message (and stays skipped for the process); a requested one raises. Eager
+    dispatch and the compile-time choice of the ops (made while torch.compile traces) both come here.
+    """
+    from ._build import BuildError
+
+    failed = list(exclude)
+    while True:
+        chosen = select(op, requested, *args, exclude=failed)
+        try:
+            chosen.prepare()
+            return chosen
+        except BuildError as e:
+            _skip_unbuildable(op, requested, chosen, e)
+            failed.append(chosen.name)
+
+
+def _skip_unbuildable(op: str, requested: Optional[str], chosen: Backend, error: Exception) -> None:
+    """A requested backend's build failure raises; in auto mode one RuntimeWarning per process and
+    extension says that the backend is skipped, with the compiler's first error."""
+    if requested is not None:
+        raise error
+    warn_build_failure(getattr(error, "extension", None) or f"{op}:{chosen.name}",
+                       f"{op}: backend {chosen.name!r} is unavailable, falling back to the next one: {error}",
+                       stacklevel=4)
 
 
 def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Backend:
@@ -130,6 +213,9 @@ def select(op: str, requested: Optional[str], *args, exclude=(), **kwargs) -> Ba
         reason = candidate.why_not(*args, **kwargs)
         if reason is None:
             return candidate
+        if isinstance(reason, BuildFailure):
+            warn_build_failure(reason.extension, f"{op}: backend {candidate.name!r} is unavailable, falling back to "
+                                                 f"the next one: {reason}")
         reasons.append(f"{candidate.name}: {reason}")
     # Unreachable while every op has a reference backend that accepts all valid inputs.
     raise BackendUnavailable(f"{op}: no backend can run on these inputs; " + "; ".join(reasons))
@@ -173,14 +259,39 @@ def cuda_problem() -> Reason:
         return f"no CUDA device (torch {torch.__version__} sees none)"
     from . import _build
 
-    return _build.nvcc_problem() or _build.failure("cuda")
+    failed = _build.failure("cuda")
+    return _build.nvcc_problem() or (BuildFailure(failed, "cuda") if failed else None)
 
 
-def cpp_problem() -> Reason:
-    """Why the C++ CPU extension cannot be built/loaded here (None if it can)."""
-    from . import _build
+def cpp_problem(extension: str) -> Callable[[], Reason]:
+    """The machine check of a backend on the C++ CPU extension ``extension`` (an op family of
+    fastcomp._build.EXTENSIONS): why it cannot be built or loaded here, None if it can. Each family is its
+    own extension, so a family that fails to build takes out only its own op."""
 
-    return _build.compiler_problem() or _build.failure("cpu")
+    def check() -> Reason:
+        from . import _build
+
+        problem = _build.compiler_problem()
+        if problem:
+            return problem
+        failed = _build.failure(extension)
+        return BuildFailure(failed, extension) if failed else None
+
+    check.__name__ = f"cpp_problem_{extension}"
+    return check
+
+
+def cpp_prepare(extension: str) -> Callable[[], None]:
+    """The ``prepare`` of a backend on the C++ CPU extension ``extension``: build (first use) or load it;
+    raises BuildError when it cannot be built."""
+
+    def prepare() -> None:
+        from . import _build
+
+        _build.load(extension)
+
+    prepare.__name__ = f"cpp_prepare_{extension}"
+    return prepare
 
 
 def triton_input_problem(*tensors: torch.Tensor) -> Reason:

@@ -57,6 +57,25 @@ def _extension_cache() -> str:
         return f"unknown ({e})"
 
 
+def _build_march() -> str:
+    from . import _build
+
+    return _build.march_setting()
+
+
+def extension_lines() -> list[str]:
+    """One line per extension (and CPU variant): built (variant, seconds), not built yet, or failed."""
+    from . import _build
+
+    lines = []
+    for name in _build.EXTENSIONS:
+        try:
+            lines.extend(st.line() for st in _build.status(name))
+        except Exception as e:  # noqa: BLE001 - the build module must never break `info`
+            lines.append(f"{name}: unknown ({type(e).__name__}: {e})")
+    return lines
+
+
 def backend_rows() -> list[tuple[str, str, str, str]]:
     """(op, backend, status, description) for every registered backend, best first per op."""
     rows = []
@@ -75,6 +94,11 @@ def main(argv=None) -> int:
     print("fastcomp environment")
     for key, value in env.items():
         print(f"  {key:<{width}}  {value}")
+
+    print(f"\nC++/CUDA extensions (FASTCOMP_MARCH={_build_march()!r}; read from the cache, nothing is compiled here;"
+          f" `fastcomp build` compiles them)")
+    for line in extension_lines():
+        print(f"  {line}")
 
     print("\nbackends (backend=None picks the first usable one per op whose input checks pass;"
           " CPU tensors never auto-pick triton)")

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_int32_count, fp32_dot_precision, launch
+
 
 @triton.jit
 def _ddn_distances_kernel(
@@ -38,7 +40,7 @@ def _ddn_distances_kernel(
     HAS_RESIDUAL: tl.constexpr,
     L1: tl.constexpr,
     ACC_F64: tl.constexpr,
-    IEEE: tl.constexpr,  # exact float32/float64 products in tl.dot (no TF32)
+    IEEE: tl.constexpr,  # exact float32/float64 products in tl.dot (no TF32): float64, and float32 by default
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -139,15 +141,21 @@ def ddn_distances_triton(features, weight, target, bias, residual, metric) -> to
     b = None if bias is None else bias.detach().contiguous()
     r = _flat(residual, B, Cout, HW)
     t = _flat(target, B, Cout, HW)
+    # The weight offset (k * Cout + o) * Cin + c is int32 (the sample offsets are int64).
+    check_int32_count("fastcomp.kernels.ddn.ddn_distances_triton", "weight [K, Cout, Cin]", w.numel(),
+                      "split the K candidates into several calls")
     dist = torch.empty(B, K, dtype=acc, device=features.device)
     block_k = 64 if K > 32 else 16  # tl.dot needs every block side >= 16
     block_p = 64 if HW > 32 else 16
     block_c = 32 if Cin > 16 else 16
     grid = (B, triton.cdiv(K, block_k))
-    _ddn_distances_kernel[grid](
+    # float32 products follow PyTorch's float32 matmul setting, as the reference's einsum does on CUDA.
+    ieee = features.dtype == torch.float64 or (features.dtype == torch.float32 and fp32_dot_precision() == "ieee")
+    launch(
+        _ddn_distances_kernel, grid, features.device,
         f, w, b if b is not None else w, r if r is not None else t, t, dist, K, Cout, Cin, HW, 1.0 / (Cout * HW),
         HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None, L1=metric == "l1", ACC_F64=acc == torch.float64,
-        IEEE=features.dtype in (torch.float32, torch.float64), BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p)
+        IEEE=ieee, BLOCK_K=block_k, BLOCK_C=block_c, BLOCK_P=block_p, enable_fp_fusion=True)
     return dist
 
 
@@ -163,25 +171,13 @@ def ddn_gather_forward_triton(features, weight, index, bias, residual) -> torch.
     out = torch.empty(B, Cout, H, W, dtype=features.dtype, device=features.device)
     block_p = min(triton.next_power_of_2(HW), 256)
     block_c = min(triton.next_power_of_2(Cin), 32)
-    _ddn_gather_kernel[(B, triton.cdiv(HW, block_p))](
+    if triton.cdiv(HW, block_p) > 65535:  # grid axis 1 holds the pixel blocks; CUDA caps it at 65535
+        raise ValueError(f"fastcomp.kernels.ddn.ddn_gather_forward_triton: H * W = {HW} pixels need more than "
+                         f"65535 blocks of {block_p}; split the image into tiles")
+    launch(
+        _ddn_gather_kernel, (B, triton.cdiv(HW, block_p)), features.device,
         f, w, b if b is not None else w, r if r is not None else f, index.contiguous(), out, Cout, Cin, HW,
         HAS_BIAS=b is not None, HAS_RESIDUAL=r is not None, ACC_F64=features.dtype == torch.float64,
-        BLOCK_C=block_c, BLOCK_P=block_p)
+        BLOCK_C=block_c, BLOCK_P=block_p, enable_fp_fusion=True)
     return out
 
-
-def ddn_select_triton(features, weight, target, bias, residual, metric):
-    """(output, index, distances float32 [B, K]) with the backward through the chosen candidate."""
-    from fastcomp.ops._ddn_torch import chosen_candidate
-
-    dist = ddn_distances_triton(features, weight, target, bias, residual, metric)
-    index = dist.argmin(dim=1)  # first minimum: ties -> smallest k
-    out = ddn_gather_forward_triton(features, weight, index, bias, residual)
-    return chosen_candidate(features, weight, bias, residual, index, out), index, dist.float()
-
-
-def ddn_gather_triton(features, weight, index, bias, residual):
-    from fastcomp.ops._ddn_torch import chosen_candidate
-
-    out = ddn_gather_forward_triton(features, weight, index, bias, residual)
-    return chosen_candidate(features, weight, bias, residual, index, out)

@@ -53,13 +53,15 @@ stored lse (FlashAttention-2 style: recomputation is cheaper than storing any [q
     atomics, deterministic. (Atomics from the dq kernel would be the alternative: with kh*kw up to 961
     overlapping windows per key they would contend heavily and make dk/dv non-deterministic.)
 All accumulation is fp32; the P and dS operands of the second dot of each pair are cast to the input dtype
-as FlashAttention does (fp32 inputs stay fp32 with input_precision="ieee", no TF32).
+as FlashAttention does (fp32 inputs stay fp32 with input_precision="ieee", no TF32, unless PyTorch's float32
+matmul setting allows TF32: kernels/_launch.py fp32_dot_precision).
 
-Block sizes (_config): on a GPU 8 x 16 = 128-query tiles and 64-key blocks (128-key tiles and 32-query
-blocks for dk/dv), 8 warps, 2 pipeline stages, picked from spill-free sm_90/sm_80 compiles; smaller tiles
-for float32. Under TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so
-big blocks only waste time on masked lanes: _config returns 4 x 4 tiles and 16-key blocks there. No
-autotuning: the kernels are launched with these fixed configurations.
+Block sizes (_config): on a GPU 8 x 16 = 128-query tiles and 64-key blocks (32 before Hopper; 128-key tiles
+and 32-query blocks for dk/dv), 8 warps, 2 pipeline stages, picked from spill-free sm_90/sm_80 compiles
+(tests/test_triton_aot.py compiles every kernel for both without a GPU); smaller tiles for float32. Under
+TRITON_INTERPRET=1 (CPU tests) the interpreter runs every block operation through numpy, so big blocks only
+waste time on masked lanes: _config returns 4 x 4 tiles and 16-key blocks there. No autotuning: the kernels
+are launched with these fixed configurations.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import check_int32_extent, fp32_dot_precision, launch
 
 _RCP_LN2 = 1.4426950408889634  # log2(e): softmax in base 2 (exp2 is the native instruction)
 _COND_BLOCK = 32  # conditioners per conditioner block = bits per mask word
@@ -448,19 +452,28 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch parameters (fixed, no autotuning).
+def _capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """The CUDA compute capability of `device` ((9, 0) on an H100/H200), None off CUDA."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
-    GPU (A100/H100), half precision: 8 x 16 query tiles (128 queries per program, as FlashAttention) over
-    BLOCK_N-key blocks (64, 32 at D = 128) for the forward and dq; dk/dv: 8 x 16 key tiles over BLOCK_M-query
-    blocks (32, 16 at D = 128); 8 warps. Chosen from ahead-of-time sm_90 and sm_80 compiles with triton 3.6
-    and 3.9 (ptxas register report; no GPU was at hand to time them): the largest blocks that compile
-    without register spills (the 4-warp variants, 64-query dk/dv blocks and, on sm_80 at D = 128,
-    32-query dk/dv blocks hit 255 registers and spill).
-    float32 runs its dots with input_precision="ieee" on CUDA cores (exact enough for float32 references;
-    "tf32x3" spilled as much and needed up to 208 KB of shared memory); it is the correctness path, not
-    the fast one, and takes small 4 x 16 tiles with 32-blocks (16 and one stage at D > 64, which still
-    spills registers to local memory).
+
+def _config(D: int, dtype: torch.dtype, capability: Optional[tuple[int, int]] = None) -> dict:
+    """Block sizes and launch parameters (fixed, no autotuning) for head dim D, dtype and the GPU's compute
+    capability.
+
+    GPU, half precision: 8 x 16 query tiles (128 queries per program, as FlashAttention) over BLOCK_N-key
+    blocks for the forward and dq; dk/dv: 8 x 16 key tiles over BLOCK_M-query blocks (32, 16 at D = 128);
+    8 warps, 2 stages. BLOCK_N: on Hopper (sm_90) 64, 32 at D = 128; before Hopper (sm_80/86/89, mma.sync)
+    half that: at 64/32 the forward and dq kernels with conditioners hit 255 registers and spilled there
+    (8-64 bytes), at 32/16 they do not. The largest blocks that compile without register spills, chosen
+    from ahead-of-time sm_90 and sm_80 compiles with triton 3.6 and 3.9 (`python -m fastcomp.kernels._aot`,
+    tests/test_triton_aot.py; no GPU was at hand to time them): the 4-warp variants, 64-query dk/dv blocks
+    and, on sm_80 at D = 128, 32-query dk/dv blocks hit 255 registers and spill.
+    float32 runs its dots with input_precision="ieee" on CUDA cores by default (exact enough for float32
+    references; "tf32x3" spilled as much and needed up to 208 KB of shared memory); it is the correctness
+    path, not the fast one, and takes small 4 x 16 tiles with 32-blocks (16 and one stage at D > 64). Its
+    kernels spill registers (up to ~10 KB per thread with conditioners at D = 128): Triton's FMA dot keeps
+    whole D-long operand rows in registers for q k^T and dO v^T.
     Interpreter (TRITON_INTERPRET=1, CPU tests): 4 x 4 tiles and 16-blocks, the smallest tl.dot accepts,
     since every masked lane costs numpy time there.
     """
@@ -471,21 +484,33 @@ def _config(D: int, dtype: torch.dtype) -> dict:
         small = block_d <= 64
         return dict(TILE_H=4, TILE_W=16, BLOCK_N=32 if small else 16, BLOCK_M=32 if small else 16,
                     BLOCK_D=block_d, num_warps=4, num_stages=2 if small else 1)
-    return dict(TILE_H=8, TILE_W=16, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_M=32 if block_d <= 64 else 16,
+    block_n = 64 if block_d <= 64 else 32
+    if capability is not None and capability[0] < 9:
+        block_n //= 2
+    return dict(TILE_H=8, TILE_W=16, BLOCK_N=block_n, BLOCK_M=32 if block_d <= 64 else 16,
                 BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
-def _strides5(name: str, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+# Every input the kernels index with its own strides (q, k, v, cond_k, cond_v, and the backward's grad_out
+# and out) passes through _strides5 / _strides4, which check its int32 offsets: the batch offset is int64 in
+# the kernels, each offset inside one batch item (index * stride, one per axis) int32. The outputs are
+# allocated contiguous and addressed from the int64 batch offset.
+
+def _strides5(name: str, t: torch.Tensor, where: str) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Strides (b, h, w, head) of a [B, H, W, heads, D] tensor; copied first when D is not unit-stride."""
     if t.stride(-1) != 1:
         t = t.contiguous()
+    check_int32_extent(f"fastcomp.kernels.local_attention.{where}", name, t, (1, 2, 3))
     return t, (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
 
 
-def _strides4(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def _strides4(name: str, t: torch.Tensor, where: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Strides (b, m, head) of a [B, M, heads, D] tensor; copied first when D is not unit-stride."""
     if t.stride(-1) != 1:
         t = t.contiguous()
+    # masked lanes of the last conditioner block index up to the next multiple of 32
+    padded_m = triton.cdiv(t.shape[1], _COND_BLOCK) * _COND_BLOCK
+    check_int32_extent(f"fastcomp.kernels.local_attention.{where}", name, t, (1, 2), sizes={1: padded_m})
     return t, (t.stride(0), t.stride(1), t.stride(2))
 
 
@@ -526,11 +551,6 @@ def _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, fn: str):
         raise RuntimeError(f"{where}: tensors on {q.device} need TRITON_INTERPRET=1 (set before importing "
                            f"this module); move them to a CUDA device or use the cpu backend")
     B, H, W, heads, D = q.shape
-    # Offsets inside one batch item are int32 in the kernels (the batch offset is int64).
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if max(abs(t.stride(1)) * H, abs(t.stride(2)) * W, abs(t.stride(3)) * heads) >= 2**31:
-            raise ValueError(f"{where}: one batch item of {name} spans 2**31 elements or more; split the image "
-                             f"or the heads into several calls")
     if B * heads > 65535:  # grid axis 1 is batch * head, which CUDA caps at 65535
         raise ValueError(f"{where}: batch * heads = {B * heads} exceeds 65535; split the batch into chunks")
     if not 16 <= D <= 128:
@@ -563,8 +583,9 @@ def _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, fn: str):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs are compared with float32 references: keep full precision (no TF32 rounding).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # float32 dots follow PyTorch's float32 matmul setting, as the reference's matmuls do: "ieee" by default
+    # (exact enough for float32 references), "tf32" once the user allowed TF32. Half precision ignores it.
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -580,29 +601,30 @@ def lca_forward(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
     lse = torch.empty(B, heads, H, W, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    q, sq = _strides5("q", q)
-    k, sk = _strides5("k", k)
-    v, sv = _strides5("v", v)
+    q, sq = _strides5("q", q, "lca_forward")
+    k, sk = _strides5("k", k, "lca_forward")
+    v, sv = _strides5("v", v, "lca_forward")
     M = 0 if cond_k is None else cond_k.shape[1]
     has_cond = M > 0
     if has_cond:
-        cond_k, sck = _strides4(cond_k)
-        cond_v, scv = _strides4(cond_v)
+        cond_k, sck = _strides4("cond_k", cond_k, "lca_forward")
+        cond_v, scv = _strides4("cond_v", cond_v, "lca_forward")
         bits = _pack_cond_mask(cond_mask, B, M, H, W, q.device)
     else:  # dummies: never dereferenced with HAS_COND false
         cond_k, cond_v, sck, scv = q, q, (0, 0, 0), (0, 0, 0)
         bits = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cfg = _config(D, q.dtype)
+    cfg = _config(D, q.dtype, _capability(q.device))
     n_tiles_w = triton.cdiv(W, cfg["TILE_W"])
     grid = (triton.cdiv(H, cfg["TILE_H"]) * n_tiles_w, B * heads)
-    _lca_fwd_kernel[grid](
+    launch(
+        _lca_fwd_kernel, grid, q.device,
         q, k, v, cond_k, cond_v, bits, out, lse,
         *sq, *sk, *sv, *sck, *scv,
         H, W, heads, D, M, triton.cdiv(M, _COND_BLOCK), kh, kw, n_tiles_w,
         float(scale) * _RCP_LN2,
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         HAS_COND=has_cond, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
     )
     return out, lse
 
@@ -634,28 +656,29 @@ def lca_backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_
         return result()
     grad_out = grad_out.to(q.dtype)
     lse = lse.contiguous()
-    q, sq = _strides5("q", q)
-    k, sk = _strides5("k", k)
-    v, sv = _strides5("v", v)
-    grad_out, sdo = _strides5("grad_out", grad_out)
-    out, so = _strides5("out", out)
+    q, sq = _strides5("q", q, "lca_backward")
+    k, sk = _strides5("k", k, "lca_backward")
+    v, sv = _strides5("v", v, "lca_backward")
+    grad_out, sdo = _strides5("grad_out", grad_out, "lca_backward")
+    out, so = _strides5("out", out, "lca_backward")
     # delta_i = sum_d dO_i * O_i = sum_j P_ij dP_ij: the softmax-backward row term, fp32.
     delta = torch.empty(B, heads, H, W, dtype=torch.float32, device=q.device)
     block_p = 16 if _interpreting() else 64
-    _lca_bwd_delta_kernel[(triton.cdiv(H * W, block_p), B * heads)](
+    launch(
+        _lca_bwd_delta_kernel, (triton.cdiv(H * W, block_p), B * heads), q.device,
         grad_out, out, delta, *sdo, *so, H, W, heads, D,
-        BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4,
+        BLOCK_P=block_p, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=4, enable_fp_fusion=True,
     )
     if has_cond:
-        ck, sck = _strides4(cond_k)
-        cv, scv = _strides4(cond_v)
+        ck, sck = _strides4("cond_k", cond_k, "lca_backward")
+        cv, scv = _strides4("cond_v", cond_v, "lca_backward")
         bits = _pack_cond_mask(cond_mask, B, M, H, W, q.device)
         dck_arg, dcv_arg = dck32, dcv32
     else:
         ck, cv, sck, scv = q, q, (0, 0, 0), (0, 0, 0)
         bits = torch.zeros(1, dtype=torch.int32, device=q.device)
         dck_arg = dcv_arg = torch.zeros(1, dtype=torch.float32, device=q.device)
-    cfg = _config(D, q.dtype)
+    cfg = _config(D, q.dtype, _capability(q.device))
     precision = _precision(q.dtype)
     n_tiles_w = triton.cdiv(W, cfg["TILE_W"])
     grid = (triton.cdiv(H, cfg["TILE_H"]) * n_tiles_w, B * heads)
@@ -667,17 +690,18 @@ def lca_backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_
     )
     dq_meta = dict(TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
                    HAS_COND=has_cond, PRECISION=precision, UPCAST=_upcast(q.dtype),
-                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _lca_bwd_dq_kernel[grid](*dq_args, WRITE_DQ=True, WRITE_DCOND=False, **dq_meta)
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True)
+    launch(_lca_bwd_dq_kernel, grid, q.device, *dq_args, WRITE_DQ=True, WRITE_DCOND=False, **dq_meta)
     if has_cond:  # the same kernel specialised to the conditioner blocks' d cond_k, d cond_v (atomics)
-        _lca_bwd_dq_kernel[grid](*dq_args, WRITE_DQ=False, WRITE_DCOND=True, **dq_meta)
-    _lca_bwd_dkdv_kernel[grid](
+        launch(_lca_bwd_dq_kernel, grid, q.device, *dq_args, WRITE_DQ=False, WRITE_DCOND=True, **dq_meta)
+    launch(
+        _lca_bwd_dkdv_kernel, grid, q.device,
         q, k, v, grad_out, lse, delta, dk, dv,
         *sq, *sk, *sv, *sdo,
         H, W, heads, D, kh, kw, n_tiles_w,
         float(scale), float(scale) * _RCP_LN2,
         TILE_H=cfg["TILE_H"], TILE_W=cfg["TILE_W"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
         PRECISION=precision, UPCAST=_upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True,
     )
     return result()

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_int32_count, launch
+
 
 @triton.jit
 def _probe_demux_kernel(
@@ -82,7 +84,10 @@ def probe_demux_triton(g: torch.Tensor, origins: torch.Tensor, stride: int, radi
     if N == 0:
         return
     g = g.contiguous()
+    # A probe's offset (c * H + i) * W + j is int32 (the probe offset is int64).
+    check_int32_count("fastcomp.kernels.probe.probe_demux_triton", "one probe's result [B, K, H, W]", B * K * H * W,
+                      "probe fewer samples or output channels per call")
     block_s = triton.next_power_of_2(2 * radius + 1)
     block_w = min(triton.next_power_of_2(W), 128)
-    _probe_demux_kernel[(N,)](g, origins.contiguous(), sums, counts, outside, B * K, H, W, stride,
-                              R=radius, TRANSPOSE=bool(transpose), BLOCK_S=block_s, BLOCK_W=block_w)
+    launch(_probe_demux_kernel, (N,), g.device, g, origins.contiguous(), sums, counts, outside, B * K, H, W, stride,
+           R=radius, TRANSPOSE=bool(transpose), BLOCK_S=block_s, BLOCK_W=block_w, enable_fp_fusion=True)

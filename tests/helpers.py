@@ -56,6 +56,51 @@ def assert_low_precision_close(out: torch.Tensor, ref64: torch.Tensor, torch_sam
                                            f"PyTorch's {theirs:.3e} in {out.dtype}")
 
 
+# --- CPU targets the C++ kernels are also tested on --------------------------------------------------
+
+def extra_cpu_variants():
+    """The CPU targets built and tested besides the suite's own (tests/test_cpu_variants.py): x86-64-v3
+    and the compiler's default on x86-64 (only the default elsewhere), plus x86-64-v4 unless the suite's
+    own build is AVX-512 already, so that every instruction-set path of csrc/simd.h compiles in CI."""
+    from fastcomp import _build
+
+    out = [_build.X86_64_V3, _build.DEFAULT] if _build._is_x86_64() else [_build.DEFAULT]
+    own = _build.variants()[0]
+    if _build._is_x86_64() and own != _build.X86_64_V4:
+        native_is_avx512 = own == _build.NATIVE and "avx512f" in (_build._cpu_flags() or frozenset())
+        if not native_is_avx512:
+            out.append(_build.X86_64_V4)
+    return [v for v in out if v != own]
+
+
+# --- which backend ran --------------------------------------------------------------------------------
+
+def count_cpu_extension_calls(monkeypatch) -> dict:
+    """Count calls into the C++ CPU extensions (every op family), by function name (e.g.
+    "local_attention_forward_cpu"): a test that a fast path is taken asserts the counts. Wraps
+    fastcomp._build.load for the test's duration."""
+    from fastcomp import _build
+
+    real_load = _build.load
+    calls: dict = {}
+
+    class Counted:
+        def __init__(self, ext):
+            self._ext = ext
+
+        def __getattr__(self, name):
+            fn = getattr(self._ext, name)
+
+            def counted(*args):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args)
+
+            return counted
+
+    monkeypatch.setattr(_build, "load", lambda name: real_load(name) if name == "cuda" else Counted(real_load(name)))
+    return calls
+
+
 # --- multi-process (DDP) tests on gloo CPU processes ------------------------------------------------
 #
 # Why these once stalled (1 in 4 full-suite runs, nearly always on the first DDP test after the OpenMP-

@@ -1,7 +1,8 @@
 """fastcomp.local_conditional_attention's fused backends against the float64 reference: output and all
 five gradients (q, k, v, cond_k, cond_v), odd sizes, rectangular kernels, M = 0/1/7, padding
 conditioners, per-item conditioner counts, cond_mask=None, non-contiguous inputs, every dtype a backend
-supports; gradcheck of the C++ kernel; the torch.library op under torch.compile(fullgraph=True).
+supports (float16/bfloat16 on the CPU: float32 inside, the 2x rule); gradcheck of the C++ kernel; the
+torch.library kernel ops (opcheck) and the layer under torch.compile(fullgraph=True).
 
 The triton backend runs here under TRITON_INTERPRET=1 (tiny shapes, head dim >= 16) and natively on CUDA.
 """
@@ -14,10 +15,11 @@ import torch
 import fastcomp
 from fastcomp import backends as _b
 from fastcomp.reference.attention import local_conditional_attention_reference
-from helpers import assert_close
+from helpers import assert_close, count_cpu_extension_calls
 
 OP = "local_conditional_attention"
-DTYPES = {"cpu": (torch.float64, torch.float32), "triton": (torch.float32, torch.float16, torch.bfloat16)}
+DTYPES = {"cpu": (torch.float64, torch.float32),  # float16/bfloat16: test_cpu_backend_runs_half_precision_*
+           "triton": (torch.float32, torch.float16, torch.bfloat16)}
 # Float32 gradients sum thousands of terms: allow a little more than the forward.
 GRAD_RATIO = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 1e-2, torch.bfloat16: 6e-2}
 
@@ -171,14 +173,36 @@ def test_cpu_gradcheck():
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
-def test_cpu_backend_refuses_float16_and_says_why():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_backend_runs_half_precision_in_float32_inside(dtype, monkeypatch):
+    """bfloat16/float16 CPU tensors (and autocast(cpu, bfloat16)) run the C++ kernels in float32 and return
+    the input dtype; the error vs float64 is at most ~2x plain PyTorch's in that dtype (out and grads)."""
     _backend_or_skip("cpu")
-    p = _problem(1, 5, 5, 1, 4, cond=False)
-    q, k, v = (p[n].half() for n in ("q", "k", "v"))
-    with pytest.raises(fastcomp.BackendUnavailable, match=r"cpu.*float16.*float32, float64"):
-        fastcomp.local_conditional_attention(q, k, v, 3, backend="cpu")
-    # auto-selection falls back to the reference for float16 on CPU
-    assert _b.select(OP, None, q, k, v, None, None, None).name == "reference"
+    from helpers import assert_low_precision_close
+
+    calls = count_cpu_extension_calls(monkeypatch)
+    p = _problem(2, 9, 11, 2, 16, M=3)
+    names = ("q", "k", "v", "cond_k", "cond_v")
+    grad_out = torch.randn(2, 9, 11, 2, 16, dtype=torch.float64)
+
+    def run(backend, dt):
+        leaves = [p[n].to(dt).requires_grad_() for n in names]
+        out = fastcomp.local_conditional_attention(*leaves[:3], (5, 3), cond_k=leaves[3], cond_v=leaves[4],
+                                                   cond_mask=p["cond_mask"], backend=backend)
+        return out, torch.autograd.grad(out, leaves, grad_out.to(dt))
+
+    out, grads = run(None, dtype)  # auto: the cpu backend, not the dense reference
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert calls.get("local_attention_forward_cpu") == 1 and calls.get("local_attention_backward_cpu") == 1, calls
+    ref, ref_grads = run("reference", torch.float64)
+    plain, plain_grads = run("reference", dtype)
+    assert_low_precision_close(out, ref, plain, name=f"{dtype} output")
+    for n, g, r, t in zip(names, grads, ref_grads, plain_grads):
+        assert_low_precision_close(g, r, t, name=f"{dtype} d{n}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = fastcomp.nn.LocalConditionalAttention(16, 2, 3)
+        y = layer(torch.randn(1, 7, 8, 16))
+    assert y.dtype == torch.bfloat16 and calls.get("local_attention_forward_cpu") == 2, calls
 
 
 def test_triton_backend_reason_when_unavailable():
@@ -195,16 +219,20 @@ def test_auto_selection_picks_cpu_for_float32_cpu_tensors():
     assert _b.select(OP, None, q, q, q, None, None, None).name == "cpu"
 
 
-def test_library_op_passes_opcheck():
-    """Schema, fake (meta) implementation and autograd registration of fastcomp::lca_forward agree with
-    the real kernel (torch.library.opcheck)."""
+def test_library_ops_pass_opcheck():
+    """Schema, fake (meta) implementation and vmap rule of the cpu backend's kernel ops
+    fastcomp::lca_{forward,backward,jvp}_cpu agree with the real kernels (torch.library.opcheck)."""
     _backend_or_skip("cpu")
     p = _problem(1, 6, 7, 2, 4, M=2)
-    args = [p[n].requires_grad_() for n in ("q", "k", "v", "cond_k", "cond_v")]
-    torch.library.opcheck(torch.ops.fastcomp.lca_forward.default,
-                          (*args, p["cond_mask"], 3, 5, 0.5, "cpu"))
-    torch.library.opcheck(torch.ops.fastcomp.lca_forward.default,
-                          (*args[:3], None, None, None, 3, 3, 0.5, "cpu"))
+    q, k, v, ck, cv, cm = (p[n] for n in ("q", "k", "v", "cond_k", "cond_v", "cond_mask"))
+    ops = torch.ops.fastcomp
+    for cond in ((ck, cv, cm), (None, None, None)):
+        torch.library.opcheck(ops.lca_forward_cpu.default, (q, k, v, *cond, 3, 5, 0.5))
+        out, lse = ops.lca_forward_cpu(q, k, v, *cond, 3, 5, 0.5)
+        torch.library.opcheck(ops.lca_backward_cpu.default, (torch.randn_like(q), q, k, v, *cond, out, lse, 3, 5, 0.5))
+        tangents = (torch.randn_like(q), None, torch.randn_like(v), *((torch.randn_like(ck), None) if cond[0] is not None
+                                                                      else (None, None)))
+        torch.library.opcheck(ops.lca_jvp_cpu.default, (q, k, v, *cond, out, lse, *tangents, 3, 5, 0.5))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from fastcomp.reference.attention import local_conditional_attention_reference, window_mask
+from fastcomp.benchmarks.cases import plain_attention as _plain_torch  # the low-precision baseline
+from fastcomp.reference.attention import local_conditional_attention_reference
 from helpers import assert_close, assert_low_precision_close
 
 pytestmark = pytest.mark.triton
@@ -48,28 +49,6 @@ def _inputs(B, H, W, heads, D, M, *, device, mask="random", density=0.4, generat
             cond_mask[0, 0] = False
     to = (lambda t: None if t is None else t.to(device))
     return to(q), to(k), to(v), to(cond_k), to(cond_v), to(cond_mask)
-
-
-def _plain_torch(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
-    """Attention as plain PyTorch ops in the inputs' dtype: scores, masked softmax and P @ V each rounded to
-    that dtype, the baseline of the low-precision rule. (The CPU scaled_dot_product_attention keeps half
-    precision intermediates in float32, so it would hold the kernels, which round P to half precision
-    before P @ V as FlashAttention does, to a stricter standard than PyTorch on a GPU.)"""
-    B, H, W, heads, D = q.shape
-    N = H * W
-    tok = (lambda x: x.reshape(B, N, heads, D).transpose(1, 2))  # [B, heads, N, D]
-    keys, values = tok(k), tok(v)
-    mask = window_mask(H, W, *kernel_size, q.device).expand(B, N, N)
-    if cond_k is not None:
-        M = cond_k.shape[1]
-        keys = torch.cat([keys, cond_k.transpose(1, 2)], dim=2)
-        values = torch.cat([values, cond_v.transpose(1, 2)], dim=2)
-        allowed = (torch.ones(B, N, M, dtype=torch.bool, device=q.device) if cond_mask is None
-                   else cond_mask.reshape(B, M, N).transpose(1, 2))
-        mask = torch.cat([mask, allowed], dim=2)
-    scores = (tok(q) @ keys.transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
-    return (probs @ values).transpose(1, 2).reshape(B, H, W, heads, D)
 
 
 def _reference(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale, grad_out, dtype=torch.float64,

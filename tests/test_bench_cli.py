@@ -165,19 +165,41 @@ def test_a_failing_provider_is_reported_not_fatal():
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_peer_computes_the_same_attention_as_the_reference():
+@pytest.mark.parametrize("tile", [None, (4, 8)], ids=["row-major", "tiled4x8"])
+def test_flex_attention_peer_computes_the_same_attention_as_the_reference(tile):
     """The peer must compute our op, or the benchmark compares different work: eager flex_attention with the
-    benchmark's block mask equals the float64 reference, borders, conditioners and padding included."""
+    benchmark's block mask equals the float64 reference, borders, conditioners and padding included, in
+    row-major and in tile-major token order (gpu_check's NATTEN-style peer)."""
     flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
     import fastcomp
     from fastcomp.reference import local_conditional_attention_reference
 
     B, H, W, heads, D, M, kernel = 2, 13, 17, 2, 16, 5, 5
+    if tile is not None:
+        H, W = 12, 16
     q, k, v = (torch.randn(B, H, W, heads, D, dtype=torch.float64) for _ in range(3))
     cond_k, cond_v = (torch.randn(B, M, heads, D, dtype=torch.float64) for _ in range(2))
     cond_mask = fastcomp.disk_mask(torch.rand(B, M, 2) * torch.tensor([H, W]), 4.0, H, W)
     cond_mask[1, 2:] = False  # item 1 has fewer real conditioners
-    block_mask = cases.flex_block_mask(cond_mask, H, W, kernel, device="cpu")
-    out = cases.flex_local_conditional_attention(flex_attention, q, k, v, cond_k, cond_v, block_mask)
+    order = None if tile is None else cases.tile_major_order(H, W, tile)
+    block_mask = cases.flex_block_mask(cond_mask, H, W, kernel, device="cpu", order=order)
+    out = cases.flex_local_conditional_attention(flex_attention, q, k, v, cond_k, cond_v, block_mask, order)
     ref = local_conditional_attention_reference(q, k, v, (kernel, kernel), cond_k, cond_v, cond_mask)
     assert_close(out, ref)
+
+
+@pytest.mark.parametrize("device, size, compiled", [("cuda", 8, True), ("cpu", 8, False), ("cpu", 128, True)])
+def test_flex_block_mask_is_compiled_where_its_dense_build_is_large(monkeypatch, device, size, compiled):
+    """Uncompiled, create_block_mask holds int64 intermediates of B * N * (N + M) elements (~8.6 GB each at
+    B4 128x128): built with _compile=True on CUDA, and on CPU once they would pass 1 GiB."""
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    seen = {}
+
+    def fake_create_block_mask(mask_mod, B, H, Q, KV, device=None, _compile=False, **kw):
+        seen.update(B=B, Q=Q, KV=KV, device=str(device), compile=_compile)
+        return "block mask"
+
+    monkeypatch.setattr(fa, "create_block_mask", fake_create_block_mask)
+    cond_mask = torch.zeros(4, 16, size, size, dtype=torch.bool)  # built on CPU; only its shape matters here
+    assert cases.flex_block_mask(cond_mask, size, size, 3, device=device) == "block mask"
+    assert seen == dict(B=4, Q=size * size, KV=size * size + 16, device=device, compile=compiled)

@@ -1,7 +1,8 @@
 """The C++/CUDA build machinery (fastcomp/_build.py): compile once, cache, lock, fail with clear errors.
 
-One full compile of the cpu extension happens here per session (two processes racing into an empty cache
-directory under tmp); every other test reuses that cache, so the user's ~/.cache/fastcomp is untouched.
+One full compile of the (smallest) disk_mask extension happens here per session (two processes racing
+into an empty cache directory under tmp); every other test reuses that cache, so the user's
+~/.cache/fastcomp is untouched. Variants and the per-family split: tests/test_cpu_variants.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ needs_compiler = pytest.mark.skipif(_build.compiler_problem() is not None,
 needs_nvcc = pytest.mark.skipif(_build._find_nvcc() is None, reason="nvcc is not on PATH (no CUDA toolkit)")
 
 COMPILING = "fastcomp: compiling"
-LOAD_CPU = "from fastcomp import _build; print(_build.load('cpu').build_info()['compiler'])"
+LOAD_CPU = "from fastcomp import _build; print(_build.load('disk_mask').build_info()['compiler'])"
 
 
 def _load_in_subprocess(cache) -> subprocess.Popen:
@@ -32,7 +33,7 @@ def _load_in_subprocess(cache) -> subprocess.Popen:
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """Two processes build the cpu extension at the same time into one empty cache directory.
+    """Two processes build the disk_mask extension at the same time into one empty cache directory.
 
     Returns (cache root, [(returncode, stdout, stderr)] of both); the other tests load from this cache.
     """
@@ -57,7 +58,7 @@ def test_concurrent_builds_into_an_empty_cache_both_succeed(shared_cache):
     compiled = [err for _, _, err in results if COMPILING in err]
     assert len(compiled) == 1, f"expected one process to compile and the other to wait: {[r[2] for r in results]}"
     assert compiled[0].count(COMPILING) == 1
-    stamps = list(_build.cache_dir(cache).glob("cpu-*/fastcomp-build.json"))
+    stamps = list(_build.cache_dir(cache).glob("disk_mask-*/fastcomp-build.json"))
     assert len(stamps) == 1, stamps
 
 
@@ -73,26 +74,32 @@ def test_second_process_loads_the_cache_without_compiling(shared_cache):
 @needs_compiler
 def test_build_info(shared_cache, monkeypatch):
     monkeypatch.setenv("FASTCOMP_CACHE_DIR", str(shared_cache[0]))
-    module = _build.build("cpu")
+    module = _build.build("disk_mask")
     info = module.build_info()
     assert info["compiler"].startswith(("gcc", "clang")), info
     assert info["openmp"] is True and info["openmp_max_threads"] >= 1, info
     assert isinstance(info["simd"], list), info
+    assert info["variant"] == _build.variants()[0].ident, info
     if os.environ.get("FASTCOMP_MARCH", "native") == "native" and "avx2" in open("/proc/cpuinfo").read():
         assert "AVX2" in info["simd"], f"-march=native did not reach the compiler: {info}"
+        assert info["vector_bytes"] >= 32, info
 
 
 @needs_compiler
 def test_edited_source_gets_a_new_build_dir(tmp_path):
     src = _build.source_dir()
-    for name in ("cpu_ops.cpp", "common.h"):
+    for name in ("disk_mask_cpu.cpp", "common.h"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
-    paths = [tmp_path / "cpu_ops.cpp"]
+    paths = [tmp_path / "disk_mask_cpu.cpp"]
     flags = _build._flags(cuda=False)
-    key = _build._build_key("cpu", paths, tmp_path, flags, False)
-    assert _build._build_key("cpu", paths, tmp_path, flags, False) == key
+    key = _build._build_key("disk_mask", paths, tmp_path, flags, False, _build.NATIVE)
+    assert _build._build_key("disk_mask", paths, tmp_path, flags, False, _build.NATIVE) == key
+    other = _build._flags(False, _build.X86_64_V3)
+    assert _build._build_key("disk_mask", paths, tmp_path, other, False, _build.X86_64_V3) != key, \
+        "each variant must have its own build"
     (tmp_path / "common.h").write_text((src / "common.h").read_text() + "\n// edited\n")
-    assert _build._build_key("cpu", paths, tmp_path, flags, False) != key, "a header edit must rebuild"
+    assert _build._build_key("disk_mask", paths, tmp_path, flags, False, _build.NATIVE) != key, \
+        "a header edit must rebuild"
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -109,8 +116,8 @@ def test_missing_compiler_is_a_clear_build_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     problem = _build.compiler_problem()
     assert problem is not None and "/nonexistent/c++" in problem and "not found" in problem
-    with pytest.raises(_build.BuildError, match="cannot build the C\\+\\+ extension 'cpu'.*not found"):
-        _build.build("cpu", cache=tmp_path)
+    with pytest.raises(_build.BuildError, match="cannot build the C\\+\\+ extension 'ddn'.*not found"):
+        _build.build("ddn", cache=tmp_path)
 
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
@@ -124,11 +131,20 @@ def test_broken_source_is_a_build_error_with_the_compiler_message(tmp_path):
     src.mkdir()
     (src / "broken.cpp").write_text("int fastcomp_broken() { return undeclared_name_in_broken_source; }\n")
     with pytest.raises(_build.BuildError) as failure:
-        _build.build("cpu", sources=["broken.cpp"], source_dir=src, cache=tmp_path / "cache")
+        _build.build("attention", sources=["broken.cpp"], source_dir=src, cache=tmp_path / "cache")
     message = str(failure.value)
-    assert "undeclared_name_in_broken_source" in message and "error" in message, message
+    first_line = message.splitlines()[0]
+    assert "undeclared_name_in_broken_source" in first_line and "error" in first_line, message
     assert str(tmp_path / "cache") in message, "the message must name the build directory"
     assert "Traceback" not in message
+    # recorded: the next attempt (another process, say) fails at once with the same first error ...
+    build_dir = next((tmp_path / "cache").glob("*/attention-*"))
+    assert (build_dir / "build.log").is_file() and (build_dir / "fastcomp-build-failed.json").is_file()
+    with pytest.raises(_build.BuildError, match="failed earlier.*undeclared_name_in_broken_source"):
+        _build.build("attention", sources=["broken.cpp"], source_dir=src, cache=tmp_path / "cache")
+    # ... and `fastcomp build` (retry=True) compiles again
+    with pytest.raises(_build.BuildError, match="failed: .*undeclared_name_in_broken_source"):
+        _build._build("attention", ["broken.cpp"], src, tmp_path / "cache", retry=True)
 
 
 def test_nvcc_problem_explains_a_cpu_torch():
@@ -151,7 +167,7 @@ def test_compile_check_cuda_compiles_every_cu_file():
 @needs_nvcc
 def test_compile_check_cuda_reports_nvcc_errors_and_unlisted_files(monkeypatch, tmp_path):
     (tmp_path / "broken.cu").write_text("__global__ void k(float* p) { p[0] = undeclared_in_cu; }\n")
-    (tmp_path / "cpu_ops.cpp").write_text("")
+    (tmp_path / "attention_cpu.cpp").write_text("")
     monkeypatch.setattr(_build, "source_dir", lambda: tmp_path)
     with pytest.raises(_build.BuildError, match="not listed in EXTENSIONS"):
         _build.compile_check_cuda()
@@ -164,9 +180,9 @@ def test_compile_check_cuda_reports_nvcc_errors_and_unlisted_files(monkeypatch, 
 @needs_compiler
 def test_cli_build_check_cuda(shared_cache, monkeypatch, capsys):
     monkeypatch.setenv("FASTCOMP_CACHE_DIR", str(shared_cache[0]))
-    assert cli_main(["build", "--check-cuda"]) == 0
+    assert cli_main(["build", "disk_mask", "cuda", "--check-cuda"]) == 0
     out = capsys.readouterr().out
-    assert "cpu: ready, cached" in out, out
+    assert f"disk_mask [{_build.variants()[0].name}]: ready, cached" in out, out
     assert "check-cuda: nvcc: disk_mask.cu compiles" in out, out
     assert "check-cuda: g++: cuda_ops.cpp parses" in out, out
     if torch.version.cuda is None:
@@ -176,12 +192,12 @@ def test_cli_build_check_cuda(shared_cache, monkeypatch, capsys):
 @needs_compiler
 def test_cli_build_clean_keeps_only_the_current_build(shared_cache, monkeypatch, capsys):
     monkeypatch.setenv("FASTCOMP_CACHE_DIR", str(shared_cache[0]))
-    stale = _build.cache_dir() / "cpu-0123456789abcdef"
+    stale = _build.cache_dir() / "disk_mask-native-0123456789abcdef"
     stale.mkdir()
-    assert cli_main(["build", "--clean"]) == 0
+    assert cli_main(["build", "disk_mask", "--clean"]) == 0
     out = capsys.readouterr().out
     assert not stale.exists() and f"removed {stale}" in out, out
-    assert "cpu: ready, cached" in out, out
+    assert f"disk_mask [{_build.variants()[0].name}]: ready, cached" in out, out
 
 
 def test_cli_cache_dir(monkeypatch, capsys, tmp_path):

@@ -266,7 +266,8 @@ def test_cpu_is_the_default_for_cpu_tensors():
 def test_priorities():
     for op in ("ddn_select", "ddn_gather"):
         names = [x.name for x in _b.backends(op)]
-        assert names == ["cuda", "triton", "cpu", "reference"], names
+        # Triton first on CUDA tensors (tl.dot on the tensor cores) until a GPU measurement says otherwise
+        assert names == ["triton", "cuda", "cpu", "reference"], names
 
 
 def test_empty_batch_and_nan_poison():
@@ -275,3 +276,37 @@ def test_empty_batch_and_nan_poison():
     f, w, b, r, t = _inputs(0, 3, 2, 4, 5, 5)
     out = fastcomp.ddn_select(f, w, t, bias=b, residual=r, backend="cpu")
     assert out.output.shape == (0, 2, 5, 5) and out.distances.shape == (0, 4)
+
+
+# The backward is ChosenCandidate's on every backend; the interpreted Triton gather would only add ~20 s.
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.gpu]),
+                                     pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision_weight_grad_accumulates_in_float32(backend, dtype, monkeypatch):
+    """Many samples choosing one candidate: d weight[k] and d bias[k] sum 256 per-sample terms. Summed in
+    bfloat16 by CUDA's index_add (atomics, one rounding per sample) the error grows with the count; in
+    float32 with one rounding at the end it stays at the reference's own (its gradient is one GEMM over the
+    batch). The CPU's index_add accumulates wider by itself, so on CPU the accumulation dtype is checked."""
+    _skip_interpreted_bfloat16(backend, dtype)
+    dev = _device(backend)
+    accumulated = []
+    real_index_add = torch.Tensor.index_add_
+
+    def spy(self, dim, index, source, **kw):
+        accumulated.append(self.dtype)
+        return real_index_add(self, dim, index, source, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "index_add_", spy)
+    f, w, b, r, _ = _inputs(256, 4, 3, 3, 4, 4, dtype=dtype, device=dev)
+    index = torch.zeros(256, dtype=torch.int64, device=dev)
+    index[::16] = 2  # and a few on another candidate
+    d_out = torch.randn(256, 3, 4, 4, generator=torch.Generator().manual_seed(3)).to(dev, dtype) + 0.5
+    ours = _grads(fastcomp.ddn_gather(f, w, index, bias=b, residual=r, backend=backend), (w, b), d_out)
+    leaves64 = [x.detach().double().requires_grad_() for x in (f, w, b, r)]
+    ref64 = _grads(ddn_gather_reference(leaves64[0], leaves64[1], index, leaves64[2], leaves64[3]),
+                   leaves64[1:3], d_out.double())
+    plain = _grads(ddn_gather_reference(f, w, index, b, r), (w, b), d_out)
+    for name, g, g64, g_plain in zip(("d weight", "d bias"), ours, ref64, plain):
+        assert g.dtype == dtype
+        assert_low_precision_close(g, g64, g_plain, name=name)
+    assert accumulated and all(d == torch.float32 for d in accumulated), accumulated

@@ -1,6 +1,6 @@
 """The C++ kernels behind the DDN "cpu" backend (csrc/ddn_cpu.cpp) against float64 PyTorch.
 
-Sizes are chosen to hit every tail of the kernels: Cin not a multiple of the 4-row Gram tiles, pixel
+Sizes are chosen to hit every tail of the kernels: Cin not a multiple of the 3- or 4-row Gram tiles, pixel
 counts (7x9 = 63) not a multiple of a SIMD vector, Cout = 1, 3 and 5 (more rows than one 4-row
 candidate block), K = 1, 2, 5. Outputs come from torch.empty (NaN-poisoned by the conftest), so an
 unwritten element fails. The end-to-end comparisons with the reference (index, distances, every
@@ -17,7 +17,7 @@ import fastcomp
 from fastcomp import _build
 from fastcomp.ops import _ddn_torch
 from fastcomp.reference.ddn import ddn_candidates, ddn_select_reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, extra_cpu_variants
 
 SIZES = [  # B, Cin, Cout, K, H, W
     (3, 5, 3, 5, 7, 9),
@@ -28,9 +28,19 @@ SIZES = [  # B, Cin, Cout, K, H, W
 IDS = ["B{}Cin{}Cout{}K{}_{}x{}".format(*s) for s in SIZES]
 
 
-@pytest.fixture(scope="module")
-def ext():
-    return _build.load("cpu")
+# The suite's own build, then every other CPU target (test_cpu_variants.py): the Gram and candidate tiles
+# are sized per instruction set (3x3 on AVX2's 16 registers, 4x4 on AVX-512's 32).
+VARIANTS = extra_cpu_variants()
+
+
+@pytest.fixture(scope="module", params=[None, *VARIANTS], ids=["build", *(v.name for v in VARIANTS)])
+def ext(request):
+    if request.param is None:
+        return _build.load("ddn")
+    problem = _build.compiler_problem() or _build.cpu_problem(request.param)
+    if problem:
+        pytest.skip(f"the {request.param.name} build cannot run here: {problem}")
+    return _build.build("ddn", variant=request.param)
 
 
 def _inputs(B, Cin, Cout, K, H, W, dtype=torch.float64, seed=0):

@@ -82,7 +82,7 @@ def test_cpu_is_the_default_for_cpu_tensors():
 
 @needs_compiler
 def test_cpu_backend_refuses_cuda_style_misuse():
-    ext = _build.load("cpu")
+    ext = _build.load("disk_mask")
     out = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="points must be float64"):
         ext.disk_mask_cpu(torch.zeros(1, 1, 2), 1.0, out)

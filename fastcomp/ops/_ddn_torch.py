@@ -82,6 +82,8 @@ from typing import Optional
 
 import torch
 
+from . import _library
+
 # At most this many candidate elements (B * chunk * Cout * H * W) exist at once in the direct paths.
 _CHUNK_ELEMENTS = 1 << 18
 # Confidence factor of the probabilistic rounding-error bound of the float32 part of the l2 expansion.
@@ -112,11 +114,15 @@ def _cpu_ext(tensor: torch.Tensor):
     if tensor.device.type != "cpu" or tensor.dtype not in _EXT_DTYPES:
         return None
     from .. import _build
+    from ..backends import warn_build_failure
 
     try:
-        return _build.load("cpu")
-    except _build.BuildError:
-        return None  # no compiler here: the PyTorch formulation computes the same thing, slower
+        return _build.load("ddn")
+    except _build.BuildError as e:
+        # The PyTorch formulation computes the same thing, slower: say so once, never silently.
+        warn_build_failure("ddn", f"ddn_select/ddn_gather: the C++ kernels are unavailable, the cpu backend runs "
+                                  f"its PyTorch formulation instead (slower): {e}", stacklevel=4)
+        return None
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -144,55 +150,171 @@ def chosen_candidate_forward(features, weight, bias, residual, index):
     return out
 
 
+def chosen_candidate_backward(d_out, features, weight, index, has_bias: bool):
+    """(d features [B, Cin, H, W], d weight [K, Cout, Cin], d bias [K, Cout] or None) of the chosen candidate.
+
+    d weight[k] = sum over the samples b that chose k of d out_b f_b^T (index_add), d features =
+    W_idx^T d out, d bias = index_add of d out summed over pixels: nothing of size K x H x W."""
+    B, Cin, H, W = features.shape
+    K, Cout, _ = weight.shape
+    ext = _cpu_ext(features)
+    if ext is not None:  # one C++ pass (csrc/ddn_cpu.cpp): d features and the per-sample d weight rows
+        d_features = torch.empty(B, Cin, H, W, dtype=features.dtype)
+        d_weight = torch.empty(K, Cout, Cin, dtype=features.dtype)
+        d_bias = torch.empty(K, Cout, dtype=features.dtype) if has_bias else None
+        ext.ddn_chosen_backward_cpu(features.contiguous(), weight.contiguous(), index.contiguous(),
+                                    d_out.to(features.dtype).contiguous(), d_features, d_weight, d_bias)
+        return d_features, d_weight, d_bias
+    d_flat = d_out.reshape(B, Cout, H * W)
+    w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
+    d_features = torch.bmm(w_idx.transpose(1, 2), d_flat).view(B, Cin, H, W)
+    # d weight and d bias sum over the samples that chose each k: accumulated in float32 (float64 for
+    # float64), rounded to the input dtype once, as the reference's single GEMM over the batch does. In
+    # bfloat16 an index_add would round after every sample (8 bits: lossy when many pick one k).
+    acc = _acc_dtype(features.dtype)
+    per_sample = torch.bmm(d_flat.to(acc), features.reshape(B, Cin, H * W).transpose(1, 2).to(acc))  # [B, Cout, Cin]
+    d_weight = torch.zeros(K, Cout, Cin, dtype=acc, device=weight.device).index_add_(
+        0, index, per_sample).to(weight.dtype)
+    d_bias = None
+    if has_bias:
+        d_bias = torch.zeros(K, Cout, dtype=acc, device=d_out.device).index_add_(
+            0, index, d_flat.sum(dim=2, dtype=acc)).to(d_out.dtype)
+    return d_features, d_weight, d_bias
+
+
+# The chosen candidate's kernels as torch.library custom ops (any device: C++ for float32/float64 CPU
+# tensors, PyTorch otherwise) with fake implementations and vmap rules, and one autograd.Function over
+# them: the single autograd path of ddn_select and ddn_gather on every backend, eager, under torch.func
+# and under torch.compile (see fastcomp/ops/_library.py).
+
+@torch.library.custom_op("fastcomp::ddn_chosen_forward", mutates_args=(),
+                         schema="(Tensor features, Tensor weight, Tensor index, Tensor? bias, Tensor? residual) -> Tensor")
+def _chosen_forward_op(features, weight, index, bias, residual):
+    return chosen_candidate_forward(features, weight, bias, residual, index).contiguous()
+
+
+@_chosen_forward_op.register_fake
+def _(features, weight, index, bias, residual):
+    B, _, H, W = features.shape
+    return features.new_empty(B, weight.shape[1], H, W)
+
+
+@torch.library.custom_op("fastcomp::ddn_chosen_backward", mutates_args=(),
+                         schema="(Tensor d_out, Tensor features, Tensor weight, Tensor index, bool has_bias) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _chosen_backward_op(d_out, features, weight, index, has_bias):
+    d_features, d_weight, d_bias = chosen_candidate_backward(d_out, features, weight, index, has_bias)
+    if d_bias is None:  # an op's outputs cannot be None
+        d_bias = weight.new_zeros(weight.shape[0], 0)
+    return d_features.contiguous(), d_weight.contiguous(), d_bias.contiguous()
+
+
+@_chosen_backward_op.register_fake
+def _(d_out, features, weight, index, has_bias):
+    K, Cout, _ = weight.shape
+    return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(weight), \
+        weight.new_empty(K, Cout if has_bias else 0)
+
+
+def _fold_chosen(info, in_dims, features, weight, index, bias, residual, d_out=None, per_instance_weight=False):
+    """vmap: the n vmapped instances become n * B samples. The weight (and bias) are shared unless vmapped,
+    or unless per_instance_weight (the backward's d weight is per instance): then they are stacked into
+    n * K candidates and each instance's samples index their own K."""
+    from ._library import fold_batch
+
+    n = info.batch_size
+    f_d, w_d, i_d, b_d, r_d, *g_d = in_dims
+    K = weight.shape[0] if w_d is None else weight.shape[1 if w_d == 0 else 0]
+    features, index, residual, d_out = fold_batch(info, (f_d, i_d, r_d, *(g_d or [None])),
+                                                  (features, index, residual, d_out), (True,) * 4)
+    if per_instance_weight or w_d is not None or b_d is not None:
+        weight, bias = fold_batch(info, (w_d, b_d), (weight, bias), (True, True))
+        index = index + (torch.arange(n, device=index.device) * K).repeat_interleave(index.shape[0] // n)
+    return features, weight, index, bias, residual, d_out
+
+
+@_chosen_forward_op.register_vmap
+def _(info, in_dims, features, weight, index, bias, residual):
+    from ._library import unfold_batch
+
+    features, weight, index, bias, residual, _ = _fold_chosen(info, in_dims, features, weight, index, bias,
+                                                              residual)
+    return unfold_batch(_chosen_forward_op(features, weight, index, bias, residual), info.batch_size), 0
+
+
+@_chosen_backward_op.register_vmap
+def _(info, in_dims, d_out, features, weight, index, has_bias):
+    from ._library import unfold_batch
+
+    n = info.batch_size
+    g_d, f_d, w_d, i_d, _ = in_dims
+    features, weight, index, _, _, d_out = _fold_chosen(info, (f_d, w_d, i_d, None, None, g_d), features, weight,
+                                                        index, None, None, d_out, per_instance_weight=True)
+    d_features, d_weight, d_bias = _chosen_backward_op(d_out, features, weight, index, has_bias)
+    return (unfold_batch(d_features, n), d_weight.view(n, -1, *d_weight.shape[1:]),
+            d_bias.view(n, -1, d_bias.shape[1])), (0, 0, 0)
+
+
+def _chosen_gradient():
+    from ._library import once_differentiable
+
+    return once_differentiable(_chosen_backward_op, "ddn_select/ddn_gather", "cpu/triton/cuda")
+
+
 class ChosenCandidate(torch.autograd.Function):
     """The chosen candidate, differentiable in features, weight, bias and residual (index saved).
 
-    The backward is two bmm and two index_add: nothing of size K x H x W, and weight's gradient has
-    non-zero rows only for chosen k.
+    forward: the candidate given by `out` (already computed by a backend's selection kernel; copied, since
+    a Function may not hand back its input) or computed by fastcomp::ddn_chosen_forward. backward:
+    fastcomp::ddn_chosen_backward (two bmm and two index_add; weight's gradient has non-zero rows only for
+    chosen k). jvp: the candidate is bilinear in (features, weight) and affine in bias, residual, so its
+    tangent is the chosen candidate of the tangents: W_idx df + dW_idx f + db_idx + dr.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, features, weight, bias, residual, index, out=None):
+    def forward(features, weight, bias, residual, index, out):
+        if out is not None:
+            return out.clone()
+        return _chosen_forward_op(features, weight, index, bias, residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        features, weight, bias, residual, index, _ = inputs
         ctx.save_for_backward(features, weight, index)
-        ctx.has_bias = bias is not None
-        ctx.has_residual = residual is not None
-        if out is None:
-            out = chosen_candidate_forward(features, weight, bias, residual, index)
-        return out
+        ctx.save_for_forward(features, weight, index)
+        ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
 
     @staticmethod
     def backward(ctx, d_out):
         features, weight, index = ctx.saved_tensors
-        B, Cin, H, W = features.shape
-        K, Cout, _ = weight.shape
-        d_flat = d_out.reshape(B, Cout, H * W)
-        d_features = d_weight = d_bias = d_residual = None
-        ext = _cpu_ext(features)
-        if ext is not None:
-            # one C++ pass (csrc/ddn_cpu.cpp): d features and the per-sample d weight rows per sample
-            if ctx.needs_input_grad[0]:
-                d_features = torch.empty(B, Cin, H, W, dtype=features.dtype)
-            if ctx.needs_input_grad[1]:
-                d_weight = torch.empty(K, Cout, Cin, dtype=features.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                d_bias = torch.empty(K, Cout, dtype=features.dtype)
-            ext.ddn_chosen_backward_cpu(features.contiguous(), weight.contiguous(), index, d_out.contiguous(),
-                                        d_features, d_weight, d_bias)
-            if ctx.has_residual and ctx.needs_input_grad[3]:
-                d_residual = d_out
-            return d_features, d_weight, d_bias, d_residual, None, None
-        if ctx.needs_input_grad[0]:
-            w_idx = weight.index_select(0, index)  # [B, Cout, Cin]
-            d_features = torch.bmm(w_idx.transpose(1, 2), d_flat).view(B, Cin, H, W)
-        if ctx.needs_input_grad[1]:
-            per_sample = torch.bmm(d_flat, features.reshape(B, Cin, H * W).transpose(1, 2))  # [B, Cout, Cin]
-            d_weight = torch.zeros_like(weight).index_add_(0, index, per_sample)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            d_bias = torch.zeros(K, Cout, dtype=d_out.dtype, device=d_out.device).index_add_(
-                0, index, d_flat.sum(dim=2))
-        if ctx.has_residual and ctx.needs_input_grad[3]:
-            d_residual = d_out
-        return d_features, d_weight, d_bias, d_residual, None, None
+        d_features, d_weight, d_bias = _CHOSEN_GRADIENT.apply(d_out, features, weight, index, ctx.has_bias)
+        return (d_features, d_weight, d_bias if ctx.has_bias else None, d_out if ctx.has_residual else None,
+                None, None)
+
+    @staticmethod
+    def jvp(ctx, d_features, d_weight, d_bias, d_residual, _d_index, _d_out):
+        features, weight, index = ctx.saved_tensors
+        tangent = None
+
+        def add(t):
+            nonlocal tangent
+            tangent = t if tangent is None else tangent + t
+
+        if d_features is not None:
+            add(_chosen_forward_op(d_features, weight, index, None, None))
+        if d_weight is not None:
+            add(_chosen_forward_op(features, d_weight, index, None, None))
+        if d_bias is not None:
+            add(d_bias.index_select(0, index)[:, :, None, None].expand(-1, -1, *features.shape[2:]).contiguous())
+        if d_residual is not None:
+            add(d_residual)
+        return tangent
+
+
+_CHOSEN_GRADIENT = _chosen_gradient()  # a second derivative through it raises a clear error
+_library.compile_opaque(ChosenCandidate)  # see fastcomp/ops/_library.py: Dynamo cannot trace its jvp
 
 
 def chosen_candidate(features, weight, bias, residual, index, out=None):
@@ -413,7 +535,8 @@ def _reference_noise(dtype, d_min, target):
 
 
 def select_cpu(features, weight, target, bias, residual, metric):
-    """The "cpu" backend of ddn_select: (output, index, distances float32 [B, K])."""
+    """The "cpu" backend's selection kernel (no autograd): (index int64 [B], distances float32 [B, K],
+    the chosen candidate [B, Cout, H, W])."""
     B = features.shape[0]
     K = weight.shape[0]
     out = None  # the chosen candidate, when the C++ re-ranking has already formed it
@@ -467,10 +590,6 @@ def select_cpu(features, weight, target, bias, residual, metric):
                 exact = exact_distances(features, weight, target, bias, residual, metric, k_near)  # [B, m]
                 index = k_near.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
                 distances = est.float().scatter_(1, k_near, exact.float())
-    output = chosen_candidate(features, weight, bias, residual, index, out)
-    return output, index, distances
-
-
-def gather_cpu(features, weight, index, bias, residual):
-    """The "cpu" backend of ddn_gather."""
-    return chosen_candidate(features, weight, bias, residual, index)
+    if out is None:
+        out = chosen_candidate_forward(features, weight, bias, residual, index)
+    return index, distances, out

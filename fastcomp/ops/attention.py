@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import operator
 import sys
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -12,6 +13,7 @@ from .. import backends as _b
 from ..reference.attention import (disk_mask_reference, local_conditional_attention_reference, propagate_poison,
                                    screen_conditioners)
 from . import _checks as check
+from . import _library
 
 OP = "local_conditional_attention"
 
@@ -97,21 +99,15 @@ def local_conditional_attention(
     # Conditioners no pixel sees, and non-finite ones, reach no kernel (see screen_conditioners).
     cond_k, cond_v, poisoned = screen_conditioners(cond_k, cond_v, cond_mask, H, W)
     call_args = (q, k, v, (kh, kw), cond_k, cond_v, cond_mask, scale)
-    if torch.compiler.is_compiling():
-        # The registry's checks look at the machine (compilers on PATH, build caches), which dynamo cannot
-        # trace; the choice depends only on constants, so it is made once, at trace time.
-        name = _compile_time_backend(backend, q.device.type, q.dtype)
-        out = _b.backends(OP)[[b.name for b in _b.backends(OP)].index(name)].fn(*call_args)
-    else:
-        out = _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args)
+    # Under torch.compile the choice is made while tracing from the metadata the backends' input checks read:
+    # device, dtype, head dim (operator.index specializes a symbolic one), conditioners and mask or not.
+    def compile_specs():
+        image, cond = (1, kh, kw, 1, operator.index(D)), (1, 1, 1, operator.index(D))
+        return (*(_b.tensor_spec(t, image) for t in (q, k, v)), *(_b.tensor_spec(t, cond) for t in (cond_k, cond_v)),
+                _b.tensor_spec(cond_mask, (1, 1, kh, kw)))
+
+    out = _b.dispatch(OP, backend, (q, k, v, cond_k, cond_v, cond_mask), call_args, compile_specs=compile_specs)
     return propagate_poison(out, poisoned)
-
-
-@torch.compiler.assume_constant_result
-def _compile_time_backend(requested: Optional[str], device_type: str, dtype: torch.dtype) -> str:
-    """The backend eager dispatch would pick for tensors of this device and dtype (run once, while tracing)."""
-    probe = torch.empty(0, device=device_type, dtype=dtype)
-    return _b.select(OP, requested, probe, probe, probe).name
 
 
 @_b.register(OP, "reference", priority=0,
@@ -120,24 +116,39 @@ def _attention_reference(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
     return local_conditional_attention_reference(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
 
 
-# --- fused backends: one autograd.Function and one torch.library op over a backend's kernel pair ----
+# --- fused backends ----------------------------------------------------------------------------------
 #
-# A fused backend supplies two kernels with this contract (kernels/local_attention.py for Triton,
-# lca_forward_cpu / lca_backward_cpu below for C++):
+# A fused backend supplies three launchers with this contract (lca_*_cpu below for C++, kernels/
+# local_attention.py and kernels/local_attention_jvp.py for Triton):
 #   forward(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale) -> (out, lse)
 #       q, k, v [B, H, W, heads, D] any strides; cond_k, cond_v [B, M, heads, D] or None (M may be 0);
 #       cond_mask [B, M, H, W] bool or None (None with cond given: every pixel sees every conditioner);
 #       kernel_size (kh, kw); scale already resolved. out [B, H, W, heads, D] in q.dtype; lse opaque,
-#       [B, heads, H, W] (float32, or float64 for float64 inputs on the CPU).
+#       [B, heads, H, W] in the backend's lse_dtype(q.dtype).
 #   backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_size, scale)
 #       -> (dq, dk, dv, dcond_k, dcond_v), dcond_* None when cond_k is None.
-# Eager calls go through LocalConditionalAttentionFunction; under torch.compile the same kernels run as
-# the custom ops fastcomp::lca_forward / fastcomp::lca_backward (with fake implementations), so a model
-# using the op compiles with fullgraph=True.
+#   jvp(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, dcond_v, kernel_size, scale)
+#       -> dout, the tangent of out (tangents None where zero).
+# make_fused_backend turns them into custom ops fastcomp::lca_{forward,backward,jvp}_<backend> (fake
+# implementations, vmap rules folding the vmapped dim into B) and one autograd.Function over them, the
+# single autograd path eagerly, under torch.func and under torch.compile (see ops/_library.py).
 
-CPU_DTYPES = (torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # half precision: float32 inside
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_HEAD_DIMS = (16, 128)  # kernels/local_attention.py pads D to a power of two up to 128
+
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? cond_k, Tensor? cond_v, Tensor? cond_mask, SymInt kh, "
+               "SymInt kw, float scale) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? cond_k, Tensor? cond_v, Tensor? cond_mask, "
+               "Tensor out, Tensor lse, SymInt kh, SymInt kw, float scale) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_JVP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? cond_k, Tensor? cond_v, Tensor? cond_mask, Tensor out, "
+               "Tensor lse, Tensor? dq, Tensor? dk, Tensor? dv, Tensor? dcond_k, Tensor? dcond_v, SymInt kh, "
+               "SymInt kw, float scale) -> Tensor")
+# Which arguments of each kernel carry the batch dim first (all tensors do): the vmap rules fold into it.
+_FWD_BATCHED = (True,) * 6 + (False,) * 3
+_BWD_BATCHED = (True,) * 9 + (False,) * 3
+_JVP_BATCHED = (True,) * 13 + (False,) * 3
 
 
 def _empty_cond(q: torch.Tensor) -> torch.Tensor:
@@ -145,143 +156,190 @@ def _empty_cond(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(B, 0, heads, D)
 
 
+def _contiguous_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def make_fused_backend(backend: str, forward, backward, jvp, lse_dtype):
+    """(the backend's entry point fn(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale) -> out,
+    its autograd.Function) for a launcher triple (contract above); lse_dtype(q.dtype) -> lse's dtype."""
+    name = f"fastcomp::lca_{{}}_{backend}"
+
+    def forward_impl(q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale):
+        out, lse = forward(q, k, v, cond_k, cond_v, cond_mask, (kh, kw), scale)
+        return out.contiguous(), lse.contiguous()
+
+    def forward_fake(q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale):
+        B, H, W, heads, _ = q.shape
+        return _contiguous_like(q), q.new_empty(B, heads, H, W, dtype=lse_dtype(q.dtype))
+
+    def backward_impl(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kh, kw, scale):
+        grads = backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, (kh, kw), scale)
+        dq, dk, dv, dck, dcv = (None if g is None else g.contiguous() for g in grads)
+        if dck is None:  # an op's outputs cannot be None: empty [B, 0, heads, D] conditioner gradients
+            dck, dcv = _empty_cond(q), _empty_cond(q)
+        return dq, dk, dv, dck, dcv
+
+    def backward_fake(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kh, kw, scale):
+        cond = _empty_cond(q) if cond_k is None else cond_k
+        return (*(_contiguous_like(q) for _ in range(3)), _contiguous_like(cond), _contiguous_like(cond))
+
+    def jvp_impl(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, dcond_v, kh, kw, scale):
+        return jvp(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, dcond_v, (kh, kw),
+                   scale).contiguous()
+
+    def jvp_fake(q, *rest):
+        return _contiguous_like(q)
+
+    forward_op = torch.library.custom_op(name.format("forward"), forward_impl, mutates_args=(), schema=_FWD_SCHEMA)
+    forward_op.register_fake(forward_fake)
+    backward_op = torch.library.custom_op(name.format("backward"), backward_impl, mutates_args=(),
+                                          schema=_BWD_SCHEMA)
+    backward_op.register_fake(backward_fake)
+    jvp_op = torch.library.custom_op(name.format("jvp"), jvp_impl, mutates_args=(), schema=_JVP_SCHEMA)
+    jvp_op.register_fake(jvp_fake)
+
+    def vmap_rule(op, batched, n_out):
+        def rule(info, in_dims, *args):
+            result = op(*_library.fold_batch(info, in_dims, args, batched))
+            if n_out == 1:
+                return _library.unfold_batch(result, info.batch_size), 0
+            return tuple(_library.unfold_batch(r, info.batch_size) for r in result), (0,) * n_out
+
+        op.register_vmap(rule)
+
+    vmap_rule(forward_op, _FWD_BATCHED, 2)
+    vmap_rule(backward_op, _BWD_BATCHED, 5)
+    vmap_rule(jvp_op, _JVP_BATCHED, 1)
+    gradient = _library.once_differentiable(backward_op, OP, repr(backend))
+
+    class Fused(torch.autograd.Function):
+        """Autograd of the fused kernels: backward and jvp from the saved out and lse; vmap through the
+        kernels' own rules (generate_vmap_rule)."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale):
+            return forward_op(q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale = inputs
+            out, lse = output
+            ctx.mark_non_differentiable(lse)
+            ctx.save_for_backward(q, k, v, cond_k, cond_v, cond_mask, out, lse)
+            ctx.save_for_forward(q, k, v, cond_k, cond_v, cond_mask, out, lse)
+            ctx.kh, ctx.kw, ctx.scale = kh, kw, scale
+
+        @staticmethod
+        def backward(ctx, grad_out, _grad_lse):
+            q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
+            dq, dk, dv, dck, dcv = gradient.apply(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, ctx.kh,
+                                                  ctx.kw, ctx.scale)
+            if cond_k is None:
+                dck = dcv = None
+            return dq, dk, dv, dck, dcv, None, None, None, None
+
+        @staticmethod
+        def jvp(ctx, dq, dk, dv, dcond_k, dcond_v, *_):
+            q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
+            dout = jvp_op(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv,
+                          None if cond_k is None else dcond_k, None if cond_k is None else dcond_v,
+                          ctx.kh, ctx.kw, ctx.scale)
+            return dout, None
+
+    Fused.__name__ = Fused.__qualname__ = f"LocalConditionalAttention_{backend}"
+    _library.compile_opaque(Fused)
+
+    def run(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
+        return Fused.apply(q, k, v, cond_k, cond_v, cond_mask, kernel_size[0], kernel_size[1], scale)[0]
+
+    return run, Fused
+
+
+# --- the cpu backend's launchers (csrc/attention_cpu.cpp, csrc/attention_jvp_cpu.cpp) ------------------
+
+def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The C++ kernels run float32 and float64; float16 and bfloat16 inputs run in float32 inside."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cpu_inputs(work, *tensors):
+    return [None if t is None else t.to(work).contiguous() for t in tensors]
+
+
+def _cpu_cond(q, cond_k, cond_v, cond_mask):
+    """The C++ kernels' conditioner arguments: [B, 0, heads, D] tensors for none, an empty mask for all."""
+    cond_k = _empty_cond(q) if cond_k is None else cond_k
+    cond_v = _empty_cond(q) if cond_v is None else cond_v
+    mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
+    return cond_k, cond_v, mask
+
+
 def lca_forward_cpu(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
-    """C++ forward (csrc/attention_cpu.cpp): (out [B, H, W, heads, D], lse [B, heads, H, W] in q.dtype)."""
+    """C++ forward: (out [B, H, W, heads, D] in q.dtype, lse [B, heads, H, W] in the compute dtype)."""
     from .. import _build
 
     B, H, W, heads, D = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    cond_k = _empty_cond(q) if cond_k is None else cond_k.contiguous()
-    cond_v = _empty_cond(q) if cond_v is None else cond_v.contiguous()
-    mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
-    out = torch.empty(q.shape, dtype=q.dtype)
-    lse = torch.empty(B, heads, H, W, dtype=q.dtype)
-    _build.load("cpu").local_attention_forward_cpu(q, k, v, cond_k, cond_v, mask, kernel_size[0], kernel_size[1],
+    work = _cpu_compute_dtype(q.dtype)
+    qw, kw_, vw, ckw, cvw = _cpu_inputs(work, q, k, v, cond_k, cond_v)
+    ckw, cvw, mask = _cpu_cond(qw, ckw, cvw, cond_mask)
+    out = torch.empty(q.shape, dtype=work)
+    lse = torch.empty(B, heads, H, W, dtype=work)
+    _build.load("attention").local_attention_forward_cpu(qw, kw_, vw, ckw, cvw, mask, kernel_size[0], kernel_size[1],
                                                    float(scale), out, lse)
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def lca_backward_cpu(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_size, scale):
-    """C++ backward: (dq, dk, dv, dcond_k, dcond_v), the last two None when cond_k is None."""
+    """C++ backward: (dq, dk, dv, dcond_k, dcond_v) in q.dtype, the last two None when cond_k is None."""
     from .. import _build
 
     has_cond = cond_k is not None
-    q, k, v, out, lse = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous()
-    grad_out = grad_out.contiguous()
-    cond_k = _empty_cond(q) if cond_k is None else cond_k.contiguous()
-    cond_v = _empty_cond(q) if cond_v is None else cond_v.contiguous()
-    mask = torch.empty(0, dtype=torch.bool) if cond_mask is None else cond_mask.contiguous()
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype) for _ in range(3))
-    dcond_k, dcond_v = torch.empty(cond_k.shape, dtype=q.dtype), torch.empty(cond_k.shape, dtype=q.dtype)
-    _build.load("cpu").local_attention_backward_cpu(grad_out, q, k, v, cond_k, cond_v, mask, out, lse,
+    work = _cpu_compute_dtype(q.dtype)
+    go, qw, kw_, vw, ow, ckw, cvw = _cpu_inputs(work, grad_out, q, k, v, out, cond_k, cond_v)
+    ckw, cvw, mask = _cpu_cond(qw, ckw, cvw, cond_mask)
+    dq, dk, dv = (torch.empty(q.shape, dtype=work) for _ in range(3))
+    dcond_k, dcond_v = torch.empty(ckw.shape, dtype=work), torch.empty(ckw.shape, dtype=work)
+    _build.load("attention").local_attention_backward_cpu(go, qw, kw_, vw, ckw, cvw, mask, ow, lse.contiguous(),
                                                     kernel_size[0], kernel_size[1], float(scale),
                                                     dq, dk, dv, dcond_k, dcond_v)
-    return dq, dk, dv, (dcond_k if has_cond else None), (dcond_v if has_cond else None)
+    grads = (dq, dk, dv) + ((dcond_k, dcond_v) if has_cond else (None, None))
+    return tuple(None if g is None else g.to(q.dtype) for g in grads)
 
 
-def kernels(backend: str) -> tuple[Callable, Callable]:
-    """The (forward, backward) kernel pair of a fused backend ("cpu" or "triton")."""
-    if backend == "cpu":
-        return lca_forward_cpu, lca_backward_cpu
-    if backend == "triton":
-        from ..kernels.local_attention import lca_backward, lca_forward
+def lca_jvp_cpu(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, dcond_v, kernel_size, scale):
+    """C++ forward-mode derivative: the tangent of out [B, H, W, heads, D] in q.dtype."""
+    from .. import _build
 
-        return lca_forward, lca_backward
-    raise ValueError(f"{OP}: no fused kernels for backend {backend!r}; choose 'cpu' or 'triton'")
-
-
-class LocalConditionalAttentionFunction(torch.autograd.Function):
-    """Autograd over a backend's kernel pair (see :func:`kernels`); the kernels store lse for the backward."""
-
-    @staticmethod
-    def forward(ctx, backend: str, q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
-        forward_fn, _ = kernels(backend)
-        out, lse = forward_fn(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale)
-        ctx.save_for_backward(q, k, v, cond_k, cond_v, cond_mask, out, lse)
-        ctx.backend, ctx.kernel_size, ctx.scale = backend, kernel_size, scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        _, backward_fn = kernels(ctx.backend)
-        q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dck, dcv = backward_fn(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse,
-                                           ctx.kernel_size, ctx.scale)
-        return None, dq, dk, dv, dck, dcv, None, None, None
+    work = _cpu_compute_dtype(q.dtype)
+    qw, kw_, vw, ow, ckw, cvw = _cpu_inputs(work, q, k, v, out, cond_k, cond_v)
+    ckw, cvw, mask = _cpu_cond(qw, ckw, cvw, cond_mask)
+    zero = torch.empty(0, dtype=work)  # an absent tangent
+    tangents = [zero if t is None else t for t in _cpu_inputs(work, dq, dk, dv, dcond_k, dcond_v)]
+    dout = torch.empty(q.shape, dtype=work)
+    _build.load("attention").local_attention_jvp_cpu(qw, kw_, vw, ckw, cvw, mask, ow, lse.contiguous(), *tangents,
+                                               kernel_size[0], kernel_size[1], float(scale), dout)
+    return dout.to(q.dtype)
 
 
-# torch.library ops: what torch.compile sees. Optional conditioners stay Optional; the backward returns
-# empty [B, 0, heads, D] conditioner gradients when there are none (an op's outputs cannot be None).
+def _triton_forward(*args):
+    from ..kernels.local_attention import lca_forward
 
-@torch.library.custom_op("fastcomp::lca_forward", mutates_args=())
-def _lca_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cond_k: Optional[torch.Tensor],
-                    cond_v: Optional[torch.Tensor], cond_mask: Optional[torch.Tensor], kh: int, kw: int,
-                    scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = kernels(backend)[0](q, k, v, cond_k, cond_v, cond_mask, (kh, kw), scale)
-    return out.contiguous(), lse.contiguous()
+    return lca_forward(*args)
 
 
-def _lse_dtype(q: torch.Tensor, backend: str) -> torch.dtype:
-    return q.dtype if backend == "cpu" else torch.float32
+def _triton_backward(*args):
+    from ..kernels.local_attention import lca_backward
+
+    return lca_backward(*args)
 
 
-@_lca_forward_op.register_fake
-def _(q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale, backend):
-    B, H, W, heads, D = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        q.new_empty(B, heads, H, W, dtype=_lse_dtype(q, backend))
+def _triton_jvp(*args):
+    from ..kernels.local_attention_jvp import lca_jvp
 
-
-@torch.library.custom_op("fastcomp::lca_backward", mutates_args=())
-def _lca_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cond_k: Optional[torch.Tensor], cond_v: Optional[torch.Tensor],
-                     cond_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, kh: int, kw: int,
-                     scale: float, backend: str
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = kernels(backend)[1](grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, (kh, kw), scale)
-    dq, dk, dv, dck, dcv = (None if g is None else g.contiguous() for g in grads)
-    if dck is None:
-        dck, dcv = _empty_cond(q), _empty_cond(q)
-    return dq, dk, dv, dck, dcv
-
-
-@_lca_backward_op.register_fake
-def _(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kh, kw, scale, backend):
-    def like(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-    cond = _empty_cond(q) if cond_k is None else cond_k
-    return like(q), like(q), like(q), like(cond), like(cond)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cond_k, cond_v, cond_mask, kh, kw, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, cond_k, cond_v, cond_mask, out, lse)
-    ctx.kh, ctx.kw, ctx.scale, ctx.backend = kh, kw, scale, backend
-    ctx.has_cond = cond_k is not None
-
-
-def _backward_op(ctx, grad_out, grad_lse):
-    q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
-    dq, dk, dv, dck, dcv = _lca_backward_op(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse,
-                                            ctx.kh, ctx.kw, ctx.scale, ctx.backend)
-    if not ctx.has_cond:
-        dck = dcv = None
-    return dq, dk, dv, dck, dcv, None, None, None, None, None
-
-
-_lca_forward_op.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-def _fused(backend, q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
-    if torch.compiler.is_compiling():
-        out, _ = _lca_forward_op(q, k, v, cond_k, cond_v, cond_mask, kernel_size[0], kernel_size[1], scale,
-                                 backend)
-        return out
-    return LocalConditionalAttentionFunction.apply(backend, q, k, v, cond_k, cond_v, cond_mask,
-                                                   tuple(kernel_size), scale)
+    return lca_jvp(*args)
 
 
 def _triton_head_dim_problem(q):
@@ -292,21 +350,21 @@ def _triton_head_dim_problem(q):
     return None
 
 
-@_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem,
-             input_check=lambda q, *rest: (_b.device_input_problem("cpu", q, *rest)
-                                           or _b.dtype_input_problem(CPU_DTYPES, q)),
-             description="C++ extension, OpenMP over (b, head, rows), vectorized over queries; O(H*W) memory")
-def _attention_cpu(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
-    return _fused("cpu", q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
+_attention_cpu, CpuFunction = make_fused_backend(
+    "cpu", lca_forward_cpu, lca_backward_cpu, lca_jvp_cpu, lse_dtype=_cpu_compute_dtype)
+_b.register(OP, "cpu", priority=10, machine_check=_b.cpp_problem("attention"), prepare=_b.cpp_prepare("attention"),
+            input_check=lambda q, *rest: (_b.device_input_problem("cpu", q, *rest)
+                                          or _b.dtype_input_problem(CPU_DTYPES, q)),
+            description="C++ extension, OpenMP over (b, head, rows), vectorized over queries; O(H*W) memory; "
+                        "float16/bfloat16 run in float32 inside")(_attention_cpu)
 
-
-@_b.register(OP, "triton", priority=15, machine_check=_b.triton_problem,
-             input_check=lambda q, *rest: (_b.triton_input_problem(q, *rest)
-                                           or _b.dtype_input_problem(TRITON_DTYPES, q)
-                                           or _triton_head_dim_problem(q)),
-             description="Triton kernels, fused online softmax over window + conditioners")
-def _attention_triton(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
-    return _fused("triton", q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale)
+_attention_triton, TritonFunction = make_fused_backend(
+    "triton", _triton_forward, _triton_backward, _triton_jvp, lse_dtype=lambda dtype: torch.float32)
+_b.register(OP, "triton", priority=15, machine_check=_b.triton_problem,
+            input_check=lambda q, *rest: (_b.triton_input_problem(q, *rest)
+                                          or _b.dtype_input_problem(TRITON_DTYPES, q)
+                                          or _triton_head_dim_problem(q)),
+            description="Triton kernels, fused online softmax over window + conditioners")(_attention_triton)
 
 
 # --- disk masks -----------------------------------------------------------------------------------
@@ -348,17 +406,29 @@ def _disk_mask_reference(points, radius, H, W):
     return disk_mask_reference(points, radius, H, W)
 
 
-@_b.register(DISK, "triton", priority=15, machine_check=_b.triton_problem,
-             input_check=lambda points: _b.triton_input_problem(points),
-             description="Triton kernel, one program per (b, m, row)")
-def _disk_mask_triton(points, radius, H, W):
-    from ..kernels.disk_mask import disk_mask_triton
+# The fast disk masks are torch.library custom ops fastcomp::disk_mask_<backend> (fake implementation and a
+# vmap rule folding the vmapped dim into B), so torch.compile sees one opaque node: no extension load or
+# host-side check inside the traced region. C++/CUDA (csrc/cpu_ops.cpp, csrc/disk_mask.cu) write an output
+# allocated here, compiled on first use by fastcomp._build.
 
-    return disk_mask_triton(points, radius, H, W)
+_DISK_SCHEMA = "(Tensor points, float radius, SymInt H, SymInt W) -> Tensor"
 
 
-# C++/CUDA disk masks (csrc/cpu_ops.cpp, csrc/disk_mask.cu): the output is allocated here and written by
-# the extension, compiled on first use by fastcomp._build.
+def _disk_mask_op(backend: str, compute):
+    """The custom op over compute(points, radius, H, W) -> [B, M, H, W] bool."""
+    op = torch.library.custom_op(f"fastcomp::disk_mask_{backend}", compute, mutates_args=(), schema=_DISK_SCHEMA)
+
+    @op.register_fake
+    def _(points, radius, H, W):
+        return points.new_empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool)
+
+    @op.register_vmap
+    def _(info, in_dims, points, radius, H, W):
+        (points,) = _library.fold_batch(info, in_dims[:1], (points,), (True,))
+        return _library.unfold_batch(op(points, radius, H, W), info.batch_size), 0
+
+    return op
+
 
 def _disk_mask_extension_args(points, H, W):
     """(float64 contiguous points, the [B, M, H, W] bool output for the kernel to write)."""
@@ -366,23 +436,36 @@ def _disk_mask_extension_args(points, H, W):
     return points, torch.empty(points.shape[0], points.shape[1], H, W, dtype=torch.bool, device=points.device)
 
 
-@_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem,
-             input_check=lambda points: _b.device_input_problem("cpu", points),
-             description="C++ extension, OpenMP over (b, m, row), vectorized over columns")
-def _disk_mask_cpu(points, radius, H, W):
+def _disk_mask_triton_compute(points, radius, H, W):
+    from ..kernels.disk_mask import disk_mask_triton
+
+    return disk_mask_triton(points, radius, H, W)
+
+
+def _disk_mask_cpu_compute(points, radius, H, W):
     from .. import _build
 
     points, out = _disk_mask_extension_args(points, H, W)
-    _build.load("cpu").disk_mask_cpu(points, radius, out)
+    _build.load("disk_mask").disk_mask_cpu(points, radius, out)
     return out
 
 
-@_b.register(DISK, "cuda", priority=20, machine_check=_b.cuda_problem,
-             input_check=lambda points: _b.device_input_problem("cuda", points),
-             description="CUDA extension, one thread per pixel, rows across the grid")
-def _disk_mask_cuda(points, radius, H, W):
+def _disk_mask_cuda_compute(points, radius, H, W):
     from .. import _build
 
     points, out = _disk_mask_extension_args(points, H, W)
     _build.load("cuda").disk_mask_cuda(points, radius, out, torch.cuda.current_stream(points.device).cuda_stream)
     return out
+
+
+_b.register(DISK, "triton", priority=15, machine_check=_b.triton_problem,
+            input_check=lambda points: _b.triton_input_problem(points),
+            description="Triton kernel, one program per (b, m, row)")(_disk_mask_op("triton", _disk_mask_triton_compute))
+_b.register(DISK, "cpu", priority=10, machine_check=_b.cpp_problem("disk_mask"), prepare=_b.cpp_prepare("disk_mask"),
+            input_check=lambda points: _b.device_input_problem("cpu", points),
+            description="C++ extension, OpenMP over (b, m, row), vectorized over columns")(
+    _disk_mask_op("cpu", _disk_mask_cpu_compute))
+_b.register(DISK, "cuda", priority=20, machine_check=_b.cuda_problem,
+            input_check=lambda points: _b.device_input_problem("cuda", points),
+            description="CUDA extension, one thread per pixel, rows across the grid")(
+    _disk_mask_op("cuda", _disk_mask_cuda_compute))
