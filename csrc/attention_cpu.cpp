@@ -1419,29 +1419,33 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
         // phase 2: dk / dv of the interior queries, per tile of key columns
         xq.build(qt.p, ldx, FP, D);
         xo.build(got.p, ldx, FP, D);
+        const int64_t n_chunks = (kw + L - 1) / L;
         for (int64_t dr = 0; dr < kh; ++dr) {
           const int64_t r = r_first + dr;
-          for (int64_t c = 0; c < NT; ++c) {
-            T* g_k = gk.data() + (r * NT + c) * tile;
-            T* g_v = gv.data() + (r * NT + c) * tile;
-            for (int64_t d0 = 0; d0 < D; d0 += 8) {
-              const int64_t nd = std::min<int64_t>(8, D - d0);
-              for (int pass = 0; pass < 2; ++pass) {
-                T* g = pass == 0 ? g_k : g_v;
-                const Aligned<T>& wrow = pass == 0 ? ds_row : p_row;
-                const QueryPanels<T>& xp = pass == 0 ? xq : xo;
+          for (int pass = 0; pass < 2; ++pass) {
+            const Aligned<T>& wrow = pass == 0 ? ds_row : p_row;
+            const QueryPanels<T>& xp = pass == 0 ? xq : xo;
+            T* g_row = (pass == 0 ? gk : gv).data() + r * NT * tile;
+            // offset dc0 + e of chunk m: the query c L + lane + kw/2 - dc0 - e; weights of key dr * kw + dc0 + e
+            const T* w_row = wrow.p + dr * kw * ldx + FP + half;
+            for (int64_t c = 0; c < NT; ++c) {
+              T* g = g_row + c * tile;
+              for (int64_t d0 = 0; d0 < D; d0 += 8) {
+                const int64_t nd = std::min<int64_t>(8, D - d0);
                 for (int64_t n = 0; n < nd; ++n) b_acc[n] = simd::load(g + (d0 + n) * L);
-                for (int64_t m = 0; m * L < kw; ++m) {
+                for (int64_t m = 0; m < n_chunks; ++m) {
                   const int64_t dc0 = m * L, ne = std::min<int64_t>(L, kw - dc0);
-                  // offset dc0 + e: queries c L + lane + kw/2 - dc0 - e
-                  const T* w = wrow.p + (dr * kw + dc0) * ldx + FP + c * L + half - dc0;
+                  const T* w = w_row + dc0 * ldx + c * L - dc0;
                   const T* x = xp.at(c - m) + d0 * 2 * L + L - 1;
-                  switch (nd) {
+                  if (nd == 8) {
+                    block_gather_n<T, 8>(w, ldx, x, ne, b_acc);
+                  } else {
+                    switch (nd) {
 #define FASTCOMP_GN(N) case N: block_gather_n<T, N>(w, ldx, x, ne, b_acc); break;
-                    FASTCOMP_GN(8) FASTCOMP_GN(7) FASTCOMP_GN(6) FASTCOMP_GN(5) FASTCOMP_GN(4) FASTCOMP_GN(3)
-                    FASTCOMP_GN(2)
+                      FASTCOMP_GN(7) FASTCOMP_GN(6) FASTCOMP_GN(5) FASTCOMP_GN(4) FASTCOMP_GN(3) FASTCOMP_GN(2)
 #undef FASTCOMP_GN
-                    default: block_gather_n<T, 1>(w, ldx, x, ne, b_acc); break;
+                      default: block_gather_n<T, 1>(w, ldx, x, ne, b_acc); break;
+                    }
                   }
                 }
                 for (int64_t n = 0; n < nd; ++n) simd::store(g + (d0 + n) * L, b_acc[n]);
