@@ -1,4 +1,4 @@
-"""`fastcomp` command line: info, bench, build.
+"""`fastcomp` command line: info, bench, build, demo, study, probe, train.
 
 Each subcommand lives in its own module and takes its own argv, so `fastcomp bench --help` shows the
 bench options; this file only routes.
@@ -15,6 +15,7 @@ commands:
   bench    benchmark every op's backends against the reference (--quick, --op, --device, --dtype)
   build    compile the C++/CUDA extensions now instead of on first use
   demo     end-to-end demos (`fastcomp demo ddn`; `fastcomp demo --help` lists them)
+  study    experiments over many models (`fastcomp study length-generalization`; `--help` lists them)
   probe    Jacobian locality of a saved model (torch.save'd module or TorchScript): profile, radii, PNG
   train    train a conditional diffusion model on bumps or shape scenes (DDP under torchrun)
 
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
         from ._build import main as run
     elif command == "demo":
         from .demos import main as run
+    elif command == "study":
+        from .study import main as run
     elif command == "probe":
         from .probe.cli import main as run
     elif command == "train":
