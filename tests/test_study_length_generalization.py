@@ -47,7 +47,8 @@ def test_study_quick_pipeline_then_resumes_from_its_cache(tmp_path, capsys, monk
         assert (out / png).read_bytes()[:8] == PNG
     assert (out / "cache" / ".gitignore").read_text().strip().endswith("*")
 
-    # a second run (here of one design) finds every model in the cache and trains nothing
+    # a second run (here of one design) finds every model in the cache and trains nothing, and keeps the notes
+    (out / "results.md").write_text(md + "\n## Notes (written after the run)\n\n- kept\n")
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model was trained again")
 
@@ -57,6 +58,9 @@ def test_study_quick_pipeline_then_resumes_from_its_cache(tmp_path, capsys, monk
     again = json.loads((out / "results.json").read_text())
     assert again["models_cached"] == 4 and [m["name"] for m in again["models"]] == names[8:12]
     assert again["models"][0]["counts"] == by_name["unet/all"]["counts"]
+    md = (out / "results.md").read_text()
+    assert md.endswith("## Notes (written after the run)\n\n- kept\n") and "| unet/all |" in md
+    assert "| vector/one |" not in md
 
 
 def test_study_plan_seeds_repeat_the_one_label_rows():

@@ -46,7 +46,10 @@ import torch
 
 from ..demos import _options
 
-STUDY_VERSION = 1  # bump when the code changes what a cached model's numbers mean
+# Bump when the code changes what a cached model means: TRAIN_VERSION retrains every model, EVAL_VERSION
+# re-samples and re-probes the trained ones.
+TRAIN_VERSION = 1
+EVAL_VERSION = 1
 LABELLINGS = ("all", "one")
 DEFAULT_VARIANTS = ("tokens-rope", "tokens-abs", "unet", "vector", "local")
 
@@ -168,13 +171,13 @@ def model_kwargs(spec: ModelSpec, s: dict) -> dict:
 
 def train_key(spec: ModelSpec, s: dict, base_seed: int) -> dict:
     keys = ("steps", "batch_size", "lr", "sigma_dist", "sigma_loc", "sigma_scale")
-    return dict(version=STUDY_VERSION, variant=spec.variant, labelling=spec.labelling, seed=base_seed + spec.seed,
+    return dict(version=TRAIN_VERSION, variant=spec.variant, labelling=spec.labelling, seed=base_seed + spec.seed,
                 model=model_kwargs(spec, s), train={k: s[k] for k in keys})
 
 
 def eval_key(s: dict, quick: bool) -> dict:
     keys = ("samples", "sampler_steps", "max_objects_eval", "probe_images", "cond_probe_images", "probe_radius")
-    return dict(version=STUDY_VERSION, eval={k: s[k] for k in keys}, probe_sigmas=_probe_sigmas(quick),
+    return dict(version=EVAL_VERSION, eval={k: s[k] for k in keys}, probe_sigmas=_probe_sigmas(quick),
                 cond_sigma=COND_SIGMA, inside_radius=INSIDE_RADIUS)
 
 
@@ -552,6 +555,20 @@ def write_sample_grids(out: str, records: list, K: int) -> list:
     return written
 
 
+NOTES_HEADING = "## Notes"
+
+
+def _notes_of(md_path: str) -> str:
+    """The hand-written notes of an earlier results.md (from its NOTES_HEADING line on), so re-running the
+    study (say, to add a seed) rewrites the tables but keeps what people wrote about them."""
+    if not os.path.exists(md_path):
+        return ""
+    with open(md_path) as f:
+        text = f.read()
+    at = text.find("\n" + NOTES_HEADING)
+    return "" if at < 0 else "\n" + text[at + 1:]
+
+
 def _total(records: list, phase: str, what: str) -> float:
     return sum(r["timings"][phase][what] for r in records if phase in r["timings"])
 
@@ -623,7 +640,9 @@ def main(argv=None) -> int:
     corr_lines = [f"- {subset}: Spearman rho = {_fmt(c['rho'])} (95 % bootstrap interval {_fmt(c['low'])} .. "
                   f"{_fmt(c['high'])}; {c['n']} models, {c['used']} of {c['bootstrap']} resamples usable)"
                   for subset, c in corr.items()]
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    md_path = os.path.join(args.out, "results.md")
+    notes = _notes_of(md_path)
+    with open(md_path, "w") as f:
         f.write("# fastcomp study length-generalization\n\n"
                 f"ShapeScenes 32x32, trained on 1-3 objects, asked for 0-{K}. {len(records)} models "
                 f"(fastcomp.models.VARIANTS; `+local-cond` = the same network with local_conditioners=True). "
@@ -643,7 +662,7 @@ def main(argv=None) -> int:
                 f"(mean {_fmt(results['time']['load_mean'], 1)}).\n\n"
                 + (f"## Correlation: conditioner inside fraction vs mean score on {FAR[0]}-{FAR[-1]} objects\n\n"
                    + "\n".join(corr_lines) + "\n\n" if corr else "")
-                + tables)
+                + tables + notes)
     print(tables)
     for line in corr_lines:
         print(line)
