@@ -525,7 +525,8 @@ def write_figure(path: str, records: list, corr: dict) -> None:
 
 
 def write_sample_grids(out: str, records: list, K: int) -> list:
-    """samples-<variant>.png: for each model of the design, a row of N_SHOW samples per count in GRID_COUNTS."""
+    """samples-<variant>.png: for each model of the design, a row of up to N_SHOW samples per count in
+    GRID_COUNTS (requests marked by crosses, ok / miss above each), labelled on the left."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -536,7 +537,7 @@ def write_sample_grids(out: str, records: list, K: int) -> list:
     counts = [k for k in GRID_COUNTS if k <= K]
     written = []
     for variant in dict.fromkeys(r["variant"] for r in records):
-        images, points, valid, titles = [], [], [], []
+        images, points, valid, titles, rows = [], [], [], [], []
         for r in (r for r in records if r["variant"] == variant):
             for k in counts:
                 sh = r["shown"][k]
@@ -545,9 +546,16 @@ def write_sample_grids(out: str, records: list, K: int) -> list:
                 pad = K - sh["points"].shape[1]
                 points.append(torch.cat([sh["points"], sh["points"].new_zeros(n, max(pad, 0), 2)], 1)[:, :max(K, 1)])
                 valid.append(torch.cat([sh["valid"], sh["valid"].new_zeros(n, max(pad, 0))], 1)[:, :max(K, 1)])
-                titles += [(f"{r['name']} k={k}: " if j == 0 else "") + ("ok" if bool(m) else "miss")
-                           for j, m in enumerate(sh["matched"].tolist())]
-        fig = plot_grid(torch.cat(images), torch.cat(points), torch.cat(valid), ncol=N_SHOW, titles=titles)
+                titles += ["ok" if bool(m) else "miss" for m in sh["matched"].tolist()]
+                rows.append(f"{r['name']}\nk={k}: {r['counts'][k]['score']:.2f}")
+        ncol = images[0].shape[0]
+        fig = plot_grid(torch.cat(images), torch.cat(points), torch.cat(valid), ncol=ncol, titles=titles)
+        w, h = fig.get_size_inches()
+        fig.set_size_inches(w + 2.4, h)  # room for the row labels on the left
+        fig.subplots_adjust(left=2.4 / (w + 2.4), right=0.99)
+        for i, label in enumerate(rows):
+            fig.axes[i * ncol].text(-0.12, 0.5, label, transform=fig.axes[i * ncol].transAxes, ha="right",
+                                    va="center", fontsize=8)
         path = os.path.join(out, f"samples-{variant}.png")
         fig.savefig(path, dpi=60)
         plt.close(fig)
