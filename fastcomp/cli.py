@@ -1,4 +1,4 @@
-"""`fastcomp` command line: info, bench, build, demo, probe, train.
+"""`fastcomp` command line: info, bench, build, demo, study, probe, train.
 
 Each subcommand lives in its own module and takes its own argv, so `fastcomp bench --help` shows the
 bench options; this file only routes, through fastcomp._cli.run (one-line errors, --debug).
@@ -18,6 +18,7 @@ commands:
   bench    benchmark every op's backends against the reference (--quick, --op, --device, --dtype)
   build    compile the C++/CUDA extensions now instead of on first use
   demo     end-to-end demos (`fastcomp demo ddn`; `fastcomp demo --help` lists them)
+  study    experiments over many models (`fastcomp study length-generalization`; `--help` lists them)
   probe    Jacobian locality of a saved model (torch.save'd module or TorchScript): profile, radii, PNG
   train    train a conditional diffusion model on bumps or shape scenes (DDP under torchrun)
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
 
 # command -> the module whose main(argv) runs it
 COMMANDS = {"info": ".info", "bench": ".benchmarks.runner", "build": "._build", "demo": ".demos",
-            "probe": ".probe.cli", "train": ".train.cli"}
+            "study": ".study", "probe": ".probe.cli", "train": ".train.cli"}
 
 
 if __name__ == "__main__":

@@ -106,15 +106,15 @@ def detect_objects(images: Tensor, *, threshold: Optional[float] = None, min_are
     return list(torch.split(cents, counts))
 
 
-def _perfect_matching(ok: List[List[bool]]) -> bool:
-    """Is there a matching that pairs every row with a distinct column (square boolean matrix)? Kuhn's
+def _max_matching(ok: List[List[bool]]) -> int:
+    """Size of a maximum matching of rows to distinct columns (ok: rows x columns booleans). Kuhn's
     augmenting paths: exact, O(k^3) for the k <= ~10 objects of a scene (greedy nearest-first can miss a
     matching that exists when tolerance discs overlap)."""
-    k = len(ok)
-    match_col = [-1] * k
+    cols = len(ok[0]) if ok else 0
+    match_col = [-1] * cols
 
     def augment(i: int, seen: List[bool]) -> bool:
-        for j in range(k):
+        for j in range(cols):
             if ok[i][j] and not seen[j]:
                 seen[j] = True
                 if match_col[j] < 0 or augment(match_col[j], seen):
@@ -122,7 +122,35 @@ def _perfect_matching(ok: List[List[bool]]) -> bool:
                     return True
         return False
 
-    return all(augment(i, [False] * k) for i in range(k))
+    return sum(augment(i, [False] * cols) for i in range(len(ok)))
+
+
+def _check_requests(op: str, points, valid, n: int) -> Tensor:
+    """Check points [n, M, 2] and valid [n, M] bool (None = all valid) -> valid."""
+    if not isinstance(points, Tensor) or points.dim() != 3 or points.shape[0] != n or points.shape[2] != 2:
+        raise ValueError(f"{op}: points must be [n, M, 2] (row, col) with n = {n}, got "
+                         f"{tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__}")
+    if valid is None:
+        valid = torch.ones(points.shape[:2], dtype=torch.bool)
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(points.shape[:2]):
+        raise ValueError(f"{op}: valid must be a bool tensor [n, M] = {list(points.shape[:2])}, got "
+                         f"{(tuple(valid.shape), valid.dtype) if isinstance(valid, Tensor) else type(valid).__name__}")
+    return valid
+
+
+def _detect_for_requests(op: str, images, points, valid, tolerance, threshold, min_area, background):
+    """The checked requests and the detections of a metric: (points [n, M, 2] and valid [n, M] on the CPU,
+    the detected centroids per image, the tolerance in pixels)."""
+    imgs = _check_images(images, op)
+    valid = _check_requests(op, points, valid, imgs.shape[0])
+    tol = DEFAULT_TOLERANCE if tolerance is None else check_positive("tolerance", tolerance, op=op)
+    found = detect_objects(imgs, threshold=threshold, min_area=min_area, background=background)
+    return points.detach().float().cpu(), valid.cpu(), found, tol
+
+
+def _perfect_matching(ok: List[List[bool]]) -> bool:
+    """Is there a matching that pairs every row with a distinct column (square boolean matrix)?"""
+    return _max_matching(ok) == len(ok)
 
 
 class Match(NamedTuple):
@@ -143,20 +171,9 @@ def length_generalization(images: Tensor, points: Tensor, valid: Optional[Tensor
     images [n, C, S, S]; points [n, M, 2] (row, col) requested; valid [n, M] bool (None = all valid).
     threshold/min_area/background go to detect_objects.
     """
-    op = "length_generalization"
-    imgs = _check_images(images, op)
-    n = imgs.shape[0]
-    if not isinstance(points, Tensor) or points.dim() != 3 or points.shape[0] != n or points.shape[2] != 2:
-        raise ValueError(f"{op}: points must be [n, M, 2] (row, col) with n = {n}, got "
-                         f"{tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__}")
-    if valid is None:
-        valid = torch.ones(points.shape[:2], dtype=torch.bool)
-    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(points.shape[:2]):
-        raise ValueError(f"{op}: valid must be a bool tensor [n, M] = {list(points.shape[:2])}, got "
-                         f"{(tuple(valid.shape), valid.dtype) if isinstance(valid, Tensor) else type(valid).__name__}")
-    tol = DEFAULT_TOLERANCE if tolerance is None else check_positive("tolerance", tolerance, op=op)
-    found = detect_objects(imgs, threshold=threshold, min_area=min_area, background=background)
-    pts, val = points.detach().float().cpu(), valid.cpu()
+    pts, val, found, tol = _detect_for_requests("length_generalization", images, points, valid, tolerance,
+                                                threshold, min_area, background)
+    n = len(found)
     matched = torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         req = pts[i][val[i]]                                               # [k, 2]
@@ -167,3 +184,41 @@ def length_generalization(images: Tensor, points: Tensor, valid: Optional[Tensor
         matched[i] = _perfect_matching(ok)
     num = torch.tensor([len(f) for f in found], dtype=torch.int64)
     return Match(float(matched.float().mean()) if n else float("nan"), matched, num)
+
+
+class RequestRecall(NamedTuple):
+    """Per sample: found [n] int64 = requests matched to distinct detections within the tolerance (a maximum
+    matching), requested [n] int64, num_detected [n] int64, extras [n] = num_detected - found (objects
+    nobody asked for, or asked for elsewhere)."""
+
+    found: Tensor
+    requested: Tensor
+    num_detected: Tensor
+    extras: Tensor
+
+    @property
+    def recall(self) -> float:
+        """Fraction of all requests found at their place (NaN without requests)."""
+        total = int(self.requested.sum())
+        return float(self.found.sum()) / total if total else float("nan")
+
+
+def request_recall(images: Tensor, points: Tensor, valid: Optional[Tensor] = None, *,
+                   tolerance: Optional[float] = None, threshold: Optional[float] = None,
+                   min_area: Optional[int] = None, background=None) -> RequestRecall:
+    """How many requested objects were drawn at their place, and how many objects nobody asked for.
+
+    The one-to-one score (length_generalization) is 0 for an image with one object too many; this splits
+    that verdict: found = the size of a maximum matching of requests to distinct detections at most
+    `tolerance` px apart, extras = detections left over. Same arguments as length_generalization.
+    """
+    pts, val, found_at, tol = _detect_for_requests("request_recall", images, points, valid, tolerance, threshold,
+                                                   min_area, background)
+    n = len(found_at)
+    found = torch.zeros(n, dtype=torch.int64)
+    for i in range(n):
+        req, det = pts[i][val[i]], found_at[i].cpu()
+        if len(req) and len(det):
+            found[i] = _max_matching((torch.cdist(req, det) <= tol).tolist())
+    num = torch.tensor([len(f) for f in found_at], dtype=torch.int64)
+    return RequestRecall(found=found, requested=val.sum(dim=1).to(torch.int64), num_detected=num, extras=num - found)

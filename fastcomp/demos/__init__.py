@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
+from .. import _router
 
 # name -> (module with a main(argv) -> int, one-line description). Add a demo by adding a line.
 DEMOS = {
@@ -18,20 +17,8 @@ DEMOS = {
 
 
 def usage() -> str:
-    lines = ["usage: fastcomp demo <name> [options]", "", "demos:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, desc) in DEMOS.items()]
-    lines += ["", "`fastcomp demo <name> --help` shows a demo's options."]
-    return "\n".join(lines)
+    return _router.usage("fastcomp demo", "demo", "demos", DEMOS)
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in DEMOS:
-        print(f"fastcomp demo: unknown demo {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(DEMOS[name][0])
-    return int(module.main(rest) or 0)
+    return _router.route("fastcomp demo", "demo", "demos", DEMOS, argv)

@@ -9,6 +9,8 @@ to 0.99 in the same 1000 steps.
 
 from __future__ import annotations
 
+import sys
+
 # (loc, scale) per distribution when the command line gives none
 SIGMA_PARAMS = {"lognormal": (-1.2, 1.2), "laplace": (0.0, 1.0)}
 
@@ -55,3 +57,22 @@ def distribution(settings: dict):
     if settings["sigma_dist"] == "laplace":
         return LaplaceLogSNR(mu=settings["sigma_loc"], scale=settings["sigma_scale"])
     return LogNormalSigma(p_mean=settings["sigma_loc"], p_std=settings["sigma_scale"])
+
+
+def names(prog: str, option: str, text: str, allowed) -> list | None:
+    """A comma-separated subset of `allowed` from the command line, or None after printing why not (the
+    caller exits 2)."""
+    chosen = [n.strip() for n in text.split(",") if n.strip()]
+    if not chosen or any(n not in allowed for n in chosen):
+        print(f"{prog}: {option} must name some of {', '.join(allowed)}, got {text!r}", file=sys.stderr)
+        return None
+    return chosen
+
+
+def positive(prog: str, settings: dict, keys) -> bool:
+    """Whether every settings[k] is >= 1; else prints which is not (the caller exits 2)."""
+    for k in keys:
+        if settings[k] < 1:
+            print(f"{prog}: --{k.replace('_', '-')} must be >= 1, got {settings[k]}", file=sys.stderr)
+            return False
+    return True

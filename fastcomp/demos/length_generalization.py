@@ -256,11 +256,9 @@ def markdown_table(rows: list, probes: dict, max_k: int) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     s = _options.settings(args, DEFAULTS, QUICK)
-    names = [n.strip() for n in args.experiments.split(",") if n.strip()]
-    bad = [n for n in names if n not in EXPERIMENTS]
-    if bad or not names:
-        print(f"fastcomp demo length-generalization: --experiments must name some of {', '.join(EXPERIMENTS)}, "
-              f"got {args.experiments!r}", file=sys.stderr)
+    prog = "fastcomp demo length-generalization"
+    names = _options.names(prog, "--experiments", args.experiments, EXPERIMENTS)
+    if names is None:
         return 2
     try:
         import fastcomp.data  # noqa: F401
@@ -269,11 +267,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"fastcomp demo length-generalization needs fastcomp.data and fastcomp.train ({e})") from e
     if args.threads:
         torch.set_num_threads(args.threads)
-    for k in ("steps", "batch_size", "channels", "depth", "samples", "sampler_steps", "max_objects_eval"):
-        if s[k] < 1:
-            print(f"fastcomp demo length-generalization: --{k.replace('_', '-')} must be >= 1, got {s[k]}",
-                  file=sys.stderr)
-            return 2
+    if not _options.positive(prog, s, ("steps", "batch_size", "channels", "depth", "samples", "sampler_steps",
+                                       "max_objects_eval")):
+        return 2
     os.makedirs(args.out, exist_ok=True)
     progress = False if args.no_progress else None
     t0 = time.perf_counter()

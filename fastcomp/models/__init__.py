@@ -9,3 +9,6 @@ from .sampling import composed_sample, edm_sigmas, sample
 
 __all__ += ["ConditionalDenoiser", "LogNormalSigma", "LaplaceLogSNR", "edm_loss", "sample", "composed_sample",
             "edm_sigmas"]
+from .variants import VARIANTS, UNetDenoiser, VectorDenoiser, build_denoiser
+
+__all__ += ["VARIANTS", "build_denoiser", "UNetDenoiser", "VectorDenoiser"]

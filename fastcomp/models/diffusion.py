@@ -17,6 +17,10 @@ denoiser's output at a pixel depends only on pixels within `receptive_radius` an
 locality="global": the same blocks and parameters, but every pixel attends every pixel and every valid
 conditioner (one softmax, scaled_dot_product_attention with a key-padding mask), with a 2-D rotary
 position embedding (rope=True) so that a logit can depend on a key's offset from the pixel.
+locality="global", local_conditioners=True: global in pixels, but each pixel attends only the conditioners
+whose disk covers it (the intervention of `fastcomp study length-generalization`).
+Sibling models with the same constructor-config / forward API (a U-Net with cross-attention, a pooled
+conditioning vector with FiLM) are in fastcomp.models.variants.
 """
 
 from __future__ import annotations
@@ -88,10 +92,34 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rotated, t[..., n:]], dim=-1) if n < t.shape[-1] else rotated
 
 
+def pixel_conditioner_keep(cond_mask: torch.Tensor, always: int) -> torch.Tensor:
+    """cond_mask [B, M, H, W] bool (may pixel (i, j) attend conditioner m?) -> the attention mask
+    [B, 1, HW, always + M] of one softmax over `always` keys every pixel sees (the pixel keys, say), then
+    the conditioner keys where allowed."""
+    B, M, H, W = cond_mask.shape
+    return torch.cat([cond_mask.new_ones(B, H * W, always), cond_mask.flatten(2).transpose(1, 2)], dim=2)[:, None]
+
+
+def conditioner_disk_mask(points: torch.Tensor, valid: torch.Tensor, radius: float, stride: int, grid: int, *,
+                          reference: bool = False) -> torch.Tensor:
+    """Which conditioners each token of a grid x grid map of stride-pixel cells sees: [B, M, grid, grid]
+    bool, true where the token's centre (stride * i + (stride - 1) / 2 pixels) lies within `radius` pixels
+    of points [B, M, 2] (row, col) and valid [B, M]. The mask is piecewise constant in the points, so it is
+    built from detached points: probes differentiate the conditioner tokens only. reference: plain
+    PyTorch (torch.func transforms, e.g. forward-mode probes, run through it)."""
+    from .. import disk_mask
+
+    token_points = (points.detach() - (stride - 1) / 2) / stride  # token (i, j) has its centre at s i + (s-1)/2
+    mask = disk_mask(token_points, radius / stride, grid, grid, backend="reference" if reference else None)
+    return mask & valid[:, :, None, None]
+
+
 class GlobalConditionalAttention(LocalConditionalAttention):
     """LocalConditionalAttention's parameters (qkv, cond_kv, proj) used globally: every pixel attends every
     pixel and every conditioner the mask allows, in one softmax. cond_mask here is a key-padding mask
     [B, M] bool (True = attend); None = all. Same parameter count as the local layer by construction.
+    A per-pixel mask [B, M, H, W] (ConditionalDenoiser(local_conditioners=True)) lets pixel (i, j) attend
+    conditioner m only where cond_mask[b, m, i, j]: the pixel keys stay global, the conditioner keys local.
 
     rope = (pixel (cos, sin) [1, HW, P], conditioner (cos, sin) [B, M, P]) from rope_angles, or None:
     2-D axial rotary position embedding of the queries, the pixel keys and the conditioner keys, so a
@@ -117,7 +145,9 @@ class GlobalConditionalAttention(LocalConditionalAttention):
             if cond_mask is not None:  # masked-out tokens: zeros, as a softmax weight 0 times inf or NaN is NaN
                 ck, cv = (t.masked_fill(~cond_mask[:, :, None, None], 0) for t in (ck, cv))
             k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)  # [B, HW + M, h, D]
-            if cond_mask is not None:
+            if cond_mask is not None and cond_mask.dim() == 4:
+                keep = pixel_conditioner_keep(cond_mask, H * W)  # [B, 1, HW, HW + M]
+            elif cond_mask is not None:
                 image_keys = cond_mask.new_ones(B, H * W)
                 keep = torch.cat([image_keys, cond_mask], dim=1)[:, None, None, :]  # [B, 1, 1, HW + M]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -144,9 +174,11 @@ class DenoiserBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
                 rope: Optional[tuple] = None) -> torch.Tensor:
-        """h [B, S, S, C] channels-last; emb [B, E]; cond [B, M, C]; cond_mask [B, M, S, S] (local) or
-        [B, M] (global); rope: the global attention's rotary angles (GlobalConditionalAttention)."""
-        mods = self.modulation(emb)[:, None, None, :].chunk(6, dim=-1)  # 6 x [B, 1, 1, C]
+        """h [B, S, S, C] channels-last; emb [B, E] (or [B, S, S, E]: a modulation per pixel); cond
+        [B, M, C]; cond_mask [B, M, S, S] (local, or global with local conditioners) or [B, M] (global);
+        rope: the global attention's rotary angles (GlobalConditionalAttention)."""
+        mods = self.modulation(emb)  # [B, 6C], or [B, S, S, 6C] for a per-pixel emb [B, S, S, E]
+        mods = (mods[:, None, None, :] if mods.dim() == 2 else mods).chunk(6, dim=-1)  # 6 x [B, 1 or S, 1 or S, C]
 
         def pre(i: int) -> torch.Tensor:
             return self.norms[i](h) * (1 + mods[2 * i + 1]) + mods[2 * i]
@@ -175,6 +207,10 @@ class ConditionalDenoiser(nn.Module):
     lets the global model learn which conditioners are near a pixel, which without it it did not learn
     in our budgets. The local model ignores it (its masks already say which conditioners are near).
 
+    local_conditioners (global only; the length-generalization study's intervention): the same global
+    network with only its conditioner path made local: every pixel still attends every pixel, but only
+    the conditioners whose cond_radius disk covers it (the local model's mask), in the same one softmax.
+
     forward(x [B, C, S, S], sigma [B] or float, points [B, M, 2] (row, col) in pixels, valid [B, M] bool
     or None = all valid; M may be 0) -> the denoised image [B, C, S, S].
     """
@@ -182,7 +218,7 @@ class ConditionalDenoiser(nn.Module):
     def __init__(self, *, img_channels: int = 3, image_size: int = 32, channels: int = 64, depth: int = 4,
                  num_heads: int = 4, kernel_size: int = 7, locality: str = "local", cond_radius: float = 6.0,
                  sigma_data: float = 0.5, backend: Optional[str] = None, patch_size: int = 1,
-                 rope: bool = True):
+                 rope: bool = True, local_conditioners: bool = False):
         super().__init__()
         for name, value in (("img_channels", img_channels), ("image_size", image_size), ("channels", channels),
                             ("depth", depth), ("num_heads", num_heads), ("kernel_size", kernel_size),
@@ -204,13 +240,20 @@ class ConditionalDenoiser(nn.Module):
             raise ValueError(f"{OP}: sigma_data must be a positive number, got {sigma_data!r}")
         if not isinstance(rope, bool):
             raise TypeError(f"{OP}: rope must be True or False, got {rope!r}")
+        if not isinstance(local_conditioners, bool):
+            raise TypeError(f"{OP}: local_conditioners must be True or False, got {local_conditioners!r}")
+        if local_conditioners and locality != "global":
+            raise ValueError(f"{OP}: local_conditioners=True makes a global model's conditioner attention local; "
+                             f"locality={locality!r} already is local in its conditioners (pass "
+                             "locality='global', or leave local_conditioners=False)")
         self.config = dict(img_channels=img_channels, image_size=image_size, channels=channels, depth=depth,
                            num_heads=num_heads, kernel_size=kernel_size, locality=locality,
                            cond_radius=float(cond_radius), sigma_data=float(sigma_data), backend=backend,
-                           patch_size=patch_size, rope=rope)
+                           patch_size=patch_size, rope=rope, local_conditioners=local_conditioners)
         self.img_channels, self.image_size, self.locality = img_channels, image_size, locality
         self.kernel_size, self.depth, self.patch_size, self.grid_size = kernel_size, depth, patch_size, grid_size
         self.cond_radius, self.sigma_data = float(cond_radius), float(sigma_data)
+        self.local_conditioners = local_conditioners
         self.num_freqs = max(1, math.ceil(math.log2(image_size)))  # up to the grid's Nyquist frequency
         self.rope = rope and locality == "global"
         self.register_buffer("rope_wavelengths", rope_wavelengths(channels // num_heads, image_size)
@@ -308,16 +351,11 @@ class ConditionalDenoiser(nn.Module):
 
         cond = self.cond_mlp(fourier_coordinates(points, self.image_size, self.num_freqs))  # [B, M, C]
         cond = cond + self.object_emb + self.cond_noise(emb)[:, None, :]
-        if self.locality == "local":
-            from .. import disk_mask
-
-            # The mask is piecewise constant in the points: detached, so probes differentiate the tokens only.
-            # A reference model builds it in plain PyTorch too, so torch.func transforms (forward-mode
+        if self.locality == "local" or self.local_conditioners:
+            # A reference model builds the mask in plain PyTorch too, so torch.func transforms (forward-mode
             # probes, vmap) run through the whole model.
-            mask_backend = "reference" if self.config["backend"] == "reference" else None
-            token_points = (points.detach() - (p - 1) / 2) / p  # token (i, j) has its centre at p i + (p-1)/2
-            cond_mask = disk_mask(token_points, self.cond_radius / p, G, G, backend=mask_backend)
-            cond_mask = cond_mask & valid[:, :, None, None]  # [B, M, G, G]
+            cond_mask = conditioner_disk_mask(points, valid, self.cond_radius, p, G,
+                                              reference=self.config["backend"] == "reference")  # [B, M, G, G]
         else:
             cond_mask = valid  # [B, M] key-padding mask
         rope = None
