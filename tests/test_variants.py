@@ -82,7 +82,8 @@ def test_token_intervention_ignores_conditioners_whose_disk_covers_no_token():
 def test_conditioners_are_a_set_and_padding_never_enters(variant, local_conditioners):
     """Permuting the conditioner rows changes nothing (a softmax over a set of keys; a sum). The sibling
     models zero the padding rows before use, so NaN there changes nothing either, and M = 0 is the
-    unconditioned model (the token models' padding is ConditionalDenoiser's own business)."""
+    unconditioned model; the same for the token models (ConditionalDenoiser zeroes padding points, and
+    the global attention zeroes the tokens its per-pixel mask shows no pixel)."""
     if local_conditioners and not VARIANTS[variant][1]:
         pytest.skip("the local model has no intervention")
     model = make(variant, local_conditioners)
@@ -90,11 +91,10 @@ def test_conditioners_are_a_set_and_padding_never_enters(variant, local_conditio
     out = model(x, 0.8, points, valid)
     perm = torch.tensor([2, 0, 1])
     assert_close(model(x, 0.8, points[:, perm], valid[:, perm]), out)
-    if variant in ("unet", "vector"):
-        poisoned = points.clone()
-        poisoned[~valid] = float("nan")
-        assert_close(model(x, 0.8, poisoned, valid), out)
-        assert_close(model(x, 0.8, points[:, :0], valid[:, :0]), model(x, 0.8, points, torch.zeros_like(valid)))
+    poisoned = points.clone()
+    poisoned[~valid] = float("nan")
+    assert_close(model(x, 0.8, poisoned, valid), out)
+    assert_close(model(x, 0.8, points[:, :0], valid[:, :0]), model(x, 0.8, points, torch.zeros_like(valid)))
 
 
 def test_global_attention_with_a_per_pixel_mask_is_the_reference_with_a_whole_image_window():

@@ -143,7 +143,9 @@ class GlobalConditionalAttention(LocalConditionalAttention):
             if rope is not None:
                 ck = apply_rope(ck, *rope[1])
             if cond_mask is not None:  # masked-out tokens: zeros, as a softmax weight 0 times inf or NaN is NaN
-                ck, cv = (t.masked_fill(~cond_mask[:, :, None, None], 0) for t in (ck, cv))
+                # a per-pixel mask [B, M, H, W] (local_conditioners): a token no pixel sees is masked out
+                seen = cond_mask if cond_mask.dim() == 2 else cond_mask.flatten(2).any(dim=2)  # [B, M]
+                ck, cv = (t.masked_fill(~seen[:, :, None, None], 0) for t in (ck, cv))
             k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)  # [B, HW + M, h, D]
             if cond_mask is not None and cond_mask.dim() == 4:
                 keep = pixel_conditioner_keep(cond_mask, H * W)  # [B, 1, HW, HW + M]
