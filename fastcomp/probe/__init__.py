@@ -22,7 +22,7 @@ from ..reference.probe import check_batch_independent
 from ._demux import Demuxed, probe_demux  # noqa: F401  (Demuxed: probe_demux's result type)
 from ._engine import MODES, PixelProber, check_chunk_size
 from .noise import NoiseLocality, locality_vs_noise
-from .results import ConditionerLocality, PixelLocality
+from ..reference.probe_results import ConditionerLocality, PixelLocality
 
 __all__ = ["pixel_locality", "conditioner_locality", "locality_vs_noise", "PixelLocality", "ConditionerLocality",
            "NoiseLocality", "LeakageWarning", "NonFiniteJacobianWarning", "probe_demux", "METHODS"]

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..ops._checks import is_int
-from .results import PixelLocality
+from ..reference.probe_results import PixelLocality
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Result types of the locality probes."""
+"""Result types of the locality probes: what the spec (fastcomp.reference.probe) and the fast path
+(fastcomp.probe) both return. They live beside the spec, which imports nothing of the fast path, so the
+dependency runs one way: fastcomp.probe -> fastcomp.reference. fastcomp.probe re-exports them."""
 
 from __future__ import annotations
 
