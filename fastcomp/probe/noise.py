@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..ops._checks import is_int
 from ..reference.probe_results import PixelLocality
+from .pixel import pixel_locality
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,6 @@ def locality_vs_noise(denoiser, x0: torch.Tensor, sigmas: Sequence[float], *, ra
     x0 + sigma * eps (eps drawn from a generator seeded with `seed`), with pixel_locality(method=...,
     **probe_kwargs). Returns NoiseLocality (.radii {q: [L]}, .profiles, .rows(), .plot()).
     """
-    from tqdm.auto import tqdm
-
-    from . import pixel_locality
-
     op = "locality_vs_noise"
     if not callable(denoiser):
         raise TypeError(f"{op}: denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")
