@@ -29,8 +29,10 @@ import fastcomp
 from fastcomp import backends as _backends
 from fastcomp.ops._checks import dtype_name  # noqa: F401  (re-exported: the runner and suites name dtypes)
 
+from .train_step import build_step
+
 OPS = ("local_conditional_attention", "ddn_select", "ddn_gather", "pixel_locality", "disk_mask")
-OPS = OPS + ("train_step",)  # one training step of the local ConditionalDenoiser (train_step_bench.py)
+OPS = OPS + ("train_step",)  # one training step of the local ConditionalDenoiser (train_step.py)
 TIERS = ("quick", "cpu", "gpu")
 MODES = ("fwd", "fwd+bwd")
 
@@ -533,8 +535,6 @@ TRAIN_STEP_SIZES = {"quick": dict(batch=4, channels=32, depth=2), "cpu": dict(ba
 
 
 def _train_step_providers(inp: dict, options: Options) -> list[Provider]:
-    from .train_step_bench import build_step
-
     probe = torch.empty(0, device=inp["device"], dtype=inp["dtype"])
     precision = "fp32" if inp["dtype"] in (torch.float32, torch.float64) else "bf16"
     size = inp["size"]
