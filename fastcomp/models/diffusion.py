@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import disk_mask
 from ..nn.attention import LocalConditionalAttention, _split_heads
 from ..ops import _checks as check
 
@@ -309,8 +310,6 @@ class ConditionalDenoiser(nn.Module):
         cond = self.cond_mlp(fourier_coordinates(points, self.image_size, self.num_freqs))  # [B, M, C]
         cond = cond + self.object_emb + self.cond_noise(emb)[:, None, :]
         if self.locality == "local":
-            from .. import disk_mask
-
             # The mask is piecewise constant in the points: detached, so probes differentiate the tokens only.
             # A reference model builds it in plain PyTorch too, so torch.func transforms (forward-mode
             # probes, vmap) run through the whole model.

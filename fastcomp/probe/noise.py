@@ -51,7 +51,7 @@ class NoiseLocality:
 
     def plot(self, ax=None, title: str = "locality vs noise level"):
         """Mass radius against sigma (log axis), one line per quantile (needs matplotlib: fastcomp[plot])."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (fastcomp[plot]): imported only to plot
 
         ax = ax or plt.figure(figsize=(4.5, 3.4)).gca()
         for q in self.quantiles:

@@ -51,7 +51,7 @@ class PixelLocality:
 
     def plot(self, ax=None, title: str = "pixel locality profile"):
         """Heatmap of the profile (needs matplotlib: pip install 'fastcomp[plot]')."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (fastcomp[plot]): imported only to plot
 
         ax = ax or plt.figure(figsize=(4, 3.4)).gca()
         R = self.radius
@@ -81,7 +81,7 @@ class ConditionerLocality:
              title: str = "conditioner attribution"):
         """Heatmaps of attribution[b, m] over the image, one panel per conditioner (at most max_panels),
         with cond_mask[b, m] ([B, M, H, W] bool) outlined when given. Needs matplotlib (fastcomp[plot])."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (fastcomp[plot]): imported only to plot
 
         M = min(self.attribution.shape[1], max_panels)
         if axes is None:
