@@ -1,8 +1,8 @@
 """conditioner_locality on fastcomp's own local ConditionalDenoiser: fused kernels vs the reference attention.
 
-    python -m fastcomp.benchmarks.conditioner_probe_bench                 # 32x32, B2, M4, 3 rounds
-    python -m fastcomp.benchmarks.conditioner_probe_bench --sizes 24,32 --rounds 5 --json out.json
-    python -m fastcomp.benchmarks.conditioner_probe_bench --threads 1    # on a machine shared with other jobs
+    python benchmarks/conditioner_probe_bench.py                 # 32x32, B2, M4, 3 rounds
+    python benchmarks/conditioner_probe_bench.py --sizes 24,32 --rounds 5 --json out.json
+    python benchmarks/conditioner_probe_bench.py --threads 1    # on a machine shared with other jobs
 
 Two denoisers with the same weights (perturbed from the zero-initialized output layer, so every Jacobian
 is non-zero): one on the auto backends (the C++ local attention and disk mask on CPU), one with
@@ -101,7 +101,7 @@ def run(S: int, B: int, M: int, rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastcomp.benchmarks.conditioner_probe_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/conditioner_probe_bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="32", help="comma-separated image sides (default 32)")
     p.add_argument("--batch", type=int, default=2)
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    from . import harness
+    from fastcomp.bench import harness
 
     env = harness.environment(torch.device("cpu"))
     print(f"conditioner probe benchmark on {env['device']}, torch {env['torch']}, {torch.get_num_threads()} "

@@ -184,7 +184,7 @@ class LcaCase:
 
 def lca_section(dev, smoke, out_dir):
     """Ours vs the references: correctness of out and all gradients, then fwd and fwd+bwd times."""
-    from fastcomp.benchmarks import cases
+    from fastcomp.bench import cases
     from fastcomp.reference.attention import local_conditional_attention_reference as reference
 
     c = LcaCase(dev, smoke)
@@ -263,7 +263,7 @@ def lca_section(dev, smoke, out_dir):
 def flex_section(dev, smoke, out_dir):
     """Compiled flex_attention with the equivalent block mask, in row-major and in tile-major token order
     (its own section: the inductor compiles take most of its time). Times merge into lca's table."""
-    from fastcomp.benchmarks import cases
+    from fastcomp.bench import cases
     from torch.nn.attention.flex_attention import flex_attention
 
     c = LcaCase(dev, smoke)

@@ -63,7 +63,7 @@ skip() { reserved=$(( reserved - ${nominal[$1]:-0} )); stamp "$1: skipped: $2"; 
   $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
   command -v nvcc >/dev/null && nvcc --version | tail -1; } >"$log" 2>&1
 
-# 1. install, offline (package-dir maps kernels/ -> fastcomp.kernels, benchmarks/ -> fastcomp.benchmarks).
+# 1. install, offline (package-dir maps kernels/ -> fastcomp.kernels; the scripts below run from benchmarks/).
 #    Smoke mode resolves it without installing (the dev environment keeps its own install).
 pip_args=(-m pip install -q --no-deps --no-build-isolation --no-index -e .)
 if [[ $SMOKE == 1 ]]; then

@@ -1,9 +1,9 @@
 """Issue-size probe benchmark: coloured vs exact pixel_locality at 32x32 and 64x64 (too slow for the
 default `fastcomp bench` tier, whose CPU probe case is 24x24).
 
-    python -m fastcomp.benchmarks.probe_bench                  # 32x32 and 64x64, B4, 3-channel 9x9 convnet
-    python -m fastcomp.benchmarks.probe_bench --sizes 32 --rounds 5 --json out.json
-    python -m fastcomp.benchmarks.probe_bench --threads 1     # on a machine shared with other jobs
+    python benchmarks/probe_bench.py                  # 32x32 and 64x64, B4, 3-channel 9x9 convnet
+    python benchmarks/probe_bench.py --sizes 32 --rounds 5 --json out.json
+    python benchmarks/probe_bench.py --threads 1     # on a machine shared with other jobs
 
 Providers, timed in interleaved rounds on the same inputs so a machine whose load drifts affects them
 alike: ``reference`` (the exact baseline of the issue: one backward pass per output element, C'*H*W passes),
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from . import harness
-from .cases import ProbeSize, _probe_inputs
+from fastcomp.bench import harness
+from fastcomp.bench.cases import ProbeSize, _probe_inputs
 
 
 def _timed(fn):
@@ -75,7 +75,7 @@ def run(H: int, rounds: int, chunks: tuple[int, ...], radius: int = 4) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastcomp.benchmarks.probe_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/probe_bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="32,64", help="comma-separated image sides (default 32,64)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")

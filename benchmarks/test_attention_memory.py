@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastcomp import backends as _b
-from fastcomp.benchmarks import attention_extras
+from fastcomp.bench import attention_extras
 
 
 def test_cpu_backend_memory_grows_linearly_in_pixels():

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastcomp.backends import BackendUnavailable
-from fastcomp.benchmarks import cases
+from fastcomp.bench import cases
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -2,10 +2,10 @@
 with the fused attention kernels (backend=None: C++ on CPU, Triton on CUDA) against the same model, same
 weights and same batch on the reference op (dense masked scaled_dot_product_attention).
 
-    python -m fastcomp.benchmarks.train_step_bench                       # CPU: B16 32x32, 64 ch, depth 4
-    python -m fastcomp.benchmarks.train_step_bench --batch 64 --rounds 7 --out step.json
-    python -m fastcomp.benchmarks.train_step_bench --device cuda --precision bf16
-    python -m fastcomp.benchmarks.train_step_bench --batch 32 --depth 3 --kernel-size 3 --patch-size 2  # the demo's
+    python benchmarks/train_step_bench.py                       # CPU: B16 32x32, 64 ch, depth 4
+    python benchmarks/train_step_bench.py --batch 64 --rounds 7 --out step.json
+    python benchmarks/train_step_bench.py --device cuda --precision bf16
+    python benchmarks/train_step_bench.py --batch 32 --depth 3 --kernel-size 3 --patch-size 2  # the demo's
 
 Providers are timed in interleaved rounds (one step each per round, after warm-up steps) so load drift on a
 shared machine affects them alike; reported: median and p20/p80 seconds per step, samples per second, and
@@ -15,63 +15,15 @@ the speedup of each provider over the reference. Also part of `fastcomp bench` (
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
-from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-MODEL = dict(img_channels=3, image_size=32, channels=64, depth=4, num_heads=4, kernel_size=7, locality="local",
-             cond_radius=6.0)
-
-
-def make_batch(batch: int, max_objects: int, image_size: int, channels: int, device, seed: int = 0):
-    """A synthetic SceneBatch-like batch: images in [-1, 1], 1..max_objects valid points per image."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, channels, image_size, image_size, generator=g) * 2 - 1
-    points = torch.rand(batch, max_objects, 2, generator=g) * (image_size - 1)
-    count = torch.randint(1, max_objects + 1, (batch, 1), generator=g)
-    valid = torch.arange(max_objects)[None, :] < count
-    return SimpleNamespace(images=images.to(device), points=points.to(device), valid=valid.to(device))
-
-
-def build_step(backend: Optional[str], *, batch: int = 16, device="cpu", precision: str = "fp32",
-               max_objects: int = 3, seed: int = 0, model_kwargs: Optional[dict] = None) -> Callable[[], float]:
-    """A closure running one training step of a fresh (seeded, so identical across backends) model; returns
-    the loss. precision: "fp32" or "bf16" (autocast; float32 master weights)."""
-    from fastcomp.models import ConditionalDenoiser, LogNormalSigma, edm_loss
-
-    device = torch.device(device)
-    kwargs = {**MODEL, **(model_kwargs or {}), "backend": backend}
-    torch.manual_seed(seed)
-    model = ConditionalDenoiser(**kwargs).to(device)
-    with torch.no_grad():  # leave the zero-initialized output layer's starting point: every layer gets gradient
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    data = make_batch(batch, max_objects, kwargs["image_size"], kwargs["img_channels"], device, seed)
-    sigma_dist = LogNormalSigma()
-    if precision == "bf16":
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-    elif precision == "fp32":
-        autocast = contextlib.nullcontext
-    else:
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-
-    def step() -> float:
-        g = torch.Generator(device="cpu").manual_seed(seed)  # same sigmas and noise every step and backend
-        with autocast():
-            loss = edm_loss(model, data, sigma_dist, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
+from fastcomp.bench.harness import device_name, environment
+from fastcomp.bench.train_step import MODEL, build_step
 
 
 def _sync(device: torch.device) -> None:
@@ -105,8 +57,6 @@ def run(*, batch: int, device: str, precision: str, rounds: int, warmup: int,
         q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [med] * 4
         rows.append(dict(provider=name, median_s=med, p20_s=q[0], p80_s=q[-1], samples_per_s=batch / med,
                          speedup_vs_reference=(ref / med) if ref else None, warmup_loss=first[name]))
-    from fastcomp.benchmarks.harness import device_name, environment
-
     return dict(benchmark="train_step", device=device_name(dev), environment=environment(dev),
                 settings=dict(batch=batch, precision=precision, rounds=rounds, warmup=warmup,
                               model={**MODEL, **(model_kwargs or {})}, threads=torch.get_num_threads()),

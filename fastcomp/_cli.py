@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .backends import BackendUnavailable
+
 
 class CommandError(Exception):
     """An expected failure of a subcommand: `what` went wrong, `fix` says how to fix it."""
@@ -26,8 +28,6 @@ class CommandError(Exception):
 
 def _expected() -> tuple:
     """Exception types that mean bad input, files or machine, not a bug in fastcomp."""
-    from .backends import BackendUnavailable
-
     kinds = [CommandError, OSError, ValueError, TypeError, RuntimeError, ImportError, EOFError,
              pickle.UnpicklingError, BackendUnavailable, FloatingPointError]
     try:

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 
 # command -> the module whose main(argv) runs it
-COMMANDS = {"info": ".info", "bench": ".benchmarks.runner", "build": "._build", "demo": ".demos",
+COMMANDS = {"info": ".info", "bench": ".bench.runner", "build": "._build", "demo": ".demos",
             "study": ".study", "probe": ".probe.cli", "train": ".train.cli"}
 
 

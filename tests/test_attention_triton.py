@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from fastcomp.benchmarks.cases import plain_attention as _plain_torch  # the low-precision baseline
+from fastcomp.bench.cases import plain_attention as _plain_torch  # the low-precision baseline
 from fastcomp.reference.attention import local_conditional_attention_reference
 from helpers import assert_close, assert_low_precision_close
 

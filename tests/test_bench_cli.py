@@ -12,7 +12,7 @@ import torch
 
 from helpers import assert_close
 
-from fastcomp.benchmarks import cases, harness
+from fastcomp.bench import cases, harness
 from fastcomp.cli import main
 
 
@@ -141,7 +141,7 @@ def test_device_slug_and_commit(tmp_path):
 
 
 def test_a_failing_provider_is_reported_not_fatal():
-    from fastcomp.benchmarks import runner
+    from fastcomp.bench import runner
 
     def broken_build():
         def fn():

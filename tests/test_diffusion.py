@@ -339,8 +339,8 @@ def test_bad_inputs_raise_helpful_errors():
 
 
 def test_train_step_bench_runs_the_same_step_on_both_backends():
-    """benchmarks/train_step_bench.py: fused and reference steps start from the same weights and batch."""
-    from fastcomp.benchmarks.train_step_bench import build_step
+    """fastcomp/bench/train_step.py: fused and reference steps start from the same weights and batch."""
+    from fastcomp.bench.train_step import build_step
 
     tiny = dict(channels=16, depth=1, num_heads=1, image_size=12, kernel_size=3)
     losses = [float(build_step(b, batch=2, model_kwargs=tiny)()) for b in (None, "reference")]

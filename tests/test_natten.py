@@ -153,7 +153,7 @@ def test_replace_natten_refuses_a_bare_layer_and_trains():
 def test_bench_peer_computes_neighborhood_attention():
     """The `fastcomp bench` natten provider must do the op's work (M0 case), or the ratio compares
     different things; with conditioners it declines with the reason."""
-    from fastcomp.benchmarks import cases
+    from fastcomp.bench import cases
 
     for M, skip in ((0, False), (3, True)):
         size = cases.AttnSize(1, 9, 11, 2, 16, 5, M)

@@ -135,7 +135,7 @@ def test_from_sddn_refuses_what_it_cannot_convert():
 
 def test_bench_peer_computes_ddn_select():
     """The `fastcomp bench` sddn provider must do ddn_select's work, or the ratio compares different things."""
-    from fastcomp.benchmarks import cases
+    from fastcomp.bench import cases
 
     torch.manual_seed(0)
     K, Cout, Cin = 7, 3, 5

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._common import SceneBatch, check_choice, check_generator, check_int, check_positive, seeded_generator
+from .detect import _components
 
 # The default held-out cells on the 4 x 4 grid of (row-bin, col-bin): a shifted diagonal, one cell per row
 # bin and one per column bin, so every row value and every column value is still seen in training (in 3 of
@@ -155,8 +156,6 @@ def bump_accuracy(images: Tensor, points: Tensor, *, tolerance: float = 2.0, thr
     a bump's position is its intensity-weighted centroid. Counting components rather than local maxima keeps
     one noisy bump from counting as several.
     """
-    from .detect import _components  # noqa: PLC0415
-
     op = "bump_accuracy"
     if not isinstance(images, Tensor) or images.dim() not in (3, 4) or (images.dim() == 4 and images.shape[1] != 1):
         raise ValueError(f"{op}: images must be [n, 1, S, S] or [n, S, S], got "

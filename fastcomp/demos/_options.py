@@ -10,6 +10,7 @@ to 0.99 in the same 1000 steps.
 from __future__ import annotations
 
 import sys
+from fastcomp.models import LaplaceLogSNR, LogNormalSigma
 
 # (loc, scale) per distribution when the command line gives none
 SIGMA_PARAMS = {"lognormal": (-1.2, 1.2), "laplace": (0.0, 1.0)}
@@ -52,8 +53,6 @@ def resolve(settings: dict, args) -> dict:
 
 def distribution(settings: dict):
     """The sigma distribution object the settings name (fastcomp.models.LaplaceLogSNR or LogNormalSigma)."""
-    from fastcomp.models import LaplaceLogSNR, LogNormalSigma
-
     if settings["sigma_dist"] == "laplace":
         return LaplaceLogSNR(mu=settings["sigma_loc"], scale=settings["sigma_scale"])
     return LogNormalSigma(p_mean=settings["sigma_loc"], p_std=settings["sigma_scale"])

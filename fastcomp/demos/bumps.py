@@ -25,6 +25,10 @@ import time
 
 import torch
 
+from fastcomp.data import bump_accuracy, plot_grid
+from fastcomp.models import ConditionalDenoiser, edm_loss, sample
+from fastcomp.train import TrainConfig, train
+
 from . import _options
 
 # Defaults: about 10 minutes on 2 idle CPU cores for the local model (training ~85 %, sampling the rest);
@@ -61,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_one(locality: str, bumps, s: dict, args, progress) -> dict:
     """Train one model, sample at held-out and seen locations; returns its results (and the images)."""
-    from fastcomp.data import bump_accuracy
-    from fastcomp.models import ConditionalDenoiser, edm_loss, sample
-    from fastcomp.train import TrainConfig, train
-
     torch.manual_seed(args.seed)
     model = ConditionalDenoiser(img_channels=1, image_size=bumps.size, channels=s["channels"], depth=s["depth"],
                                 locality=locality)
@@ -113,8 +113,6 @@ def run_one(locality: str, bumps, s: dict, args, progress) -> dict:
 
 
 def write_figure(path: str, runs: list, n_show: int) -> None:
-    from fastcomp.data import plot_grid
-
     rows = []
     for run in runs:
         for name, (images, points, valid, correct) in run["images"].items():
@@ -128,7 +126,7 @@ def write_figure(path: str, runs: list, n_show: int) -> None:
         titles += [f"{label}: {'ok' if c else 'miss'}" if j == 0 else ("ok" if c else "miss")
                    for j, c in enumerate(correct.tolist())]
     fig = plot_grid(images.clamp(-1, 1), points, valid, path=path, ncol=n_show, titles=titles)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (fastcomp[demo]); plot_grid has imported it
     plt.close(fig)
 
 

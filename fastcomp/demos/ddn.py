@@ -1,5 +1,4 @@
 """`fastcomp demo ddn`: train a small DDN on scikit-learn's 8x8 digits (upsampled to 16x16) on the CPU.
-
 Training runs in two phases: a warm-up without Split-and-Prune, then with it, so the hit-frequency
 histogram can be compared before and after. Writes into --out:
     samples.png            unconditional samples (uniform latent indices)
@@ -24,6 +23,10 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..ddn import SplitAndPrune
+from ..models import DDN, InpaintingScorer, SuperResolutionScorer
 
 
 def load_digits_16(image_size: int = 16) -> torch.Tensor:
@@ -152,11 +155,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from tqdm import tqdm
-
-    from ..ddn import SplitAndPrune
-    from ..models import DDN, InpaintingScorer, SuperResolutionScorer
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     steps = args.steps if args.steps is not None else (40 if args.quick else 3000)
     k = args.k if args.k is not None else (8 if args.quick else 64)

@@ -36,6 +36,12 @@ import warnings
 
 import torch
 
+from fastcomp import disk_mask
+from fastcomp.data import ShapeScenes, length_generalization, plot_grid, request_locations
+from fastcomp.models import ConditionalDenoiser, composed_sample, edm_loss, sample
+from fastcomp.probe import LeakageWarning, conditioner_locality, locality_vs_noise
+from fastcomp.train import TrainConfig, train
+
 from . import _options
 
 EXPERIMENTS = {  # name -> (locality, labelling, what it shows)
@@ -97,10 +103,6 @@ def _log(msg: str, progress) -> None:
 
 def train_model(name: str, s: dict, args, progress):
     """Train one experiment's model on ShapeScenes(1..3 objects, its labelling); returns (net, info)."""
-    from fastcomp.data import ShapeScenes
-    from fastcomp.models import ConditionalDenoiser, edm_loss
-    from fastcomp.train import TrainConfig, train
-
     locality, labelling, _ = EXPERIMENTS[name]
     data = ShapeScenes(size=32, min_objects=1, max_objects=3, labelling=labelling, radius=3, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -135,9 +137,6 @@ def train_model(name: str, s: dict, args, progress):
 def evaluate(net, s: dict, args, progress, composed: bool) -> dict:
     """Sample s['samples'] images for each requested object count 0..max and score them. The requests and
     the initial noise depend only on (seed, count), so every model answers the same questions."""
-    from fastcomp.data import length_generalization, request_locations
-    from fastcomp.models import composed_sample, sample
-
     sampler = composed_sample if composed else sample
     counts, images = {}, {}
     for k in range(s["max_objects_eval"] + 1):
@@ -156,8 +155,6 @@ def evaluate(net, s: dict, args, progress, composed: bool) -> dict:
 
 def reference_copy(net):
     """The same weights on the reference attention: plain PyTorch, so forward-mode and vmapped probes run."""
-    from fastcomp.models import ConditionalDenoiser
-
     twin = ConditionalDenoiser(**{**net.config, "backend": "reference"})
     twin.load_state_dict(net.state_dict())
     return twin.eval()
@@ -165,10 +162,6 @@ def reference_copy(net):
 
 def probe(net, s: dict, args) -> dict:
     """Pixel locality vs noise and conditioner locality of a trained model, on requests of 3 objects."""
-    from fastcomp import disk_mask
-    from fastcomp.data import ShapeScenes, request_locations
-    from fastcomp.probe import LeakageWarning, conditioner_locality, locality_vs_noise
-
     twin = reference_copy(net)
     n = s["probe_images"]
     g = torch.Generator().manual_seed(args.seed + 99)
@@ -193,9 +186,7 @@ def probe(net, s: dict, args) -> dict:
 
 def write_samples(path: str, rows: list, counts: tuple, n_show: int) -> None:
     """rows: (label, eval result); one grid row per (experiment, object count)."""
-    import matplotlib.pyplot as plt
-
-    from fastcomp.data import plot_grid
+    import matplotlib.pyplot as plt  # optional (fastcomp[demo]): imported only to plot
 
     images, points, valid, titles = [], [], [], []
     width = max(counts)
@@ -214,7 +205,7 @@ def write_samples(path: str, rows: list, counts: tuple, n_show: int) -> None:
 
 
 def write_locality_plot(path: str, probes: dict) -> None:
-    import matplotlib
+    import matplotlib  # optional (fastcomp[demo]): imported only to plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

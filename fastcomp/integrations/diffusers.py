@@ -217,7 +217,7 @@ def _grid_of(attn, grid, n_tokens: int, who: str) -> tuple[int, int]:
 def _original(attn):
     original = getattr(attn, _ORIGINAL, None)
     if original is None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.models.attention_processor import AttnProcessor2_0  # optional peer: only its models get here
 
         original = AttnProcessor2_0()
     return original

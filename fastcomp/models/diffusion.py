@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import disk_mask
 from ..nn.attention import LocalConditionalAttention, _split_heads
 from ..ops import _checks as check
 
@@ -107,8 +108,6 @@ def conditioner_disk_mask(points: torch.Tensor, valid: torch.Tensor, radius: flo
     of points [B, M, 2] (row, col) and valid [B, M]. The mask is piecewise constant in the points, so it is
     built from detached points: probes differentiate the conditioner tokens only. reference: plain
     PyTorch (torch.func transforms, e.g. forward-mode probes, run through it)."""
-    from .. import disk_mask
-
     token_points = (points.detach() - (stride - 1) / 2) / stride  # token (i, j) has its centre at s i + (s-1)/2
     mask = disk_mask(token_points, radius / stride, grid, grid, backend="reference" if reference else None)
     return mask & valid[:, :, None, None]

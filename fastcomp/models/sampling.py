@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .edm import randn_like_on
 from ..ops._checks import is_int
@@ -54,8 +55,6 @@ def _check_points(name: str, points, valid):
 def _integrate(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape, device, dtype, *, steps,
                solver, sigma_min, sigma_max, rho, generator, progress, desc) -> torch.Tensor:
     """Run the ODE from x ~ N(0, sigma_max^2) with denoise(x [n, C, S, S], sigma [n]) -> [n, C, S, S]."""
-    from tqdm.auto import tqdm
-
     if solver not in SOLVERS:
         raise ValueError(f"{desc}: solver must be one of {SOLVERS}, got {solver!r}")
     sigmas = edm_sigmas(steps, sigma_min, sigma_max, rho)

@@ -7,15 +7,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..ops.attention import local_conditional_attention
+
 KernelSize = Union[int, tuple[int, int]]
-
-
-def local_conditional_attention(*args, **kwargs) -> torch.Tensor:
-    """fastcomp.local_conditional_attention, imported on first use: fastcomp/__init__ imports nn before
-    the ops (and the ops' references import fastcomp.probe), so a module-level import would be circular."""
-    from ..ops.attention import local_conditional_attention as op
-
-    return op(*args, **kwargs)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# fastcomp.ops and fastcomp.reference are imported inside the methods: fastcomp/__init__ imports nn
-# before the probe package that reference/ depends on, so a module-level import here would be circular.
+from ..ops.ddn import ddn_gather, ddn_select
+from ..reference.ddn import ddn_candidates
 
 # scorer(candidates [B, n, Cout, H, W]) -> cost [B, n]; lower is better (a distance to the condition).
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -119,8 +119,6 @@ class DiscreteDistributionLayer(nn.Module):
     def select(self, features, target, residual=None, *, train: Optional[bool] = None) -> DDLOutput:
         """Keep the candidate nearest `target`; when `train` (default: self.training), count hits and
         apply chain dropout."""
-        from ..ops.ddn import ddn_select
-
         sel = ddn_select(features, self.weight_kco, target, bias=self.bias_kc, residual=residual,
                          metric=self.metric, backend=self.backend)
         output, index = sel.output, sel.index
@@ -221,8 +219,6 @@ class DiscreteDistributionLayer(nn.Module):
 
     def gather(self, features, index, residual=None) -> torch.Tensor:
         """Only the given candidates: [B, Cout, H, W] = weight[index[b]] @ features[b] + bias + residual."""
-        from ..ops.ddn import ddn_gather
-
         return ddn_gather(features, self.weight_kco, index, bias=self.bias_kc, residual=residual,
                           backend=self.backend)
 
@@ -236,8 +232,6 @@ class DiscreteDistributionLayer(nn.Module):
     @torch.no_grad()
     def candidates(self, features, residual=None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Candidates start..stop-1, materialized: [B, stop - start, Cout, H, W] (guided sampling only)."""
-        from ..reference.ddn import ddn_candidates
-
         stop = self.k if stop is None else stop
         bias = None if self.bias is None else self.bias_kc[start:stop]
         return ddn_candidates(features, self.weight_kco[start:stop], bias, residual)

@@ -20,9 +20,12 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.func import jvp, vmap
+from tqdm.auto import tqdm
 
-from ._demux import probe_demux
+from ..ops import _checks as check
 from ..ops._checks import is_int
+from ._demux import probe_demux
 
 MODES = ("forward", "reverse")
 
@@ -45,6 +48,18 @@ def check_chunk_size(op: str, chunk_size) -> Optional[int]:
     return int(chunk_size)
 
 
+def check_output(op: str, fn, args, B: int, H: int, W: int) -> None:
+    """Evaluate fn once without grad to check the output shape before the expensive passes."""
+    with torch.no_grad():
+        y = fn(*args)
+    if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[0] != B or tuple(y.shape[2:]) != (H, W):
+        got = check.fmt_shape(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{op}: fn must return [B, C', H, W] = [{B}, C', {H}, {W}] (same batch and image "
+                         f"size as x), got {got}")
+    if not y.is_floating_point():
+        raise TypeError(f"{op}: fn must return a floating tensor, got {check.dtype_name(y.dtype)}")
+
+
 @contextlib.contextmanager
 def math_attention():
     """Route scaled_dot_product_attention to its composite math kernel, which has forward-mode and vmap
@@ -59,8 +74,6 @@ def math_attention():
 
 
 def _progress(total: int, desc: str, enabled: Optional[bool]):
-    from tqdm.auto import tqdm
-
     # enabled=None: tqdm decides (shown on a terminal, silent in logs and tests).
     return tqdm(total=total, desc=desc, unit="probe", disable=None if enabled is None else not enabled,
                 leave=False)
@@ -151,8 +164,6 @@ class PixelProber:
         return g
 
     def _forward(self, vecs: torch.Tensor) -> torch.Tensor:
-        from torch.func import jvp, vmap
-
         x = self._layout(self.x)
         with math_attention():
             return vmap(lambda t: jvp(self.fn, (x,), (t,))[1])(vecs.to(x.dtype))

@@ -18,16 +18,24 @@ inf Jacobian); probe.json writes it as null.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import math
+import pickle
 import re
 import sys
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .. import _cli
 from .._cli import CommandError
+from ..train import load_checkpoint
+from .noise import locality_vs_noise
+from .pixel import pixel_locality
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -90,10 +98,6 @@ def _is_checkpoint(path: Path) -> bool:
 
 def load_checkpoint_model(path: Path, device, weights: str = "ema"):
     """(model, its config) rebuilt from a fastcomp train checkpoint's recorded class and config."""
-    import importlib
-
-    from ..train import load_checkpoint
-
     ckpt = load_checkpoint(str(path))
     name, config = ckpt.meta.get("model_class") or "", ckpt.model_config
     module_name, _, cls_name = name.rpartition(".")
@@ -113,10 +117,6 @@ def load_checkpoint_model(path: Path, device, weights: str = "ema"):
 def load_model(path: Path, device, trust_pickle: bool = False):
     """(the model in eval mode on `device`, its constructor config or None): a fastcomp train checkpoint,
     TorchScript, or (trust_pickle) a torch.save'd module."""
-    import pickle
-    import warnings
-    import zipfile
-
     if _is_checkpoint(path):
         return load_checkpoint_model(path, device)
     if not path.is_file():
@@ -158,8 +158,6 @@ def load_model(path: Path, device, trust_pickle: bool = False):
 
 def _conditional(model) -> bool:
     """Does model's forward take conditioner points (a ConditionalDenoiser-like signature)?"""
-    import inspect
-
     try:
         params = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model).parameters
     except (TypeError, ValueError):
@@ -179,8 +177,6 @@ def _json_safe(value):
 
 
 def main(argv=None) -> int:
-    from . import locality_vs_noise, pixel_locality
-
     args = parser().parse_args(argv)
     device = _cli.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -245,7 +241,7 @@ def main(argv=None) -> int:
         json_path = args.out.with_name(args.out.name + ".json")
         json_path.write_text(json.dumps(_json_safe(summary), indent=1, allow_nan=False))
         try:
-            import matplotlib
+            import matplotlib  # optional (fastcomp[plot]): only needed for the PNG
 
             matplotlib.use("Agg")
             ax = plot()

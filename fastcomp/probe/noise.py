@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..ops._checks import is_int
-from .results import PixelLocality
+from ..reference.probe_results import PixelLocality
+from .pixel import pixel_locality
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class NoiseLocality:
 
     def plot(self, ax=None, title: str = "locality vs noise level"):
         """Mass radius against sigma (log axis), one line per quantile (needs matplotlib: fastcomp[plot])."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (fastcomp[plot]): imported only to plot
 
         ax = ax or plt.figure(figsize=(4.5, 3.4)).gca()
         for q in self.quantiles:
@@ -75,10 +77,6 @@ def locality_vs_noise(denoiser, x0: torch.Tensor, sigmas: Sequence[float], *, ra
     x0 + sigma * eps (eps drawn from a generator seeded with `seed`), with pixel_locality(method=...,
     **probe_kwargs). Returns NoiseLocality (.radii {q: [L]}, .profiles, .rows(), .plot()).
     """
-    from tqdm.auto import tqdm
-
-    from . import pixel_locality
-
     op = "locality_vs_noise"
     if not callable(denoiser):
         raise TypeError(f"{op}: denoiser must be callable as denoiser(x, sigma), got {type(denoiser).__name__}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..probe.results import ConditionerLocality, PixelLocality
+from .probe_results import ConditionerLocality, PixelLocality
 
 
 def check_batch_independent(op: str, y: torch.Tensor, inp: torch.Tensor, name: str) -> None:

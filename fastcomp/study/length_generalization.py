@@ -43,8 +43,15 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from .. import disk_mask
+from ..data import ShapeScenes, length_generalization, plot_grid, request_locations, request_recall
 from ..demos import _options
+from ..models import VARIANTS, build_denoiser, edm_loss, sample
+from ..probe import LeakageWarning, conditioner_locality, locality_vs_noise
+from ..train import TrainConfig, train
 
 # Bump when the code changes what a cached model means: TRAIN_VERSION retrains every model, EVAL_VERSION
 # re-samples and re-probes the trained ones.
@@ -97,7 +104,6 @@ class ModelSpec:
 def plan(variants, seeds: int) -> list:
     """The models: every variant x labelling x {as is, intervention}; the local model on one-label data only
     (it is experiment 3); seeds > 1 repeats the one-label rows."""
-    from fastcomp.models import VARIANTS
 
     specs = []
     for variant in variants:
@@ -187,9 +193,6 @@ def _probe_sigmas(quick: bool) -> tuple:
 
 def train_model(spec: ModelSpec, s: dict, base_seed: int, out_dir: str, progress):
     """Train (or resume, or load when finished) one model; returns (EMA net, info)."""
-    from fastcomp.data import ShapeScenes
-    from fastcomp.models import build_denoiser, edm_loss
-    from fastcomp.train import TrainConfig, train
 
     seed = base_seed + spec.seed
     data = ShapeScenes(size=32, min_objects=1, max_objects=3, labelling=spec.labelling, radius=3, seed=seed)
@@ -221,8 +224,6 @@ def evaluate(net, s: dict, base_seed: int) -> tuple:
     """Sample s['samples'] images per requested count 0..max; the requests and the initial noise depend only on
     (base seed, count), so every model answers the same questions from the same noise. Returns (per-count
     metrics, the first N_SHOW samples per count for the grids)."""
-    from fastcomp.data import length_generalization, request_locations, request_recall
-    from fastcomp.models import sample
 
     counts, shown = {}, {}
     K = s["max_objects_eval"]
@@ -252,9 +253,6 @@ def reference_copy(net):
 def probe(net, s: dict, base_seed: int, quick: bool) -> dict:
     """Pixel locality vs noise (on probe_images scenes of 3 objects) and conditioner locality (the fraction of
     each of 3 requested conditioners' influence within INSIDE_RADIUS px of it, cond_probe_images scenes)."""
-    from fastcomp import disk_mask
-    from fastcomp.data import ShapeScenes, request_locations
-    from fastcomp.probe import LeakageWarning, conditioner_locality, locality_vs_noise
 
     twin = reference_copy(net)
     n = max(s["probe_images"], s["cond_probe_images"])
@@ -285,8 +283,7 @@ def _model_lock(folder: str, name: str, progress):
     """An exclusive lock on one model's cache folder, so studies running side by side on one cache (say one
     per core, with --variants in different orders) never train the same model twice: the second waits and
     then finds the first one's result."""
-    import fcntl
-
+    import fcntl  # POSIX only: imported where the lock is taken, so the module imports everywhere
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, ".lock"), "w") as f:
         try:
@@ -309,7 +306,6 @@ def run_model(spec: ModelSpec, s: dict, args, cache: str, progress) -> dict:
 
 
 def _run_model(spec: ModelSpec, s: dict, args, folder: str, progress) -> dict:
-    from safetensors.torch import load_file, save_file
 
     tkey, ekey = train_key(spec, s, args.seed), eval_key(s, args.quick)
     ekey = dict(ekey, probes=not args.no_probes)
@@ -531,9 +527,6 @@ def write_sample_grids(out: str, records: list, K: int) -> list:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fastcomp.data import plot_grid
-
     counts = [k for k in GRID_COUNTS if k <= K]
     written = []
     for variant in dict.fromkeys(r["variant"] for r in records):
@@ -584,7 +577,6 @@ def _total(records: list, phase: str, what: str) -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     s = _options.settings(args, DEFAULTS, QUICK)
-    from fastcomp.models import VARIANTS
 
     prog = "fastcomp study length-generalization"
     variants = _options.names(prog, "--variants", args.variants, VARIANTS)
@@ -603,9 +595,6 @@ def main(argv=None) -> int:
     progress = False if args.no_progress else None
     specs = plan(variants, args.seeds)
     _log(f"fastcomp study length-generalization: {len(specs)} models, cache {cache}", progress)
-
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     records = []
     bar = tqdm(specs, desc="study", unit="model", disable=None if progress is None else not progress,

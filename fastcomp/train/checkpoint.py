@@ -27,11 +27,12 @@ import os
 import random
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)\.json$")
@@ -161,8 +162,6 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
     constructor kwargs, when it has one) is stored too, so the model can be rebuilt from the checkpoint.
     extra: anything JSON-serializable (e.g. the loss history). Returns the .safetensors path.
     """
-    from safetensors.torch import save
-
     if os.path.isdir(path):
         path = checkpoint_path(path, step)
     tensors_path, meta_path = _paths(path)
@@ -187,7 +186,6 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
     tensors.update(rng_tensors)
 
     if hasattr(config, "__dataclass_fields__"):
-        from dataclasses import asdict
         config = asdict(config)
     meta = {
         "format": FORMAT_VERSION,
@@ -259,8 +257,6 @@ class Checkpoint:
 
 def read_checkpoint(tensors_path: str) -> Checkpoint:
     """Read and verify one checkpoint (its .safetensors path); CheckpointError names the file and why."""
-    from safetensors.torch import load
-
     tensors_path, meta_path = _paths(tensors_path)
     try:
         with open(meta_path, "rb") as f:

@@ -18,6 +18,13 @@ import sys
 
 import torch
 
+from fastcomp.models import LaplaceLogSNR, LogNormalSigma, edm_loss
+
+from .. import _cli
+from .._cli import CommandError
+from .checkpoint import load_checkpoint
+from .loop import TrainConfig, prepare_out_dir, train
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastcomp train", description=__doc__.split("\n\n")[0],
@@ -80,8 +87,6 @@ def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
 def merge_resumed_args(args, explicit: set, recorded: dict) -> argparse.Namespace:
     """The resumed run's flags (recorded in its checkpoint) updated by those given now; a given RUN_FLAGS
     value that differs from the recorded one is refused, naming every such flag."""
-    from .._cli import CommandError
-
     differ = [f"--{k.replace('_', '-')} {recorded[k]} (given: {getattr(args, k)})" for k in RUN_FLAGS
               if k in explicit and k in recorded and recorded[k] != getattr(args, k)]
     if differ:
@@ -116,7 +121,6 @@ def build_model_and_dataset(args, model_config=None):
 
 def build_loss(args):
     """loss_fn(model, batch, generator): EDM's loss with the chosen noise-level distribution."""
-    from fastcomp.models import LaplaceLogSNR, LogNormalSigma, edm_loss
     sigma_dist = LaplaceLogSNR() if args.sigma_dist == "laplace" else LogNormalSigma()
 
     def loss_fn(model, batch, generator):
@@ -126,10 +130,6 @@ def build_loss(args):
 
 
 def main(argv=None) -> int:
-    from .. import _cli
-    from .checkpoint import load_checkpoint
-    from .loop import TrainConfig, prepare_out_dir, train
-
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

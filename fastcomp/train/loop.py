@@ -21,6 +21,7 @@ import copy
 import datetime
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm.auto import tqdm
 
-from .checkpoint import (Checkpoint, CheckpointWarning, checkpoint_path, find_checkpoint,
+from .checkpoint import (Checkpoint, CheckpointWarning, _jsonable, checkpoint_path, find_checkpoint,
                          list_checkpoints, load_checkpoint, remove_orphans, restore, save_checkpoint)
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -229,7 +231,6 @@ def _distributed_from_env(device: torch.device) -> tuple[int, int, bool]:
 def _make_progress(progress, total: int, initial: int, rank: int):
     if progress is False or rank != 0:
         return None
-    from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 disable=None if progress is None else False, file=sys.stderr)
 
@@ -309,8 +310,6 @@ def check_resume(ckpt, config: "TrainConfig", model: nn.Module) -> None:
     """Refuse to resume ckpt with another training config or model config (naming every differing field);
     warn about differences that do not change the run's numbers (logging, checkpointing, backends) and
     model options the checkpoint does not record (added to the model since)."""
-    from .checkpoint import _jsonable
-
     old = ckpt.config or {}
     new = _jsonable(config.to_dict())
     refuse = _differences(old, new, RESUME_MUST_MATCH)
@@ -340,7 +339,6 @@ def check_resume(ckpt, config: "TrainConfig", model: nn.Module) -> None:
 def _prune_checkpoints(out_dir: str, keep: int) -> None:
     if keep <= 0:
         return
-    import re
     found = sorted(name for name in os.listdir(out_dir) if re.match(r"^checkpoint-\d+\.json$", name))
     for name in found[:-keep]:
         # A kill between the two removals leaves an orphan .safetensors: the next run's prepare_out_dir

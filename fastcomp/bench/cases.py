@@ -20,17 +20,23 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from torch.func import functional_call
 
 import fastcomp
 from fastcomp import backends as _backends
 from fastcomp.ops._checks import dtype_name  # noqa: F401  (re-exported: the runner and suites name dtypes)
+from fastcomp.probe import pixel_locality
+from fastcomp.reference import pixel_locality_reference, window_mask
+
+from .train_step import build_step
 
 OPS = ("local_conditional_attention", "ddn_select", "ddn_gather", "pixel_locality", "disk_mask")
-OPS = OPS + ("train_step",)  # one training step of the local ConditionalDenoiser (train_step_bench.py)
+OPS = OPS + ("train_step",)  # one training step of the local ConditionalDenoiser (train_step.py)
 TIERS = ("quick", "cpu", "gpu")
 MODES = ("fwd", "fwd+bwd")
 
@@ -168,8 +174,6 @@ def plain_attention(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
     against a float32/float64 reference). scaled_dot_product_attention is no such baseline: on CPU it keeps
     half-precision intermediates in float32, stricter than the kernels, which round P to half precision
     before P @ V as FlashAttention does. Dense: [B, heads, N, N + M] scores."""
-    from fastcomp.reference.attention import window_mask
-
     B, H, W, heads, D = q.shape
     N = H * W
     tok = (lambda x: x.reshape(B, N, heads, D).transpose(1, 2))  # [B, heads, N, D]
@@ -312,8 +316,6 @@ def _natten_provider(inp: dict, options: Options) -> Provider:
                                    f"backward on CPU (torch {torch.__version__})")
 
     def build():
-        import warnings
-
         def forward():
             with warnings.catch_warnings():  # unfused flex_attention warns on every call
                 warnings.simplefilter("ignore")
@@ -408,8 +410,6 @@ def _sddn_provider(inp: dict) -> Provider:
 def sddn_select(module, features, weight, target, bias, residual) -> torch.Tensor:
     """ddn_select's output computed by an sddn DiscreteDistributionOutput (training mode) whose 1x1 conv
     takes weight [K, Cout, Cin] and bias [K, Cout]: the candidate nearest the target."""
-    from torch.func import functional_call
-
     K, Cout, Cin = weight.shape
     params = {"multi_out_conv1x1.weight": weight.reshape(K * Cout, Cin, 1, 1),
               "multi_out_conv1x1.bias": bias.reshape(K * Cout)}
@@ -478,15 +478,10 @@ def _probe_inputs(size: ProbeSize, device, dtype) -> dict:
 def _probe_methods() -> list[str]:
     """Public methods other than the dispatcher ("auto"): "exact" (batched; the reference provider is the
     one-backward-per-element baseline) and "colored"."""
-    from fastcomp import probe
-
-    return [m for m in getattr(probe, "METHODS", ("auto", "exact", "colored")) if m != "auto"]
+    return [m for m in fastcomp.probe.METHODS if m != "auto"]
 
 
 def _probe_providers(inp: dict, options: Options) -> list[Provider]:
-    from fastcomp.probe import pixel_locality
-    from fastcomp.reference import pixel_locality_reference
-
     net, x, s = inp["net"], inp["x"], inp["size"]
     out = [Provider("reference", build=lambda: lambda: pixel_locality_reference(net, x, s.radius))]
     for method in _probe_methods():
@@ -533,8 +528,6 @@ TRAIN_STEP_SIZES = {"quick": dict(batch=4, channels=32, depth=2), "cpu": dict(ba
 
 
 def _train_step_providers(inp: dict, options: Options) -> list[Provider]:
-    from .train_step_bench import build_step
-
     probe = torch.empty(0, device=inp["device"], dtype=inp["dtype"])
     precision = "fp32" if inp["dtype"] in (torch.float32, torch.float64) else "bf16"
     size = inp["size"]

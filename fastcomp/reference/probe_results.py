@@ -1,4 +1,6 @@
-"""Result types of the locality probes."""
+"""Result types of the locality probes: what the spec (fastcomp.reference.probe) and the fast path
+(fastcomp.probe) both return. They live beside the spec, which imports nothing of the fast path, so the
+dependency runs one way: fastcomp.probe -> fastcomp.reference. fastcomp.probe re-exports them."""
 
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class PixelLocality:
 
     def plot(self, ax=None, title: str = "pixel locality profile"):
         """Heatmap of the profile (needs matplotlib: pip install 'fastcomp[plot]')."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (fastcomp[plot]): imported only to plot
 
         ax = ax or plt.figure(figsize=(4, 3.4)).gca()
         R = self.radius
@@ -79,7 +81,7 @@ class ConditionerLocality:
              title: str = "conditioner attribution"):
         """Heatmaps of attribution[b, m] over the image, one panel per conditioner (at most max_panels),
         with cond_mask[b, m] ([B, M, H, W] bool) outlined when given. Needs matplotlib (fastcomp[plot])."""
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (fastcomp[plot]): imported only to plot
 
         M = min(self.attribution.shape[1], max_panels)
         if axes is None:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+import fastcomp
 from fastcomp.info import cpu_name, package_version
 
 # Columns of the CSV, in order; the JSON rows carry these and a few more (repeats, first call time, note).
@@ -231,8 +232,6 @@ def slug(text: str) -> str:
 def git_commit(where: Optional[str] = None) -> str:
     """Short commit of the repository holding ``where`` (default: the fastcomp sources), else "unknown"."""
     if where is None:
-        import fastcomp
-
         where = str(Path(fastcomp.__file__).resolve().parent)
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,

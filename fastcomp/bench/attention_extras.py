@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+import fastcomp
+
 from . import cases as _cases
 from . import harness
 
@@ -43,8 +45,6 @@ def matmul_gflops(device: torch.device, dtype=torch.float32, n: int = 1024, repe
 
 def memory_scaling(device: torch.device, dtype=torch.float32, backend: str = "cpu") -> Optional[dict]:
     """Peak extra MiB of one forward+backward of ``backend`` at 32x32 and 64x64 (B2, h4, d32, k7, M8)."""
-    import fastcomp
-
     peaks = {}
     for side in (32, 64):
         size = _cases.AttnSize(2, side, side, 4, 32, 7, 8)
