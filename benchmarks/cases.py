@@ -168,7 +168,7 @@ def plain_attention(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
     against a float32/float64 reference). scaled_dot_product_attention is no such baseline: on CPU it keeps
     half-precision intermediates in float32, stricter than the kernels, which round P to half precision
     before P @ V as FlashAttention does. Dense: [B, heads, N, N + M] scores."""
-    from fastcomp.reference.attention import window_mask
+    from fastcomp.reference import window_mask
 
     B, H, W, heads, D = q.shape
     N = H * W

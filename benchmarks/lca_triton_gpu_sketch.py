@@ -37,8 +37,8 @@ def main() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
     from benchmarks.cases import flex_block_mask, flex_local_conditional_attention
-    from fastcomp.kernels.local_attention import lca_backward, lca_forward
-    from fastcomp.reference.attention import disk_mask_reference
+    from fastcomp.kernels.attention import lca_backward, lca_forward
+    from fastcomp.reference import disk_mask_reference
 
     dt = getattr(torch, args.dtype)
     B, S, nh, D, ks, M = args.batch, args.size, args.heads, args.dim, args.kernel, args.cond

@@ -1,6 +1,6 @@
-"""The Triton local conditional attention kernels (fastcomp.kernels.local_attention) against the reference.
+"""The Triton local conditional attention kernels (fastcomp.kernels.attention) against the reference.
 
-lca_forward / lca_backward are called directly (the op in fastcomp/ops/attention.py wraps them); the output
+lca_forward / lca_backward are called directly (the op's triton backend, fastcomp/ops/attention/triton.py, wraps them); the output
 and all five gradients are compared with the float64 reference differentiated by autograd. Without CUDA the
 kernels run under TRITON_INTERPRET=1 on CPU tensors (set by tests/conftest.py), so those cases use tiny
 images; the `gpu` cases use the sizes the kernels are built for (D = 64/128, kernels 13 and 31, M = 256).
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastcomp.benchmarks.cases import plain_attention as _plain_torch  # the low-precision baseline
-from fastcomp.reference.attention import local_conditional_attention_reference
+from fastcomp.reference import local_conditional_attention_reference
 from helpers import assert_close, assert_low_precision_close
 
 pytestmark = pytest.mark.triton
@@ -23,7 +23,7 @@ GRAD_NAMES = ("dq", "dk", "dv", "dcond_k", "dcond_v")
 
 
 def _lca():
-    from fastcomp.kernels import local_attention  # lazily: after conftest has chosen the interpreter
+    from fastcomp.kernels import attention as local_attention  # lazily: after conftest has chosen the interpreter
 
     return local_attention
 

@@ -13,7 +13,7 @@ import torch
 
 import fastcomp
 from fastcomp import backends as _b
-from fastcomp.reference.ddn import ddn_candidates, ddn_gather_reference, ddn_select_reference
+from fastcomp.reference import ddn_candidates, ddn_gather_reference, ddn_select_reference
 from tests.helpers import assert_close, assert_low_precision_close
 
 BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -15,8 +15,8 @@ import torch
 
 import fastcomp
 from fastcomp import _build
-from fastcomp.ops import _ddn_torch
-from fastcomp.reference.ddn import ddn_candidates, ddn_select_reference
+from fastcomp.ops.ddn import pytorch as _ddn_torch
+from fastcomp.reference import ddn_candidates, ddn_select_reference
 from tests.helpers import assert_close, extra_cpu_variants
 
 SIZES = [  # B, Cin, Cout, K, H, W

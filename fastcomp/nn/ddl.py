@@ -236,7 +236,7 @@ class DiscreteDistributionLayer(nn.Module):
     @torch.no_grad()
     def candidates(self, features, residual=None, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Candidates start..stop-1, materialized: [B, stop - start, Cout, H, W] (guided sampling only)."""
-        from ..reference.ddn import ddn_candidates
+        from ..ops.ddn.reference import ddn_candidates
 
         stop = self.k if stop is None else stop
         bias = None if self.bias is None else self.bias_kc[start:stop]

@@ -19,7 +19,7 @@ import torch
 
 from ..ops import _checks as check
 from ..reference.probe import check_batch_independent
-from ._demux import Demuxed, probe_demux  # noqa: F401  (Demuxed: probe_demux's result type)
+from ..ops.probe_demux import Demuxed, probe_demux  # noqa: F401  (Demuxed: probe_demux's result type)
 from ._engine import MODES, PixelProber, check_chunk_size
 from .noise import NoiseLocality, locality_vs_noise
 from .results import ConditionerLocality, PixelLocality

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ._demux import probe_demux
+from ..ops.probe_demux import probe_demux
 from ..ops._checks import is_int
 
 MODES = ("forward", "reverse")

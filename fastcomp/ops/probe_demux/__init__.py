@@ -1,8 +1,8 @@
 """probe_demux: the fused reduction of structured probe results to the per-offset |J| profile.
 
 Registered as a fastcomp op ("probe_demux") so `fastcomp info` lists its backends and tests can pick one:
-reference (plain PyTorch, fastcomp.reference.probe.probe_demux_reference), cpu (csrc/probe_cpu.cpp) and
-triton (kernels/probe.py). Every backend writes float64 outputs allocated with torch.empty (_outputs).
+reference (plain PyTorch, fastcomp.reference.probe.probe_demux_reference), cpu (csrc/probe_demux/) and
+triton (kernels/probe_demux.py). Every backend writes float64 outputs allocated with torch.empty (_outputs).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import backends as _b
-from ..reference.probe import probe_demux_reference
+from ... import backends as _b
+from ...reference.probe import probe_demux_reference
 
 OP = "probe_demux"
 
@@ -84,13 +84,13 @@ def _demux_op(backend: str, launch):
 
 
 def _launch_triton(*args):
-    from ..kernels.probe import probe_demux_triton
+    from ...kernels.probe_demux import probe_demux_triton
 
     probe_demux_triton(*args)
 
 
 def _launch_cpu(*args):
-    from .. import _build
+    from ... import _build
 
     _build.load("probe_demux").probe_demux_cpu(*args)
 

@@ -6,10 +6,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import backends as _b
-from ..reference.ddn import ddn_gather_reference, ddn_select_reference
-from . import _checks as check
-from ._ddn_torch import chosen_candidate
+from ... import backends as _b
+from .. import _checks as check
+from .pytorch import chosen_candidate
+from .reference import ddn_gather_reference, ddn_select_reference
 
 SELECT = "ddn_select"
 GATHER = "ddn_gather"
@@ -158,7 +158,7 @@ def _selection_op(backend: str, compute):
 
     @op.register_vmap
     def _(info, in_dims, features, weight, target, bias, residual, metric):
-        from ._library import fold_batch, unfold_batch
+        from .._library import fold_batch, unfold_batch
 
         if in_dims[1] is not None or in_dims[3] is not None:
             raise NotImplementedError(f"{SELECT}: vmap over weight or bias is not supported (each vmapped "
@@ -196,7 +196,7 @@ def _cpu_input_problem(*tensors):
 
 
 def _select_cpu_compute(features, weight, target, bias, residual, metric):
-    from ._ddn_torch import select_cpu
+    from .pytorch import select_cpu
 
     return select_cpu(features, weight, target, bias, residual, metric)
 
@@ -225,7 +225,7 @@ def _triton_input_problem(*tensors):
 
 
 def _select_triton_compute(features, weight, target, bias, residual, metric):
-    from ..kernels.ddn import ddn_distances_triton, ddn_gather_forward_triton
+    from ...kernels.ddn import ddn_distances_triton, ddn_gather_forward_triton
 
     dist = ddn_distances_triton(features, weight, target, bias, residual, metric)
     index = dist.argmin(dim=1)  # first minimum: ties -> smallest k
@@ -233,7 +233,7 @@ def _select_triton_compute(features, weight, target, bias, residual, metric):
 
 
 def _gather_triton_compute(features, weight, index, bias, residual):
-    from ..kernels.ddn import ddn_gather_forward_triton
+    from ...kernels.ddn import ddn_gather_forward_triton
 
     return ddn_gather_forward_triton(features, weight, index, bias, residual)
 
@@ -263,7 +263,7 @@ def _cuda_args(features, weight, bias, residual):
 
 
 def _cuda_gather_forward(features, weight, index, bias, residual):
-    from .. import _build
+    from ... import _build
 
     ext = _build.load("cuda")
     stream = torch.cuda.current_stream(features.device).cuda_stream
@@ -274,7 +274,7 @@ def _cuda_gather_forward(features, weight, index, bias, residual):
 
 
 def _select_cuda_compute(features, weight, target, bias, residual, metric):
-    from .. import _build
+    from ... import _build
 
     ext = _build.load("cuda")
     stream = torch.cuda.current_stream(features.device).cuda_stream

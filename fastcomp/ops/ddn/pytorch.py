@@ -82,7 +82,7 @@ from typing import Optional
 
 import torch
 
-from . import _library
+from .. import _library
 
 # At most this many candidate elements (B * chunk * Cout * H * W) exist at once in the direct paths.
 _CHUNK_ELEMENTS = 1 << 18
@@ -113,8 +113,8 @@ def _cpu_ext(tensor: torch.Tensor):
     else None (other devices and dtypes use the PyTorch formulation below)."""
     if tensor.device.type != "cpu" or tensor.dtype not in _EXT_DTYPES:
         return None
-    from .. import _build
-    from ..backends import warn_build_failure
+    from ... import _build
+    from ...backends import warn_build_failure
 
     try:
         return _build.load("ddn")
@@ -220,7 +220,7 @@ def _fold_chosen(info, in_dims, features, weight, index, bias, residual, d_out=N
     """vmap: the n vmapped instances become n * B samples. The weight (and bias) are shared unless vmapped,
     or unless per_instance_weight (the backward's d weight is per instance): then they are stacked into
     n * K candidates and each instance's samples index their own K."""
-    from ._library import fold_batch
+    from .._library import fold_batch
 
     n = info.batch_size
     f_d, w_d, i_d, b_d, r_d, *g_d = in_dims
@@ -235,7 +235,7 @@ def _fold_chosen(info, in_dims, features, weight, index, bias, residual, d_out=N
 
 @_chosen_forward_op.register_vmap
 def _(info, in_dims, features, weight, index, bias, residual):
-    from ._library import unfold_batch
+    from .._library import unfold_batch
 
     features, weight, index, bias, residual, _ = _fold_chosen(info, in_dims, features, weight, index, bias,
                                                               residual)
@@ -244,7 +244,7 @@ def _(info, in_dims, features, weight, index, bias, residual):
 
 @_chosen_backward_op.register_vmap
 def _(info, in_dims, d_out, features, weight, index, has_bias):
-    from ._library import unfold_batch
+    from .._library import unfold_batch
 
     n = info.batch_size
     g_d, f_d, w_d, i_d, _ = in_dims
@@ -256,7 +256,7 @@ def _(info, in_dims, d_out, features, weight, index, has_bias):
 
 
 def _chosen_gradient():
-    from ._library import once_differentiable
+    from .._library import once_differentiable
 
     return once_differentiable(_chosen_backward_op, "ddn_select/ddn_gather", "cpu/triton/cuda")
 
