@@ -24,7 +24,7 @@ import torch
 Reason = Optional[str]
 
 # Names users may pass as `backend=`; an op registers the subset it implements.
-KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+KNOWN_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 
 
 class BackendUnavailable(RuntimeError):

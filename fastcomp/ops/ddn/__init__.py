@@ -1,4 +1,11 @@
-"""Public DDN K-way selection: input checks, then dispatch to a backend."""
+"""DDN K-way selection: the public functions (input checks, then one dispatch to a backend) and their
+backends' registration.
+
+The op's files: reference.py (the spec), library.py (the custom ops and the one autograd path, through the
+chosen candidate), cpu.py (C++ kernels, csrc/ddn/), pytorch.py (the torch backend: the same algorithm in
+PyTorch, always available), triton.py (kernels/ddn.py) and cuda.py (csrc/ddn/ddn.cu). None but the
+reference holds the B x K x Cout x H x W candidates.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,10 @@ import torch
 
 from ... import backends as _b
 from .. import _checks as check
-from .pytorch import chosen_candidate
+from . import cpu, cuda, pytorch, triton
+from .library import GATHER, SELECT, gather_by_chosen_candidate, gather_op, make_chosen_candidate, selection_op
 from .reference import ddn_gather_reference, ddn_select_reference
 
-SELECT = "ddn_select"
-GATHER = "ddn_gather"
 METRICS = ("l2", "l1")
 
 
@@ -126,170 +132,65 @@ def _gather_reference(features, weight, index, bias, residual):
 
 
 # --- fast backends ----------------------------------------------------------------------------------
-# cpu: fastcomp/ops/_ddn_torch.py + csrc/ddn_cpu.cpp (expansion + exact re-ranking for l2, chunked direct for l1);
-# triton: kernels/ddn.py; cuda: csrc/ddn.cu. None holds the B x K x Cout x H x W candidates.
-#
-# Each backend's selection is a torch.library custom op fastcomp::ddn_select_<backend>(features, weight,
-# target, bias, residual, metric) -> (index, distances float32, the chosen candidate), with no autograd
-# (the index is piecewise constant): torch.compile sees one opaque node with a fake implementation, so the
-# selection's host syncs, extension loads and size-dependent Python branches stay out of the graph. The
-# output then goes through _ddn_torch.chosen_candidate, the one autograd path of every backend (backward
-# and jvp through the chosen candidate only). ddn_gather's fast backends: the candidate kernel (its own
-# custom op on triton and cuda; fastcomp::ddn_chosen_forward on cpu) under the same chosen_candidate.
+# The chosen candidate's two sets of kernels (library.py): C++ for the cpu backend, PyTorch for the others.
+chosen_cpu = make_chosen_candidate("cpu", cpu.chosen_forward, cpu.chosen_backward, "cpu")
+chosen_torch = make_chosen_candidate("torch", pytorch.chosen_forward, pytorch.chosen_backward,
+                                      "torch/triton/cuda")
 
-_SELECT_SCHEMA = ("(Tensor features, Tensor weight, Tensor target, Tensor? bias, Tensor? residual, str metric) "
-                  "-> (Tensor, Tensor, Tensor)")
-_GATHER_SCHEMA = "(Tensor features, Tensor weight, Tensor index, Tensor? bias, Tensor? residual) -> Tensor"
-
-
-def _selection_op(backend: str, compute):
-    """The custom op over compute(features, weight, target, bias, residual, metric) -> (index, distances, out)."""
-    def impl(features, weight, target, bias, residual, metric):
-        index, distances, out = compute(features, weight, target, bias, residual, metric)
-        return index.contiguous(), distances.float().contiguous(), out.contiguous()
-
-    op = torch.library.custom_op(f"fastcomp::ddn_select_{backend}", impl, mutates_args=(), schema=_SELECT_SCHEMA)
-
-    @op.register_fake
-    def _(features, weight, target, bias, residual, metric):
-        B = features.shape[0]
-        return (features.new_empty(B, dtype=torch.int64), features.new_empty(B, weight.shape[0], dtype=torch.float32),
-                torch.empty_like(target, memory_format=torch.contiguous_format))
-
-    @op.register_vmap
-    def _(info, in_dims, features, weight, target, bias, residual, metric):
-        from .._library import fold_batch, unfold_batch
-
-        if in_dims[1] is not None or in_dims[3] is not None:
-            raise NotImplementedError(f"{SELECT}: vmap over weight or bias is not supported (each vmapped "
-                                      f"instance would select among its own K candidates); loop over them")
-        f, t, r = fold_batch(info, (in_dims[0], in_dims[2], in_dims[4]), (features, target, residual), (True,) * 3)
-        return tuple(unfold_batch(x, info.batch_size) for x in op(f, weight, t, bias, r, metric)), (0, 0, 0)
-
-    def run(features, weight, target, bias, residual, metric):
-        # The selection has no derivative: its inputs are detached (no autograd node, no tangent).
-        detached = (None if t is None else t.detach() for t in (features, weight, target, bias, residual))
-        index, distances, out = op(*detached, metric)
-        return chosen_candidate(features, weight, bias, residual, index, out), index, distances
-
-    return run
-
-
-def _gather_op(backend: str, compute):
-    """ddn_gather through the custom op over compute(features, weight, index, bias, residual) -> candidate."""
-    op = torch.library.custom_op(f"fastcomp::ddn_gather_{backend}", compute, mutates_args=(), schema=_GATHER_SCHEMA)
-
-    @op.register_fake
-    def _(features, weight, index, bias, residual):
-        B, _, H, W = features.shape
-        return features.new_empty(B, weight.shape[1], H, W)
-
-    def run(features, weight, index, bias, residual):
-        detached = (None if t is None else t.detach() for t in (features, weight, index, bias, residual))
-        return chosen_candidate(features, weight, bias, residual, index, op(*detached))
-
-    return run
+# Priorities: on CUDA tensors Triton (tl.dot over Cin on the tensor cores, BLOCK_K candidates per features
+# load) above the CUDA kernel (csrc/ddn/ddn.cu: scalar FMAs, about 9 loads per 8 multiply-adds), until a GPU
+# measurement (benchmarks/gpu_check.sh, DDN section) says otherwise; on CPU tensors the C++ kernels above
+# their PyTorch formulation (several times faster: benchmarks/results/ddn-cpu-notes.md), which runs where
+# they cannot (float16/bfloat16, no compiler, a failed build).
+_TRITON_PRIORITY, _CUDA_PRIORITY, _CPU_PRIORITY, _TORCH_PRIORITY = 20, 15, 10, 5
+# Input dtypes of the GPU backends (triton and cuda); cpu's are cpu.DTYPES, torch takes every floating dtype.
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _cpu_input_problem(*tensors):
-    return _b.device_input_problem("cpu", *tensors)
+    return _b.device_input_problem("cpu", *tensors) or _b.dtype_input_problem(cpu.DTYPES, *tensors)
 
 
-def _select_cpu_compute(features, weight, target, bias, residual, metric):
-    from .pytorch import select_cpu
+_b.register(SELECT, "cpu", priority=_CPU_PRIORITY, machine_check=_b.cpp_problem("ddn"), prepare=_b.cpp_prepare("ddn"),
+            input_check=lambda f, w, t, b, r: _cpu_input_problem(f, w, t, b, r),
+            description="C++ kernels: Gram expansion + exact re-ranking of the near-best (l2), chunked direct "
+                        "distances (l1); float32/float64")(selection_op("cpu", cpu.select, chosen_cpu))
+_b.register(GATHER, "cpu", priority=_CPU_PRIORITY, machine_check=_b.cpp_problem("ddn"), prepare=_b.cpp_prepare("ddn"),
+            input_check=lambda f, w, i, b, r: _cpu_input_problem(f, w, i, b, r),
+            description="C++ kernels: the chosen candidate and its backward; float32/float64"
+            )(gather_by_chosen_candidate(chosen_cpu))
 
-    return select_cpu(features, weight, target, bias, residual, metric)
-
-
-_b.register(SELECT, "cpu", priority=10, input_check=lambda f, w, t, b, r: _cpu_input_problem(f, w, t, b, r),
-            description="Gram expansion + exact re-ranking of the near-best (l2; C++ for float32/64); chunked over K (l1)"
-            )(_selection_op("cpu", _select_cpu_compute))
-
-
-@_b.register(GATHER, "cpu", priority=10, input_check=lambda f, w, i, b, r: _cpu_input_problem(f, w, i, b, r),
-             description="bmm of the gathered weights; backward by index_add")
-def _gather_cpu(features, weight, index, bias, residual):
-    return chosen_candidate(features, weight, bias, residual, index)
-
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-# Ranking on CUDA tensors: Triton (tl.dot over Cin on the tensor cores, BLOCK_K candidates per features
-# load) above the CUDA kernel (csrc/ddn.cu: scalar FMAs, about 9 loads per 8 multiply-adds), until a GPU
-# measurement (benchmarks/gpu_check.sh, DDN section) says otherwise.
-_TRITON_PRIORITY, _CUDA_PRIORITY = 20, 15
+_b.register(SELECT, "torch", priority=_TORCH_PRIORITY,
+            description="PyTorch: Gram expansion + exact re-ranking of the near-best (l2), chunked over K (l1)"
+            )(selection_op("torch", pytorch.select, chosen_torch))
+_b.register(GATHER, "torch", priority=_TORCH_PRIORITY,
+            description="PyTorch: bmm of the gathered weights; backward by index_add"
+            )(gather_by_chosen_candidate(chosen_torch))
 
 
 def _triton_input_problem(*tensors):
-    return _b.triton_input_problem(*tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
-
-
-def _select_triton_compute(features, weight, target, bias, residual, metric):
-    from ...kernels.ddn import ddn_distances_triton, ddn_gather_forward_triton
-
-    dist = ddn_distances_triton(features, weight, target, bias, residual, metric)
-    index = dist.argmin(dim=1)  # first minimum: ties -> smallest k
-    return index, dist, ddn_gather_forward_triton(features, weight, index, bias, residual)
-
-
-def _gather_triton_compute(features, weight, index, bias, residual):
-    from ...kernels.ddn import ddn_gather_forward_triton
-
-    return ddn_gather_forward_triton(features, weight, index, bias, residual)
+    return _b.triton_input_problem(*tensors) or _b.dtype_input_problem(_GPU_DTYPES, *tensors)
 
 
 _b.register(SELECT, "triton", priority=_TRITON_PRIORITY, machine_check=_b.triton_problem,
             input_check=lambda f, w, t, b, r: _triton_input_problem(f, w, t, b, r),
             description="fused distances per (b, k block) with tl.dot, candidates in registers; torch argmin"
-            )(_selection_op("triton", _select_triton_compute))
+            )(selection_op("triton", triton.select, chosen_torch))
 _b.register(GATHER, "triton", priority=_TRITON_PRIORITY, machine_check=_b.triton_problem,
             input_check=lambda f, w, i, b, r: _triton_input_problem(f, w, i, b, r),
             description="the chosen candidate per (b, pixel block); backward by bmm/index_add"
-            )(_gather_op("triton", _gather_triton_compute))
+            )(gather_op("triton", triton.gather, chosen_torch))
 
-
-# CUDA (csrc/ddn.cu through csrc/ddn_cuda_ops.cpp): fused distances + argmin kernels and the gather
-# kernel; the backward is ChosenCandidate's bmm/index_add (cuBLAS already does those well).
 
 def _cuda_input_problem(*tensors):
-    return _b.device_input_problem("cuda", *tensors) or _b.dtype_input_problem(_TRITON_DTYPES, *tensors)
-
-
-def _cuda_args(features, weight, bias, residual):
-    def c(t):
-        return None if t is None else t.detach().contiguous()
-
-    return c(features), c(weight), c(bias), c(residual)
-
-
-def _cuda_gather_forward(features, weight, index, bias, residual):
-    from ... import _build
-
-    ext = _build.load("cuda")
-    stream = torch.cuda.current_stream(features.device).cuda_stream
-    f, w, b, r = _cuda_args(features, weight, bias, residual)
-    out = torch.empty(f.shape[0], w.shape[1], f.shape[2], f.shape[3], dtype=f.dtype, device=f.device)
-    ext.ddn_gather_cuda(f, w, index.contiguous(), b, r, out, stream)
-    return out
-
-
-def _select_cuda_compute(features, weight, target, bias, residual, metric):
-    from ... import _build
-
-    ext = _build.load("cuda")
-    stream = torch.cuda.current_stream(features.device).cuda_stream
-    f, w, b, r = _cuda_args(features, weight, bias, residual)
-    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-    dist = torch.empty(f.shape[0], w.shape[0], dtype=acc, device=f.device)
-    index = torch.empty(f.shape[0], dtype=torch.int64, device=f.device)
-    ext.ddn_select_cuda(f, w, target.contiguous(), b, r, metric == "l1", dist, index, stream)
-    return index, dist, _cuda_gather_forward(features, weight, index, bias, residual)
+    return _b.device_input_problem("cuda", *tensors) or _b.dtype_input_problem(_GPU_DTYPES, *tensors)
 
 
 _b.register(SELECT, "cuda", priority=_CUDA_PRIORITY, machine_check=_b.cuda_problem,
             input_check=lambda f, w, t, b, r: _cuda_input_problem(f, w, t, b, r),
             description="CUDA kernels: fused distances (kTileK candidates per block) + argmin; torch backward"
-            )(_selection_op("cuda", _select_cuda_compute))
+            )(selection_op("cuda", cuda.select, chosen_torch))
 _b.register(GATHER, "cuda", priority=_CUDA_PRIORITY, machine_check=_b.cuda_problem,
             input_check=lambda f, w, i, b, r: _cuda_input_problem(f, w, i, b, r),
-            description="CUDA kernel, one thread per (b, pixel); torch backward")(_gather_op("cuda", _cuda_gather_forward))
+            description="CUDA kernel, one thread per (b, pixel); torch backward"
+            )(gather_op("cuda", cuda.gather, chosen_torch))
