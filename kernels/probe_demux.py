@@ -4,7 +4,7 @@ One program per probe n reads its result g[n] ([B, K, H, W]) once, row by row in
 sums |g| over (b, k) and scatters each column's mass into the probe's [(2R+1), (2R+1)] offset tile with
 one-hot reductions (no atomics: every program owns its output row, so the result is deterministic).
 Mass whose nearest probe pixel is out of range or outside the image goes to outside[n]. Semantics:
-fastcomp.reference.probe.probe_demux_reference.
+fastcomp.ops.probe_demux.reference.probe_demux_reference.
 """
 
 from __future__ import annotations
