@@ -2,9 +2,10 @@
 
 The sources live in csrc/ (installed as the package ``fastcomp.csrc``): each op's in ``csrc/<op>/``, the
 headers they share in csrc/ itself. :data:`EXTENSIONS` lists the files of each extension: one CPU
-extension per op (``attention``, ``ddn``, ``probe_demux``, ``disk_mask``), so a source that does not compile on some machine takes out only its own op, and the
-``cuda`` extension. ``load(name)`` compiles on first use with ``torch.utils.cpp_extension.load`` (ninja)
-into a cache directory and imports the result; later processes import the cached library directly.
+extension per op (``attention``, ``ddn``, ``probe_demux``, ``disk_mask``), so a source that does not
+compile on some machine takes out only its own op, and the ``cuda`` extension. ``load(name)`` compiles on
+first use with ``torch.utils.cpp_extension.load`` (ninja) into a cache directory and imports the result;
+later processes import the cached library directly.
 ``fastcomp build`` (:func:`main`) compiles ahead of time and reports every extension.
 
 Convention for every C++/CUDA op
@@ -634,6 +635,12 @@ def load(name: str):
     if isinstance(found, BuildError):
         raise found
     return found
+
+
+def loaded(name: str) -> bool:
+    """Whether extension ``name`` is loaded in this process (no file system access: the ops ask on every call)."""
+    found = _loaded.get(name)
+    return found is not None and not isinstance(found, BuildError)
 
 
 def failure(name: str) -> Optional[str]:

@@ -75,11 +75,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_int32_extent, fp32_dot_precision, launch
+from ._launch import GRID_YZ_LIMIT, check_int32_extent, fp32_dot_precision, launch
+from .limits import ATTENTION_DTYPES, ATTENTION_HEAD_DIMS
 
 _RCP_LN2 = 1.4426950408889634  # log2(e): softmax in base 2 (exp2 is the native instruction)
 _COND_BLOCK = 32  # conditioners per conditioner block = bits per mask word
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -534,54 +534,22 @@ def _pack_cond_mask(cond_mask: Optional[torch.Tensor], B: int, M: int, H: int, W
 
 
 def _check_inputs(q, k, v, cond_k, cond_v, cond_mask, kernel_size, fn: str):
+    """What only the kernels know: the dtypes and head dims they are built for, the devices they run on and
+    the grid limit. The rest of the contract (shapes, dtypes and devices alike, an odd kernel at most the
+    image side, conditioners and mask together) is checked once, by fastcomp.local_conditional_attention."""
     where = f"fastcomp.kernels.attention.{fn}"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 5:
-            raise ValueError(f"{where}: {name} must be a 5-D tensor [B, H, W, heads, D], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if q.dtype not in _DTYPES:
+    if q.dtype not in ATTENTION_DTYPES:
         raise TypeError(f"{where}: q has dtype {q.dtype}; the Triton kernels support float32, float16 and "
                         f"bfloat16 (use the cpu backend for float64)")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{where}: {name} has shape {list(t.shape)}, expected q's {list(q.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{where}: {name} has dtype {t.dtype}, expected q's {q.dtype}; cast them alike")
-        if t.device != q.device:
-            raise ValueError(f"{where}: {name} is on {t.device}, q on {q.device}; move them to one device")
     if q.device.type != "cuda" and not _interpreting():
         raise RuntimeError(f"{where}: tensors on {q.device} need TRITON_INTERPRET=1 (set before importing "
                            f"this module); move them to a CUDA device or use the cpu backend")
     B, H, W, heads, D = q.shape
-    if B * heads > 65535:  # grid axis 1 is batch * head, which CUDA caps at 65535
-        raise ValueError(f"{where}: batch * heads = {B * heads} exceeds 65535; split the batch into chunks")
-    if not 16 <= D <= 128:
-        raise ValueError(f"{where}: head dim D = {D} is outside the supported 16..128")
-    kh, kw = kernel_size
-    for name, size, side, side_name in (("kh", kh, H, "H"), ("kw", kw, W, "W")):
-        if size < 1 or size % 2 == 0 or size > side:
-            raise ValueError(f"{where}: kernel_size {name} = {size} must be odd and at most {side_name} = {side}")
-    if (cond_k is None) != (cond_v is None):
-        raise ValueError(f"{where}: pass both cond_k and cond_v or neither")
-    if cond_k is None:
-        if cond_mask is not None:
-            raise ValueError(f"{where}: cond_mask given without cond_k/cond_v")
-        return
-    for name, t in (("cond_k", cond_k), ("cond_v", cond_v)):
-        if t.dim() != 4 or t.shape[0] != B or t.shape[2] != heads or t.shape[3] != D:
-            raise ValueError(f"{where}: {name} has shape {list(t.shape)}, expected [B, M, heads, D] = "
-                             f"[{B}, M, {heads}, {D}]")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"{where}: {name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
-    if cond_v.shape != cond_k.shape:
-        raise ValueError(f"{where}: cond_v has shape {list(cond_v.shape)}, cond_k {list(cond_k.shape)}")
-    M = cond_k.shape[1]
-    if cond_mask is not None:
-        if cond_mask.dtype != torch.bool or tuple(cond_mask.shape) != (B, M, H, W):
-            raise ValueError(f"{where}: cond_mask must be bool [B, M, H, W] = [{B}, {M}, {H}, {W}], got "
-                             f"{cond_mask.dtype} {list(cond_mask.shape)}")
-        if cond_mask.device != q.device:
-            raise ValueError(f"{where}: cond_mask is on {cond_mask.device}, q on {q.device}")
+    if B * heads > GRID_YZ_LIMIT:  # grid axis 1 is batch * head
+        raise ValueError(f"{where}: batch * heads = {B * heads} exceeds {GRID_YZ_LIMIT}; split the batch into chunks")
+    low, high = ATTENTION_HEAD_DIMS
+    if not low <= D <= high:
+        raise ValueError(f"{where}: head dim D = {D} is outside the supported {low}..{high}")
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -85,8 +85,8 @@ def probe_demux_triton(g: torch.Tensor, origins: torch.Tensor, stride: int, radi
         return
     g = g.contiguous()
     # A probe's offset (c * H + i) * W + j is int32 (the probe offset is int64).
-    check_int32_count("fastcomp.kernels.probe_demux.probe_demux_triton", "one probe's result [B, K, H, W]", B * K * H * W,
-                      "probe fewer samples or output channels per call")
+    check_int32_count("fastcomp.kernels.probe_demux.probe_demux_triton", "one probe's result [B, K, H, W]",
+                      B * K * H * W, "probe fewer samples or output channels per call")
     block_s = triton.next_power_of_2(2 * radius + 1)
     block_w = min(triton.next_power_of_2(W), 128)
     launch(_probe_demux_kernel, (N,), g.device, g, origins.contiguous(), sums, counts, outside, B * K, H, W, stride,

@@ -16,7 +16,8 @@ from fastcomp import backends as _b
 from fastcomp.reference import ddn_candidates, ddn_gather_reference, ddn_select_reference
 from tests.helpers import assert_close, assert_low_precision_close
 
-BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("cuda", marks=pytest.mark.gpu)]
 HALF = (torch.float16, torch.bfloat16)
 
 

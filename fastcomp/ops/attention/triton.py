@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HEAD_DIMS = (16, 128)  # kernels/attention.py pads D to a power of two up to 128
+# The kernels' limits, defined once in kernels/limits.py (importing it does not import triton).
+from ...kernels.limits import ATTENTION_DTYPES as DTYPES  # noqa: F401  (the backend's input check reads it)
+from ...kernels.limits import ATTENTION_HEAD_DIMS as HEAD_DIMS
 
 
 def forward(*args):

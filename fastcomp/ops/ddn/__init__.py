@@ -147,50 +147,35 @@ _TRITON_PRIORITY, _CUDA_PRIORITY, _CPU_PRIORITY, _TORCH_PRIORITY = 20, 15, 10, 5
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _cpu_input_problem(*tensors):
-    return _b.device_input_problem("cpu", *tensors) or _b.dtype_input_problem(cpu.DTYPES, *tensors)
+def _register(name: str, priority: int, select_run, gather_run, select_description: str,
+              gather_description: str, *, input_problem=None, machine_check=None, prepare=None):
+    """Register backend ``name`` of both ops; ``input_problem(*tensors)`` checks the tensor arguments."""
+    check = None if input_problem is None else (lambda f, w, x, b, r: input_problem(f, w, x, b, r))
+    for op, run, description in ((SELECT, select_run, select_description), (GATHER, gather_run, gather_description)):
+        _b.register(op, name, priority=priority, machine_check=machine_check, input_check=check, prepare=prepare,
+                    description=description)(run)
 
 
-_b.register(SELECT, "cpu", priority=_CPU_PRIORITY, machine_check=_b.cpp_problem("ddn"), prepare=_b.cpp_prepare("ddn"),
-            input_check=lambda f, w, t, b, r: _cpu_input_problem(f, w, t, b, r),
-            description="C++ kernels: Gram expansion + exact re-ranking of the near-best (l2), chunked direct "
-                        "distances (l1); float32/float64")(selection_op("cpu", cpu.select, chosen_cpu))
-_b.register(GATHER, "cpu", priority=_CPU_PRIORITY, machine_check=_b.cpp_problem("ddn"), prepare=_b.cpp_prepare("ddn"),
-            input_check=lambda f, w, i, b, r: _cpu_input_problem(f, w, i, b, r),
-            description="C++ kernels: the chosen candidate and its backward; float32/float64"
-            )(gather_by_chosen_candidate(chosen_cpu))
-
-_b.register(SELECT, "torch", priority=_TORCH_PRIORITY,
-            description="PyTorch: Gram expansion + exact re-ranking of the near-best (l2), chunked over K (l1)"
-            )(selection_op("torch", pytorch.select, chosen_torch))
-_b.register(GATHER, "torch", priority=_TORCH_PRIORITY,
-            description="PyTorch: bmm of the gathered weights; backward by index_add"
-            )(gather_by_chosen_candidate(chosen_torch))
-
-
-def _triton_input_problem(*tensors):
-    return _b.triton_input_problem(*tensors) or _b.dtype_input_problem(_GPU_DTYPES, *tensors)
-
-
-_b.register(SELECT, "triton", priority=_TRITON_PRIORITY, machine_check=_b.triton_problem,
-            input_check=lambda f, w, t, b, r: _triton_input_problem(f, w, t, b, r),
-            description="fused distances per (b, k block) with tl.dot, candidates in registers; torch argmin"
-            )(selection_op("triton", triton.select, chosen_torch))
-_b.register(GATHER, "triton", priority=_TRITON_PRIORITY, machine_check=_b.triton_problem,
-            input_check=lambda f, w, i, b, r: _triton_input_problem(f, w, i, b, r),
-            description="the chosen candidate per (b, pixel block); backward by bmm/index_add"
-            )(gather_op("triton", triton.gather, chosen_torch))
-
-
-def _cuda_input_problem(*tensors):
-    return _b.device_input_problem("cuda", *tensors) or _b.dtype_input_problem(_GPU_DTYPES, *tensors)
-
-
-_b.register(SELECT, "cuda", priority=_CUDA_PRIORITY, machine_check=_b.cuda_problem,
-            input_check=lambda f, w, t, b, r: _cuda_input_problem(f, w, t, b, r),
-            description="CUDA kernels: fused distances (kTileK candidates per block) + argmin; torch backward"
-            )(selection_op("cuda", cuda.select, chosen_torch))
-_b.register(GATHER, "cuda", priority=_CUDA_PRIORITY, machine_check=_b.cuda_problem,
-            input_check=lambda f, w, i, b, r: _cuda_input_problem(f, w, i, b, r),
-            description="CUDA kernel, one thread per (b, pixel); torch backward"
-            )(gather_op("cuda", cuda.gather, chosen_torch))
+_register("cpu", _CPU_PRIORITY, selection_op("cpu", cpu.select, chosen_cpu), gather_by_chosen_candidate(chosen_cpu),
+          "C++ kernels: Gram expansion + exact re-ranking of the near-best (l2), chunked direct distances (l1); "
+          "float32/float64",
+          "C++ kernels: the chosen candidate and its backward; float32/float64",
+          # one dtype for all: the public functions checked that the tensors share features' dtype
+          input_problem=lambda f, *t: _b.device_input_problem("cpu", f, *t) or _b.dtype_input_problem(cpu.DTYPES, f),
+          machine_check=_b.cpp_problem("ddn"), prepare=_b.cpp_prepare("ddn"))
+_register("torch", _TORCH_PRIORITY, selection_op("torch", pytorch.select, chosen_torch),
+          gather_by_chosen_candidate(chosen_torch),
+          "PyTorch: Gram expansion + exact re-ranking of the near-best (l2), chunked over K (l1)",
+          "PyTorch: bmm of the gathered weights; backward by index_add")
+_register("triton", _TRITON_PRIORITY, selection_op("triton", triton.select, chosen_torch),
+          gather_op("triton", triton.gather, chosen_torch),
+          "fused distances per (b, k block) with tl.dot, candidates in registers; torch argmin",
+          "the chosen candidate per (b, pixel block); backward by bmm/index_add",
+          input_problem=lambda *t: _b.triton_input_problem(*t) or _b.dtype_input_problem(_GPU_DTYPES, *t),
+          machine_check=_b.triton_problem)
+_register("cuda", _CUDA_PRIORITY, selection_op("cuda", cuda.select, chosen_torch),
+          gather_op("cuda", cuda.gather, chosen_torch),
+          "CUDA kernels: fused distances (kTileK candidates per block) + argmin; torch backward",
+          "CUDA kernel, one thread per (b, pixel); torch backward",
+          input_problem=lambda *t: _b.device_input_problem("cuda", *t) or _b.dtype_input_problem(_GPU_DTYPES, *t),
+          machine_check=_b.cuda_problem)
