@@ -62,7 +62,7 @@ def chosen_backward(d_out, features, weight, index, has_bias: bool):
     d_weight = torch.empty(K, Cout, Cin, dtype=features.dtype)
     d_bias = torch.empty(K, Cout, dtype=features.dtype) if has_bias else None
     extension().ddn_chosen_backward_cpu(features.contiguous(), weight.contiguous(), index.contiguous(),
-                                d_out.to(features.dtype).contiguous(), d_features, d_weight, d_bias)
+                                        d_out.to(features.dtype).contiguous(), d_features, d_weight, d_bias)
     return d_features, d_weight, d_bias
 
 
