@@ -185,7 +185,7 @@ class LcaCase:
 def lca_section(dev, smoke, out_dir):
     """Ours vs the references: correctness of out and all gradients, then fwd and fwd+bwd times."""
     from fastcomp.bench import cases
-    from fastcomp.reference.attention import local_conditional_attention_reference as reference
+    from fastcomp.reference import local_conditional_attention_reference as reference
 
     c = LcaCase(dev, smoke)
     ks, scale, do, leaves = c.ks, c.scale, c.do, c.leaves
@@ -312,7 +312,7 @@ def ddn_section(dev, smoke, out_dir):
     import fastcomp
     from fastcomp import backends as _b
     from fastcomp.kernels.ddn import ddn_distances_triton
-    from fastcomp.reference.ddn import ddn_select_reference
+    from fastcomp.reference import ddn_select_reference
 
     res = {}
     for nominal_cin in (64, 128):

@@ -12,7 +12,7 @@
 #include "tensor_checks.h"
 
 namespace fastcomp {
-void register_ddn_cuda(pybind11::module_& m);  // csrc/ddn_cuda_ops.cpp
+void register_ddn_cuda(pybind11::module_& m);  // csrc/ddn/ddn_cuda_ops.cpp
 
 namespace {
 
@@ -35,7 +35,7 @@ void disk_mask_cuda(const at::Tensor& points, double radius, at::Tensor& out, in
 }  // namespace fastcomp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastcomp CUDA kernels (csrc/*.cu) behind raw-pointer launchers; outputs allocated by Python";
+  m.doc() = "fastcomp CUDA kernels (csrc/<op>/*.cu) behind raw-pointer launchers; outputs allocated by Python";
   m.def("disk_mask_cuda", &fastcomp::disk_mask_cuda, pybind11::arg("points"), pybind11::arg("radius"),
         pybind11::arg("out"), pybind11::arg("stream"),
         "points [B, M, 2] float64, out [B, M, H, W] bool (written), stream: cudaStream_t as int64");

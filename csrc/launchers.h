@@ -16,7 +16,7 @@ namespace fastcomp {
 const char* disk_mask_cuda_launch(const double* points, int64_t BM, int64_t H, int64_t W, double radius_sq,
                                   bool* out, int device, void* stream);
 
-// DDN selection (csrc/ddn.cu). dtype: one of the codes below, for every floating tensor (all the same).
+// DDN selection (csrc/ddn/ddn.cu). dtype: one of the codes below, for every floating tensor (all the same).
 // Tensors contiguous: features [B, Cin, HW], weight [K, Cout, Cin], bias [K, Cout] or nullptr, residual and
 // target [B, Cout, HW] (residual may be nullptr). dist: [B, K] float32, float64 for float64 inputs
 // (written); index: [B] int64 (written), argmin over K, ties -> smallest k, NaN first as torch.argmin.

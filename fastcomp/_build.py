@@ -1,10 +1,11 @@
 """Compile fastcomp's C++ and CUDA extensions on first use, cache them, and check the CUDA sources.
 
-The sources live in csrc/ (installed as the package ``fastcomp.csrc``). :data:`EXTENSIONS` lists the
-files of each extension: one CPU extension per op family (``attention``, ``ddn``, ``probe_demux``,
-``disk_mask``), so a source that does not compile on some machine takes out only its own op, and the
-``cuda`` extension. ``load(name)`` compiles on first use with ``torch.utils.cpp_extension.load`` (ninja)
-into a cache directory and imports the result; later processes import the cached library directly.
+The sources live in csrc/ (installed as the package ``fastcomp.csrc``): each op's in ``csrc/<op>/``, the
+headers they share in csrc/ itself. :data:`EXTENSIONS` lists the files of each extension: one CPU
+extension per op (``attention``, ``ddn``, ``probe_demux``, ``disk_mask``), so a source that does not
+compile on some machine takes out only its own op, and the ``cuda`` extension. ``load(name)`` compiles on
+first use with ``torch.utils.cpp_extension.load`` (ninja) into a cache directory and imports the result;
+later processes import the cached library directly.
 ``fastcomp build`` (:func:`main`) compiles ahead of time and reports every extension.
 
 Convention for every C++/CUDA op
@@ -24,8 +25,8 @@ Convention for every C++/CUDA op
    So every .cu compiles with bare nvcc and the binding with g++ on a machine without a GPU (or with a
    CPU build of torch): :func:`compile_check_cuda` proves that in CI, and ``fastcomp build --check-cuda``
    runs it by hand.
-4. CPU kernels (``<family>_cpu.cpp``) see only ``ATen/core/Tensor.h``-level torch headers; the
-   family's ``PYBIND11_MODULE`` sits in ``<family>_module.cpp`` with ``cpu_module.h`` (pybind11 and
+4. CPU kernels (``<op>/<op>_cpu.cpp``) see only ``ATen/core/Tensor.h``-level torch headers; the
+   op's ``PYBIND11_MODULE`` sits in ``<op>/<op>_module.cpp`` with ``cpu_module.h`` (pybind11 and
    torch's tensor casters, not ``torch/python.h``, which alone costs ~16 s of compile). They are loops
    over contiguous tensors, parallel with OpenMP over ``at::get_num_threads()`` threads, vectorized with
    ``#pragma omp simd`` or GCC/Clang vector types whose width and register tiles come from ``simd.h``.
@@ -93,15 +94,18 @@ from typing import Optional
 
 import torch
 
-# The sources of each extension, relative to csrc/: one CPU extension per op family (a source that
-# fails to compile takes out only its own op), and the CUDA one. A .cu file that is not listed here is a
-# mistake (it would never be built): compile_check_cuda refuses it.
+# The sources of each extension, relative to csrc/: one CPU extension per op (its sources in csrc/<op>/;
+# a source that fails to compile takes out only its own op), and the CUDA one (its binding csrc/cuda_ops.cpp
+# and each op's .cu and binding part). The shared headers (simd.h, common.h, tensor_checks.h, cpu_module.h,
+# cuda_utils.h, launchers.h) sit in csrc/ itself, on the include path. A .cu file that is not listed here is
+# a mistake (it would never be built): compile_check_cuda refuses it. Source file names stay unique across
+# the folders: torch's ninja build names each object file after its source's name.
 EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "attention": ("attention_cpu.cpp", "attention_jvp_cpu.cpp", "attention_module.cpp"),
-    "ddn": ("ddn_cpu.cpp", "ddn_module.cpp"),
-    "probe_demux": ("probe_cpu.cpp", "probe_module.cpp"),
-    "disk_mask": ("disk_mask_cpu.cpp",),
-    "cuda": ("cuda_ops.cpp", "disk_mask.cu", "ddn_cuda_ops.cpp", "ddn.cu"),
+    "attention": ("attention/attention_cpu.cpp", "attention/attention_jvp_cpu.cpp", "attention/attention_module.cpp"),
+    "ddn": ("ddn/ddn_cpu.cpp", "ddn/ddn_module.cpp"),
+    "probe_demux": ("probe_demux/probe_cpu.cpp", "probe_demux/probe_module.cpp"),
+    "disk_mask": ("disk_mask/disk_mask_cpu.cpp",),
+    "cuda": ("cuda_ops.cpp", "disk_mask/disk_mask.cu", "ddn/ddn_cuda_ops.cpp", "ddn/ddn.cu"),
 }
 
 # Device code for Ampere (A100) and Hopper (H100/H200), plus PTX so newer GPUs can JIT it; the present
@@ -365,10 +369,15 @@ def _build_key(name: str, sources: list[Path], src: Path, flags: dict, cuda: boo
     h.update(json.dumps({"name": name, "flags": flags, "torch": torch.__version__, "cxx": _find_cxx()[0],
                          "python": sys.version, "variant": variant.name if variant else None,
                          "cpu": _cpu_tag() if variant == NATIVE else None}, sort_keys=True).encode())
-    headers = sorted(p for ext in ("*.h", "*.cuh") for p in src.glob(ext))
-    for path in [*sources, *headers]:
+    for path in [*sources, *headers(src)]:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def headers(src: Path) -> list[Path]:
+    """Every header under ``src`` (the shared ones in csrc/, each op's in csrc/<op>/), in the order of their
+    file names (unique), so the build key does not depend on which folder a header sits in."""
+    return sorted((p for ext in ("*.h", "*.cuh") for p in src.rglob(ext)), key=lambda p: p.name)
 
 
 @contextlib.contextmanager
@@ -628,6 +637,12 @@ def load(name: str):
     return found
 
 
+def loaded(name: str) -> bool:
+    """Whether extension ``name`` is loaded in this process (no file system access: the ops ask on every call)."""
+    found = _loaded.get(name)
+    return found is not None and not isinstance(found, BuildError)
+
+
 def failure(name: str) -> Optional[str]:
     """Why extension ``name`` cannot be used in this process, known without compiling (None otherwise):
     it failed earlier in this process, or its build of the variant this CPU would load failed before and
@@ -734,8 +749,9 @@ def compile_check_cuda(verbose: bool = False) -> list[str]:
     if problem:
         raise BuildError(f"fastcomp: {problem}")
     src = source_dir()
-    cu_files = sorted(src.glob("*.cu"))
-    unlisted = [p.name for p in cu_files if p.name not in EXTENSIONS["cuda"]]
+    cu_files = sorted(src.rglob("*.cu"))
+    unlisted = [p.relative_to(src).as_posix() for p in cu_files
+                if p.relative_to(src).as_posix() not in EXTENSIONS["cuda"]]
     if unlisted:
         raise BuildError(f"fastcomp: {', '.join(unlisted)} in {src} not listed in EXTENSIONS['cuda'] in "
                          f"fastcomp/_build.py, so it would never be built: add it there")
@@ -759,7 +775,7 @@ def compile_check_cuda(verbose: bool = False) -> list[str]:
             cmd = [*shlex.split(cxx), "-fsyntax-only", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                    "-DTORCH_EXTENSION_NAME=fastcomp_cuda_check", *includes, str(cpp)]
             jobs.append((cmd, f"g++ -fsyntax-only on {cpp.name}", f"g++: {cpp.name} parses against torch headers"))
-        for header in sorted(src.glob("*.h")):
+        for header in headers(src):
             key.update(header.read_bytes())
         digest = key.hexdigest()
         if digest in _checked_cuda:  # same tools, same sources: already passed in this process

@@ -24,7 +24,7 @@ import torch
 Reason = Optional[str]
 
 # Names users may pass as `backend=`; an op registers the subset it implements.
-KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+KNOWN_BACKENDS = ("reference", "torch", "cpu", "triton", "cuda")
 
 
 class BackendUnavailable(RuntimeError):
@@ -271,6 +271,8 @@ def cpp_problem(extension: str) -> Callable[[], Reason]:
     def check() -> Reason:
         from . import _build
 
+        if _build.loaded(extension):  # in this process already: nothing can stop it now (the per-call path)
+            return None
         problem = _build.compiler_problem()
         if problem:
             return problem

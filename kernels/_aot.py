@@ -85,7 +85,7 @@ def _require_compiled_kernels():
 def capture(call: Callable[[], object], op: str, arch: Optional[int] = None, **tags) -> list[Launch]:
     """Run `call` (a launcher on meta tensors) with every kernel launch recorded instead of run; `arch`
     (e.g. 90) is the compute capability the launchers configure for, as on such a GPU."""
-    from . import ddn, disk_mask, local_attention, local_attention_jvp, probe
+    from . import attention, ddn, disk_mask, probe_demux
 
     launches: list[Launch] = []
 
@@ -93,13 +93,13 @@ def capture(call: Callable[[], object], op: str, arch: Optional[int] = None, **t
         launches.append(Launch(op, kernel, device, args, meta, arch=arch, **tags))
 
     with contextlib.ExitStack() as stack:
-        for module in (local_attention, local_attention_jvp, ddn, probe, disk_mask):
+        for module in (attention, ddn, probe_demux, disk_mask):
             stack.enter_context(mock.patch.object(module, "launch", record))
         # the launchers' input checks accept CUDA tensors (or the interpreter); meta tensors stand in for them
-        stack.enter_context(mock.patch.object(local_attention, "_interpreting", lambda: False))
-        stack.enter_context(mock.patch.object(local_attention, "_check_inputs", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(attention, "_interpreting", lambda: False))
+        stack.enter_context(mock.patch.object(attention, "_check_inputs", lambda *a, **k: None))
         capability = None if arch is None else (arch // 10, arch % 10)
-        stack.enter_context(mock.patch.object(local_attention, "_capability", lambda device: capability))
+        stack.enter_context(mock.patch.object(attention, "_capability", lambda device: capability))
         call()
     return launches
 
@@ -111,8 +111,7 @@ def _meta(*shape, dtype=torch.float32):
 def attention_launches(dtype_name: str, D: int, arch: int) -> list[Launch]:
     """Every launch of the attention forward, backward and jvp, with and without conditioners, as configured on
     a GPU of compute capability `arch` (the block sizes depend on it)."""
-    from . import local_attention as la
-    from . import local_attention_jvp as lj
+    from . import attention as la
 
     s, dt = ATTN_SHAPE, DTYPES[dtype_name]
     B, H, W, heads, M, ks = s["B"], s["H"], s["W"], s["heads"], s["M"], (s["kernel"], s["kernel"])
@@ -127,7 +126,7 @@ def attention_launches(dtype_name: str, D: int, arch: int) -> list[Launch]:
         found += capture(lambda: la.lca_forward(q, k, v, *cond, ks, D ** -0.5), op, **tags)
         found += capture(lambda: la.lca_backward(do, q, k, v, *cond, out, lse, ks, D ** -0.5), op, **tags)
         tangents = (q, k, v, *((ck, cv) if cond[0] is not None else (None, None)))
-        found += capture(lambda: lj.lca_jvp(q, k, v, *cond, out, lse, *tangents, ks, D ** -0.5), op, **tags)
+        found += capture(lambda: la.lca_jvp(q, k, v, *cond, out, lse, *tangents, ks, D ** -0.5), op, **tags)
     return found
 
 
@@ -148,21 +147,21 @@ def ddn_launches(dtype_name: str) -> list[Launch]:
 
 def other_launches() -> list[Launch]:
     """probe_demux (float32 probes, radius 4) and disk_mask."""
-    from . import disk_mask, probe
+    from . import disk_mask, probe_demux
 
     N, B, K, H, W, R = 81, 4, 3, 32, 32, 4
     g = _meta(N, B, K, H, W)
     origins = torch.empty(N, 2, dtype=torch.int64, device="meta")
     sums, counts = (torch.empty(N, (2 * R + 1) ** 2, dtype=torch.float64, device="meta") for _ in range(2))
     outside = torch.empty(N, dtype=torch.float64, device="meta")
-    found = capture(lambda: probe.probe_demux_triton(g, origins, 2 * R + 1, R, False, sums, counts, outside),
+    found = capture(lambda: probe_demux.probe_demux_triton(g, origins, 2 * R + 1, R, False, sums, counts, outside),
                     "probe_demux fp32", dtype="fp32")
     points = _meta(4, 16, 2, dtype=torch.float64)
     found += capture(lambda: disk_mask.disk_mask_triton(points, 6.0, 128, 128), "disk_mask", dtype="fp64")
     return found
 
 
-KERNEL_MODULES = ("local_attention", "local_attention_jvp", "ddn", "probe", "disk_mask")
+KERNEL_MODULES = ("attention", "ddn", "probe_demux", "disk_mask")  # kernels/<op>.py, one per op
 
 
 def all_kernels() -> dict[str, object]:

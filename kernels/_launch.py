@@ -22,6 +22,7 @@ from typing import Iterable, Optional
 import torch
 
 INT32_LIMIT = 2**31
+GRID_YZ_LIMIT = 65535  # CUDA's cap on the size of grid axes 1 and 2
 
 
 def device_context(device: torch.device):

@@ -10,8 +10,8 @@ returns anyway; the argmin over it is torch.argmin (B * K reads, nothing next to
 multiply-adds of the kernel; a fused argmin would need a cross-program reduction for no gain).
 
 Gather: one program per (b, block of pixels), the chosen candidate only. Both backwards are torch
-(fastcomp.ops._ddn_torch.ChosenCandidate): two bmm and two index_add over [B, Cout, Cin]-sized
-tensors, already single GEMM calls; a Triton kernel would not beat cuBLAS there.
+(ChosenCandidate of fastcomp/ops/ddn/library.py over pytorch.py's kernels): two bmm and two index_add over
+[B, Cout, Cin]-sized tensors, already single GEMM calls; a Triton kernel would not beat cuBLAS there.
 """
 
 from __future__ import annotations

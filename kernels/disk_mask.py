@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import GRID_YZ_LIMIT, launch
 
 
 @triton.jit
@@ -47,9 +47,9 @@ def disk_mask_triton(points: torch.Tensor, radius: float, H: int, W: int) -> tor
     block_w = min(triton.next_power_of_2(W), 1024)
     # No FMA contraction: di*di + dj*dj must round like the float64 reference (two roundings), or pixels
     # lying exactly on a boundary flip.
-    if H > 65535:  # grid axis 1 holds the rows; CUDA caps it at 65535
-        raise ValueError(f"fastcomp.kernels.disk_mask.disk_mask_triton: H = {H} rows exceed the 65535 a launch "
-                         f"grid holds; build the mask in horizontal strips")
+    if H > GRID_YZ_LIMIT:  # grid axis 1 holds the rows
+        raise ValueError(f"fastcomp.kernels.disk_mask.disk_mask_triton: H = {H} rows exceed the {GRID_YZ_LIMIT} a "
+                         f"launch grid holds; build the mask in horizontal strips")
     launch(_disk_mask_kernel, (B * M, H), points.device, pts, radius_sq, out, H, W, BLOCK_W=block_w,
            enable_fp_fusion=False)
     return out

@@ -14,7 +14,7 @@ import torch
 
 import fastcomp
 from fastcomp import backends as _b
-from fastcomp.reference.attention import local_conditional_attention_reference
+from fastcomp.reference import local_conditional_attention_reference
 from helpers import assert_close, count_cpu_extension_calls
 
 OP = "local_conditional_attention"

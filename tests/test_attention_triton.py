@@ -1,6 +1,6 @@
-"""The Triton local conditional attention kernels (fastcomp.kernels.local_attention) against the reference.
+"""The Triton local conditional attention kernels (fastcomp.kernels.attention) against the reference.
 
-lca_forward / lca_backward are called directly (the op in fastcomp/ops/attention.py wraps them); the output
+lca_forward / lca_backward are called directly (fastcomp/ops/attention/triton.py wraps them); the output
 and all five gradients are compared with the float64 reference differentiated by autograd. Without CUDA the
 kernels run under TRITON_INTERPRET=1 on CPU tensors (set by tests/conftest.py), so those cases use tiny
 images; the `gpu` cases use the sizes the kernels are built for (D = 64/128, kernels 13 and 31, M = 256).
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastcomp.bench.cases import plain_attention as _plain_torch  # the low-precision baseline
-from fastcomp.reference.attention import local_conditional_attention_reference
+from fastcomp.reference import local_conditional_attention_reference
 from helpers import assert_close, assert_low_precision_close
 
 pytestmark = pytest.mark.triton
@@ -23,7 +23,7 @@ GRAD_NAMES = ("dq", "dk", "dv", "dcond_k", "dcond_v")
 
 
 def _lca():
-    from fastcomp.kernels import local_attention  # lazily: after conftest has chosen the interpreter
+    from fastcomp.kernels import attention as local_attention  # lazily: after conftest has chosen the interpreter
 
     return local_attention
 
@@ -163,24 +163,26 @@ def test_half_precision_matches_reference(dtype, triton_device):
 # --- launcher input checks ---------------------------------------------------------------------------
 
 
-def test_bad_inputs_raise_clear_errors(triton_device):
+def test_launcher_refuses_what_the_kernels_cannot_run(triton_device):
+    """The launchers check only the kernels' own limits (kernels/limits.py): the user-facing checks of shapes,
+    kernel size and conditioners are the public function's (tests/test_errors.py), made once."""
     lca = _lca()
-    q, k, v, ck, cv, cm = _inputs(1, 7, 9, 1, 16, 3, device=triton_device)
+    q, k, v, *_ = _inputs(1, 7, 9, 1, 16, 3, device=triton_device)
     s = 0.25
     with pytest.raises(TypeError, match="float64"):
         lca.lca_forward(q.double(), k.double(), v.double(), None, None, None, (3, 3), s)
     with pytest.raises(ValueError, match="head dim"):
         lca.lca_forward(q[..., :8], k[..., :8], v[..., :8], None, None, None, (3, 3), s)
-    with pytest.raises(ValueError, match="kh = 4"):
-        lca.lca_forward(q, k, v, None, None, None, (4, 3), s)
-    with pytest.raises(ValueError, match="kw = 11"):
-        lca.lca_forward(q, k, v, None, None, None, (3, 11), s)
-    with pytest.raises(ValueError, match="both cond_k and cond_v"):
-        lca.lca_forward(q, k, v, ck, None, None, (3, 3), s)
-    with pytest.raises(ValueError, match="cond_mask"):
-        lca.lca_forward(q, k, v, ck, cv, cm[:, :, :5], (3, 3), s)
-    with pytest.raises(ValueError, match="k has shape"):
-        lca.lca_forward(q, k[:, :5], v, None, None, None, (3, 3), s)
+
+
+def test_triton_backend_declines_what_its_kernels_cannot_run():
+    """The same limits, read by the backend's input check: backend=None never picks a kernel that refuses."""
+    from fastcomp.kernels import limits
+    from fastcomp.ops.attention import triton
+
+    assert "head dim D = 8 is outside the 16..128" in triton.head_dim_problem(torch.zeros(1, 5, 5, 1, 8))
+    assert triton.head_dim_problem(torch.zeros(1, 5, 5, 1, 16)) is None
+    assert triton.DTYPES is limits.ATTENTION_DTYPES and torch.float64 not in triton.DTYPES
 
 
 # --- GPU: the sizes the kernels are built for ---------------------------------------------------------

@@ -19,8 +19,8 @@ import torch
 import fastcomp
 from fastcomp import backends as _b
 from fastcomp.probe._engine import math_attention
-from fastcomp.reference.attention import local_conditional_attention_reference
-from fastcomp.reference.ddn import ddn_gather_reference
+from fastcomp.reference import local_conditional_attention_reference
+from fastcomp.reference import ddn_gather_reference
 from helpers import assert_close, count_cpu_extension_calls
 
 OP = "local_conditional_attention"

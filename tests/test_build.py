@@ -88,9 +88,10 @@ def test_build_info(shared_cache, monkeypatch):
 @needs_compiler
 def test_edited_source_gets_a_new_build_dir(tmp_path):
     src = _build.source_dir()
-    for name in ("disk_mask_cpu.cpp", "common.h"):
+    (tmp_path / "disk_mask").mkdir()
+    for name in ("disk_mask/disk_mask_cpu.cpp", "common.h"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
-    paths = [tmp_path / "disk_mask_cpu.cpp"]
+    paths = [tmp_path / "disk_mask" / "disk_mask_cpu.cpp"]
     flags = _build._flags(cuda=False)
     key = _build._build_key("disk_mask", paths, tmp_path, flags, False, _build.NATIVE)
     assert _build._build_key("disk_mask", paths, tmp_path, flags, False, _build.NATIVE) == key
@@ -158,10 +159,10 @@ def test_nvcc_problem_explains_a_cpu_torch():
 @needs_compiler
 def test_compile_check_cuda_compiles_every_cu_file():
     checked = "\n".join(_build.compile_check_cuda())
-    for cu in _build.source_dir().glob("*.cu"):
+    for cu in _build.source_dir().rglob("*.cu"):
         assert cu.name in checked, checked
-    for cpp in _build.EXTENSIONS["cuda"]:
-        assert cpp in checked, checked
+    for source in _build.EXTENSIONS["cuda"]:  # paths relative to csrc/, e.g. ddn/ddn.cu
+        assert source.rsplit("/", 1)[-1] in checked, checked
 
 
 @needs_nvcc

@@ -107,7 +107,7 @@ def test_attention_float32(runnable, D):
 
 
 def test_ddn_select_and_gather(runnable):
-    from fastcomp.reference.ddn import ddn_gather_reference, ddn_select_reference
+    from fastcomp.reference import ddn_gather_reference, ddn_select_reference
 
     g = torch.Generator().manual_seed(3)
     # fused small-K path (Cin 10: 3x3 tiles leave one row, 4x4 tiles two) and the batched path (K Cin^2/2 > 2^18)
@@ -134,7 +134,7 @@ def test_ddn_select_and_gather(runnable):
 
 
 def test_probe_demux(runnable):
-    from fastcomp.probe import _demux
+    from fastcomp.ops.probe_demux import probe_demux
 
     g = torch.Generator().manual_seed(4)
     radius, stride = 2, 5
@@ -142,9 +142,9 @@ def test_probe_demux(runnable):
         probes = torch.randn(6, 2, 3, 13, 17, generator=g, dtype=dtype)
         origins = torch.tensor([[i % stride, (2 * i) % stride] for i in range(6)], dtype=torch.int64)
         for transpose in (False, True):
-            got = _demux.probe_demux(probes, origins, stride=stride, radius=radius, transpose=transpose,
+            got = probe_demux(probes, origins, stride=stride, radius=radius, transpose=transpose,
                                      backend="cpu")
-            ref = _demux.probe_demux(probes, origins, stride=stride, radius=radius, transpose=transpose,
+            ref = probe_demux(probes, origins, stride=stride, radius=radius, transpose=transpose,
                                      backend="reference")
             for a, b in zip(got, ref):
                 assert_close(a, b, ratio=1e-12)
@@ -227,7 +227,7 @@ def test_a_family_that_fails_to_build_takes_out_only_its_own_op(tmp_path):
     error, disk_mask's C++ backend still runs, and `fastcomp info` says which failed and why."""
     src = tmp_path / "csrc"
     shutil.copytree(_build.source_dir(), src)
-    with open(src / "ddn_cpu.cpp", "a") as f:
+    with open(src / "ddn" / "ddn_cpu.cpp", "a") as f:
         f.write("\nint fastcomp_broken_on_purpose() { return undeclared_name_in_ddn; }\n")
     script = textwrap.dedent(f"""
         import warnings

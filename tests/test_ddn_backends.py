@@ -13,10 +13,12 @@ import torch
 
 import fastcomp
 from fastcomp import backends as _b
-from fastcomp.reference.ddn import ddn_candidates, ddn_gather_reference, ddn_select_reference
+from fastcomp.reference import ddn_candidates, ddn_gather_reference, ddn_select_reference
 from tests.helpers import assert_close, assert_low_precision_close
 
-BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.triton), pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.triton),
+            pytest.param("cuda", marks=pytest.mark.gpu)]
+HALF = (torch.float16, torch.bfloat16)
 
 
 def _device(backend):
@@ -200,6 +202,7 @@ CANCELLATION = [  # name, dtype, residual offset, near-duplicate spread (None: r
 def test_cancellation_index_matches_reference(backend, metric, case):
     name, dtype, offset, spread = case
     _skip_interpreted_bfloat16(backend, dtype)
+    _skip_cpu_half(backend, dtype)
     dev = _device(backend)
     B, Cin, Cout, K, H, W = (6, 5, 3, 9, 7, 9) if backend != "triton" else (3, 4, 3, 5, 5, 7)
     f, w, b, r, t = _inputs(B, Cin, Cout, K, H, W, dtype=dtype, device=dev, residual_offset=offset, seed=5)
@@ -238,6 +241,7 @@ def test_cpu_distances_error_bound_with_large_offset():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_low_precision_output(backend, dtype):
     _skip_interpreted_bfloat16(backend, dtype)
+    _skip_cpu_half(backend, dtype)
     dev = _device(backend)
     f, w, b, r, t = _inputs(3, 8, 3, 5, 7, 9, dtype=dtype, device=dev)
     out = fastcomp.ddn_select(f, w, t, bias=b, residual=r, backend=backend)
@@ -248,6 +252,12 @@ def test_low_precision_output(backend, dtype):
     assert_low_precision_close(out.output, ref64, ddn_gather_reference(f, w, out.index, b, r))
     gathered = fastcomp.ddn_gather(f, w, out.index, bias=b, residual=r, backend=backend)
     assert_low_precision_close(gathered, ref64, ddn_gather_reference(f, w, out.index, b, r))
+
+
+def _skip_cpu_half(backend, dtype):
+    if backend == "cpu" and dtype in HALF:
+        pytest.skip("the cpu backend's C++ kernels take float32/float64; the torch backend runs half precision "
+                    "(test_cpu_declines_half_precision_and_auto_runs_torch)")
 
 
 def _skip_interpreted_bfloat16(backend, dtype):
@@ -266,8 +276,18 @@ def test_cpu_is_the_default_for_cpu_tensors():
 def test_priorities():
     for op in ("ddn_select", "ddn_gather"):
         names = [x.name for x in _b.backends(op)]
-        # Triton first on CUDA tensors (tl.dot on the tensor cores) until a GPU measurement says otherwise
-        assert names == ["triton", "cuda", "cpu", "reference"], names
+        # Triton first on CUDA tensors (tl.dot on the tensor cores) until a GPU measurement says otherwise;
+        # on CPU tensors the C++ kernels before their PyTorch formulation
+        assert names == ["triton", "cuda", "cpu", "torch", "reference"], names
+
+
+def test_cpu_declines_half_precision_and_auto_runs_torch():
+    f, w, b, r, t = _inputs(1, 2, 1, 2, 3, 3, dtype=torch.float16)
+    index = torch.zeros(1, dtype=torch.long)
+    assert _b.select("ddn_select", None, f, w, t, b, r).name == "torch"
+    assert _b.select("ddn_gather", None, f, w, index, b, r).name == "torch"
+    with pytest.raises(_b.BackendUnavailable, match="backend 'cpu' cannot run: dtype float16 is not supported"):
+        fastcomp.ddn_select(f, w, t, bias=b, residual=r, backend="cpu")
 
 
 def test_empty_batch_and_nan_poison():
@@ -279,7 +299,7 @@ def test_empty_batch_and_nan_poison():
 
 
 # The backward is ChosenCandidate's on every backend; the interpreted Triton gather would only add ~20 s.
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.gpu]),
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.gpu]),
                                      pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_low_precision_weight_grad_accumulates_in_float32(backend, dtype, monkeypatch):

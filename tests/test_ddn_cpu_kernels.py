@@ -1,4 +1,4 @@
-"""The C++ kernels behind the DDN "cpu" backend (csrc/ddn_cpu.cpp) against float64 PyTorch.
+"""The C++ kernels behind the DDN "cpu" backend (csrc/ddn/ddn_cpu.cpp) against float64 PyTorch.
 
 Sizes are chosen to hit every tail of the kernels: Cin not a multiple of the 3- or 4-row Gram tiles, pixel
 counts (7x9 = 63) not a multiple of a SIMD vector, Cout = 1, 3 and 5 (more rows than one 4-row
@@ -15,8 +15,8 @@ import torch
 
 import fastcomp
 from fastcomp import _build
-from fastcomp.ops import _ddn_torch
-from fastcomp.reference.ddn import ddn_candidates, ddn_select_reference
+from fastcomp.ops.ddn import chosen_cpu, cpu, pytorch
+from fastcomp.reference import ddn_candidates, ddn_select_reference
 from tests.helpers import assert_close, extra_cpu_variants
 
 SIZES = [  # B, Cin, Cout, K, H, W
@@ -78,7 +78,7 @@ def test_l2_stats(ext, size, residual, dtype):
     assert_close(s_f, x.sum(dim=2), name="s_f")
     assert_close(e_sum, e.sum(dim=2), name="e_sum")
     assert_close(e_sq, e.square().sum(dim=(1, 2)), name="e_sq")
-    assert torch.equal(_ddn_torch._diagonal_positions(Cin), torch.nonzero(rows == cols).squeeze(1))
+    assert torch.equal(cpu._diagonal_positions(Cin), torch.nonzero(rows == cols).squeeze(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -97,20 +97,19 @@ def test_weight_gram(ext, size, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("size", SIZES, ids=IDS)
-def test_l2_threshold(ext, size, bias, dtype, monkeypatch):
+def test_l2_threshold(ext, size, bias, dtype):
     """ddn_l2_threshold_cpu (est, bound, thresh in one C++ pass) against the PyTorch formulation of
-    expanded_l2 and select_cpu's threshold, and est against the float64 reference within the bound."""
+    expanded_l2 and the torch backend's threshold, and est against the float64 reference within the bound."""
     B, Cin, Cout, K, H, W = size
     f, w, b, r, t = _inputs(*size, dtype=dtype)
     b = b if bias else None
-    est, bound, thresh = _ddn_torch.l2_threshold_cpu(ext, f, w, t, b, r)
+    est, bound, thresh = cpu.l2_threshold(ext, f, w, t, b, r)
     cand = ddn_candidates(f.double(), w.double(), None if b is None else b.double(), r.double())  # [B, K, ...]
     exact = (cand - t.double()[:, None]).square().flatten(2).mean(dim=2)  # [B, K] float64
     assert (est - exact).abs().le(bound + 1e-12 * exact.abs()).all()
-    monkeypatch.setattr(_ddn_torch, "_cpu_ext", lambda tensor: None)  # the PyTorch formulation
-    want_est, want_bound = _ddn_torch.expanded_l2(f, w, t, b, r)
+    want_est, want_bound = pytorch.expanded_l2(f, w, t, b, r)  # the PyTorch formulation
     est_min = want_est.amin(dim=1)
-    want_thresh = est_min + 2 * want_bound.amax(dim=1) + _ddn_torch._reference_noise(dtype, est_min, t)
+    want_thresh = est_min + 2 * want_bound.amax(dim=1) + pytorch.reference_noise(dtype, est_min, t)
     # float32: the PyTorch formulation's Gram matrices (hence A and tr(G_b)) round differently
     rtol = 1e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(est, want_est, rtol=rtol, atol=1e-12)
@@ -122,7 +121,7 @@ def test_l2_threshold_nan_row(ext):
     """A NaN in a sample makes its threshold NaN (as amin/amax), so the re-ranking recomputes every k."""
     f, w, b, r, t = _inputs(*SIZES[0])
     f[1, 0, 0, 0] = float("nan")
-    est, bound, thresh = _ddn_torch.l2_threshold_cpu(ext, f, w, t, b, r)
+    est, bound, thresh = cpu.l2_threshold(ext, f, w, t, b, r)
     assert thresh[1].isnan() and not thresh[[0, 2]].isnan().any()
 
 
@@ -140,7 +139,7 @@ def test_l2_select_fused(size, extras, dtype, monkeypatch):
     leaves = [x.detach().requires_grad_() for x in (f, w)]
     got = {}
     for fused_elements in (1 << 18, 0):  # fused, then the batched passes
-        monkeypatch.setattr(_ddn_torch, "_FUSED_ELEMENTS", fused_elements)
+        monkeypatch.setattr(cpu, "_FUSED_ELEMENTS", fused_elements)
         got[fused_elements] = fastcomp.ddn_select(leaves[0], leaves[1], t, bias=b, residual=r, backend="cpu")
     f64 = [x.detach().double().requires_grad_() for x in (f, w)]
     ref_out, ref_index, ref_dist = ddn_select_reference(f64[0], f64[1], t.double(),
@@ -165,7 +164,7 @@ def test_rerank(ext, size, near):
     B, Cin, Cout, K, H, W = size
     f, w, b, r, t = _inputs(*size)
     _, ref_index, ref_dist = ddn_select_reference(f, w, t, b, r)
-    est, bound = _ddn_torch.expanded_l2(f, w, t, b, r)
+    est, bound = pytorch.expanded_l2(f, w, t, b, r)
     thresh = {"expansion": est.min(dim=1).values + 2 * bound.max(dim=1).values,
               "none": torch.full((B,), float("nan"), dtype=torch.float64),
               "all": torch.full((B,), float("inf"), dtype=torch.float64)}[near]
@@ -184,12 +183,12 @@ def test_rerank(ext, size, near):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("size", SIZES, ids=IDS)
 def test_chosen_candidate_forward_backward(size, dtype):
-    """chosen_candidate (C++ forward and backward for float32/float64 CPU tensors) against the reference's
+    """the cpu backend's chosen candidate (C++ forward and backward for float32/float64 CPU tensors) against the reference's
     candidates and autograd, in float64; d weight / d bias rows of unchosen k are exactly zero."""
     B, Cin, Cout, K, H, W = size
     f, w, b, r, _ = (x.requires_grad_() for x in _inputs(*size, dtype=dtype))
     index = torch.randint(0, K, (B,), generator=torch.Generator().manual_seed(1))
-    out = _ddn_torch.chosen_candidate(f, w, b, r, index)
+    out = chosen_cpu(f, w, b, r, index)
     leaves64 = [x.detach().double().requires_grad_() for x in (f, w, b, r)]
     ref = ddn_candidates(*leaves64)[torch.arange(B), index]
     assert_close(out, ref, name="output", dtype=dtype)
@@ -208,12 +207,12 @@ def test_chosen_candidate_partial_grads_and_gradcheck():
     f, w, b, r, t = _inputs(2, 5, 3, 5, 3, 5)
     w.requires_grad_()
     index = torch.tensor([4, 1])
-    out = _ddn_torch.chosen_candidate(f, w, b, r, index)
+    out = chosen_cpu(f, w, b, r, index)
     (d_w,) = torch.autograd.grad(out.sum(), (w,))
     ref = torch.autograd.grad(ddn_candidates(f, w, b, r)[torch.arange(2), index].sum(), (w,))[0]
     assert_close(d_w, ref, name="d weight")
     leaves = [x.detach().requires_grad_() for x in (f, w, b, r)]
-    assert torch.autograd.gradcheck(lambda *a: _ddn_torch.chosen_candidate(*a, index), leaves)
+    assert torch.autograd.gradcheck(lambda *a: chosen_cpu(*a, index), leaves)
 
 
 def test_select_float32_mid_size():

@@ -7,7 +7,7 @@ import torch
 
 import fastcomp
 from fastcomp.nn import DiscreteDistributionLayer
-from fastcomp.reference.ddn import ddn_candidates, ddn_select_reference
+from fastcomp.reference import ddn_candidates, ddn_select_reference
 from helpers import assert_close
 
 

@@ -15,7 +15,7 @@ import torch
 import fastcomp
 from fastcomp import _build
 from fastcomp import backends as _b
-from fastcomp.reference.attention import disk_mask_reference
+from fastcomp.reference import disk_mask_reference
 
 needs_compiler = pytest.mark.skipif(_build.compiler_problem() is not None,
                                     reason=f"cannot compile C++ here: {_build.compiler_problem()}")

@@ -18,9 +18,9 @@ KERNELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 
 
 def _mods():
-    from fastcomp.kernels import _aot, _launch, ddn, disk_mask, local_attention, probe
+    from fastcomp.kernels import _aot, _launch, attention, ddn, disk_mask, probe_demux
 
-    return _aot, _launch, local_attention, ddn, probe, disk_mask
+    return _aot, _launch, attention, ddn, probe_demux, disk_mask
 
 
 def _meta(*shape, dtype=torch.float32, stride=None):
@@ -43,9 +43,7 @@ def _all_launches_on_meta():
     q, k, v, ck, cv, mask, do, out, lse = _attention_meta()
     found = aot.capture(lambda: la.lca_forward(q, k, v, ck, cv, mask, (3, 3), 0.2), "fwd")
     found += aot.capture(lambda: la.lca_backward(do, q, k, v, ck, cv, mask, out, lse, (3, 3), 0.2), "bwd")
-    from fastcomp.kernels import local_attention_jvp as lj
-
-    found += aot.capture(lambda: lj.lca_jvp(q, k, v, ck, cv, mask, out, lse, q, k, v, ck, cv, (3, 3), 0.2), "jvp")
+    found += aot.capture(lambda: la.lca_jvp(q, k, v, ck, cv, mask, out, lse, q, k, v, ck, cv, (3, 3), 0.2), "jvp")
     f, w, b = _meta(2, 5, 4, 4), _meta(6, 3, 5), _meta(6, 3)
     r, t = _meta(2, 3, 4, 4), _meta(2, 3, 4, 4)
     index = torch.empty(2, dtype=torch.int64, device="meta")

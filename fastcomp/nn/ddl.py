@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.ddn import ddn_gather, ddn_select
-from ..reference.ddn import ddn_candidates
+from ..ops.ddn.reference import ddn_candidates
 
 # scorer(candidates [B, n, Cout, H, W]) -> cost [B, n]; lower is better (a distance to the condition).
 Scorer = Callable[[torch.Tensor], torch.Tensor]

@@ -1,6 +1,6 @@
 """What the ops share to run their kernels as torch.library custom ops under every transform.
 
-Pattern (one per fused backend of an op; see ops/attention.py and ops/ddn.py):
+Pattern (one per fused backend of an op; see ops/attention/library.py and ops/ddn/library.py):
 
 - each kernel (forward, backward, jvp) is a ``torch.library.custom_op`` with a fake implementation, so
   torch.compile sees one opaque node with the right output metadata and never traces the launcher (its

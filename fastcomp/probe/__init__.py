@@ -11,7 +11,7 @@ fastcomp.reference.probe_results: the fast path imports the reference, never the
 """
 
 from ..reference.probe_results import ConditionerLocality, PixelLocality
-from ._demux import Demuxed, probe_demux  # noqa: F401  (Demuxed: probe_demux's result type)
+from ..ops.probe_demux import Demuxed, probe_demux  # noqa: F401  (Demuxed: probe_demux's result type)
 from ._engine import MODES  # noqa: F401
 from .conditioner import COND_METHODS, conditioner_locality  # noqa: F401
 from .noise import NoiseLocality, locality_vs_noise

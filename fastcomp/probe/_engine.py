@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..ops import _checks as check
 from ..ops._checks import is_int
-from ._demux import probe_demux
+from ..ops.probe_demux import probe_demux
 
 MODES = ("forward", "reverse")
 

@@ -44,7 +44,7 @@ void disk_mask_cpu(const at::Tensor& points, double radius, at::Tensor& out) {
 }  // namespace fastcomp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastcomp disk_mask CPU kernel (csrc/disk_mask_cpu.cpp); outputs are allocated by the Python caller";
+  m.doc() = "fastcomp disk_mask CPU kernel (csrc/disk_mask/disk_mask_cpu.cpp); outputs are allocated by the Python caller";
   FASTCOMP_BIND_BUILD_INFO(m);
   m.def("disk_mask_cpu", &fastcomp::disk_mask_cpu, pybind11::arg("points"), pybind11::arg("radius"),
         pybind11::arg("out"), "points [B, M, 2] float64, out [B, M, H, W] bool (written)");

@@ -4,7 +4,7 @@ One program per probe n reads its result g[n] ([B, K, H, W]) once, row by row in
 sums |g| over (b, k) and scatters each column's mass into the probe's [(2R+1), (2R+1)] offset tile with
 one-hot reductions (no atomics: every program owns its output row, so the result is deterministic).
 Mass whose nearest probe pixel is out of range or outside the image goes to outside[n]. Semantics:
-fastcomp.reference.probe.probe_demux_reference.
+fastcomp.ops.probe_demux.reference.probe_demux_reference.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def probe_demux_triton(g: torch.Tensor, origins: torch.Tensor, stride: int, radi
         return
     g = g.contiguous()
     # A probe's offset (c * H + i) * W + j is int32 (the probe offset is int64).
-    check_int32_count("fastcomp.kernels.probe.probe_demux_triton", "one probe's result [B, K, H, W]", B * K * H * W,
-                      "probe fewer samples or output channels per call")
+    check_int32_count("fastcomp.kernels.probe_demux.probe_demux_triton", "one probe's result [B, K, H, W]",
+                      B * K * H * W, "probe fewer samples or output channels per call")
     block_s = triton.next_power_of_2(2 * radius + 1)
     block_w = min(triton.next_power_of_2(W), 128)
     launch(_probe_demux_kernel, (N,), g.device, g, origins.contiguous(), sums, counts, outside, B * K, H, W, stride,

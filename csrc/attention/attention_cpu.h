@@ -1,6 +1,6 @@
-// Local conditional attention, CPU kernels (csrc/attention_cpu.cpp), bound in attention_module.cpp.
+// Local conditional attention, CPU kernels (csrc/attention/attention_cpu.cpp), bound in attention_module.cpp.
 //
-// Python (fastcomp/ops/attention.py, lca_forward_cpu / lca_backward_cpu) passes contiguous heads-last
+// Python (fastcomp/ops/attention/cpu.py, forward / backward) passes contiguous heads-last
 // tensors and allocates every output:
 //   q, k, v, out, grad_out, dq, dk, dv: [B, H, W, heads, D]   float32 or float64
 //   cond_k, cond_v, dcond_k, dcond_v:   [B, M, heads, D]      (M may be 0)

@@ -1,7 +1,7 @@
-// Local conditional attention, CPU forward-mode derivative (csrc/attention_jvp_cpu.cpp), bound in
+// Local conditional attention, CPU forward-mode derivative (csrc/attention/attention_jvp_cpu.cpp), bound in
 // attention_module.cpp.
 //
-// Python (fastcomp/ops/attention.py, lca_jvp_cpu) passes contiguous heads-last tensors of one dtype
+// Python (fastcomp/ops/attention/cpu.py, jvp) passes contiguous heads-last tensors of one dtype
 // (float32 or float64) and allocates the output:
 //   q, k, v, out, dout:        [B, H, W, heads, D]   (out and lse from local_attention_forward_cpu)
 //   cond_k, cond_v:            [B, M, heads, D]      (M may be 0)

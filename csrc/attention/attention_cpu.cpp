@@ -1,6 +1,6 @@
 // Local conditional attention on CPU: forward and backward, float32 and float64.
 //
-// Semantics (fastcomp/reference/attention.py is the spec): pixel (i, j) attends the kh x kw window of
+// Semantics (fastcomp/ops/attention/reference.py is the spec): pixel (i, j) attends the kh x kw window of
 // image keys whose top-left corner is (clamp(i - kh/2, 0, H - kh), clamp(j - kw/2, 0, W - kw)) plus the
 // conditioner keys m with cond_mask[b, m, i, j], in ONE softmax; the log-sum-exp of every query is
 // stored for the backward.

@@ -1,4 +1,4 @@
-// DDN K-way selection on the CPU: the heavy passes of fastcomp/ops/_ddn_torch.py's l2 expansion, the
+// DDN K-way selection on the CPU: the heavy passes of fastcomp/ops/ddn/pytorch.py's l2 expansion, the
 // exact re-ranking of the near-best candidates, and the chosen candidate's forward and backward.
 //
 // Why C++: at B=32, Cin=64, K=64, 32x32 the PyTorch formulation spent most of its time outside the flops
@@ -18,7 +18,7 @@
 // All are parallel with OpenMP over samples (or sample x row-block tiles), threads from torch's setting.
 //
 // Rounding: the Gram tiles (and m_fe) use fused multiply-adds and SIMD-lane partial sums, an accumulation
-// order no worse than the BLAS the bound in _ddn_torch.expanded_l2 was written for. The candidate values
+// order no worse than the BLAS the bound in ops/ddn/pytorch.py expanded_l2 was written for. The candidate values
 // are rounded like the reference's (products summed in scalar_t with FMAs as its GEMM does, then + bias,
 // then + residual, each rounded to scalar_t), their distances summed in float64.
 #include "ddn_cpu.h"
@@ -320,7 +320,7 @@ ThresholdTables threshold_tables(const T* p_w, const T* p_bias, int64_t K, int64
   tab.c_a = std::min(n_a, lambda * std::sqrt(n_a)) * u_a / tab.N;
   tab.c_64 = static_cast<double>(HW + Cin * Cout + 8) * u64 / tab.N;
   tab.c_x = 2 * std::min(n_x, lambda * std::sqrt(n_x)) * u_a / tab.N;
-  // the reference's own noise (_ddn_torch._reference_noise): u of the dtype = u of the accumulation dtype
+  // the reference's own noise (ops/ddn/pytorch.py reference_noise): u of the dtype = u of the accumulation dtype
   tab.u = u_a / 2;
   tab.noise_c = 4 * std::sqrt(tab.N + 8) * tab.u;
   return tab;
@@ -384,7 +384,7 @@ double threshold_row(const ThresholdTables& tab, const T* a, const T* g, const d
 }
 
 // The expanded distances, their error bound and each row's re-ranking threshold in one pass over B x K
-// (what _ddn_torch.expanded_l2 and select_cpu compute in ~30 small torch ops, each costing tens of
+// (what ops/ddn/pytorch.py expanded_l2 and ops/ddn/cpu.py select compute in ~30 small torch ops, each costing tens of
 // microseconds of dispatch, far more on busy cores). Same formulas, float64 throughout; p_a [B, K] is
 // A = <W_k^T W_k, G_b> in T.
 template <typename T>

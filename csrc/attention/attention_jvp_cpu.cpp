@@ -1,6 +1,6 @@
 // Local conditional attention on CPU, forward-mode derivative (the tangent of out), float32 and float64.
 //
-// Semantics: fastcomp/reference/attention.py is the spec and attention_jvp_cpu.h states the formula. With
+// Semantics: fastcomp/ops/attention/reference.py is the spec and attention_jvp_cpu.h states the formula. With
 // the forward's lse saved, p_ij = exp(scale q_i . k_j - lse_i) is known without a max pass, so the tangent
 // is one pass over each query's keys (its kh x kw window, then the conditioners it may see):
 //   t_ij = scale (dq_i . k_j + q_i . dk_j),   mu_i += p_ij t_ij,   acc_i += p_ij t_ij v_j + p_ij dv_j,

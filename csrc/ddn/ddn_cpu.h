@@ -1,5 +1,5 @@
-// DDN K-way selection, CPU kernels (csrc/ddn_cpu.cpp), bound in ddn_module.cpp; used by
-// fastcomp/ops/_ddn_torch.py for float32 and float64 CPU tensors (other dtypes take its PyTorch path).
+// DDN K-way selection, CPU kernels (csrc/ddn/ddn_cpu.cpp), bound in ddn_module.cpp; used by
+// fastcomp/ops/ddn/cpu.py (the cpu backend: float32 and float64 CPU tensors; the torch backend is PyTorch).
 //
 // Python passes contiguous tensors and allocates every output (torch.empty, so the tests' NaN poisoning
 // reaches here); every output element is written. Shapes (N = H * W pixels):
@@ -28,7 +28,7 @@ void ddn_l2_stats_cpu(const at::Tensor& features, const std::optional<at::Tensor
 // off-diagonal entries doubled, so that <W_k^T W_k, G_b> = p_tri[k] . gram[b] (gram as above).
 void ddn_weight_gram_cpu(const at::Tensor& weight, at::Tensor& p_tri);
 
-// The expanded distances and the re-ranking threshold (as _ddn_torch.expanded_l2 and select_cpu compute
+// The expanded distances and the re-ranking threshold (as ops/ddn/pytorch.py expanded_l2 and ops/ddn/cpu.py select compute
 // them): from a [B, K] scalar_t = <W_k^T W_k, G_b> (gram @ p_tri^T), gram, m_fe, s_f, e_sum, e_sq as
 // written by ddn_l2_stats_cpu, weight [K, Cout, Cin], bias [K, Cout] (optional), target [B, Cout, N] and the
 // bound's confidence factor lambda, writes est [B, K], bound [B, K] and thresh [B] = min_k est + 2 max_k

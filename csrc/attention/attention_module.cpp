@@ -4,13 +4,13 @@
 #include "cpu_module.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastcomp local conditional attention CPU kernels (csrc/attention_cpu.cpp); outputs are allocated "
+  m.doc() = "fastcomp local conditional attention CPU kernels (csrc/attention/attention_cpu.cpp); outputs are allocated "
             "by the Python caller";
   FASTCOMP_BIND_BUILD_INFO(m);
   m.def("local_attention_forward_cpu", &fastcomp::local_attention_forward_cpu,
-        "local conditional attention forward (csrc/attention_cpu.h): writes out and lse");
+        "local conditional attention forward (csrc/attention/attention_cpu.h): writes out and lse");
   m.def("local_attention_backward_cpu", &fastcomp::local_attention_backward_cpu,
-        "local conditional attention backward (csrc/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
+        "local conditional attention backward (csrc/attention/attention_cpu.h): writes dq, dk, dv, dcond_k, dcond_v");
   m.def("local_attention_jvp_cpu", &fastcomp::local_attention_jvp_cpu,
-        "local conditional attention forward-mode derivative (csrc/attention_jvp_cpu.h): writes dout");
+        "local conditional attention forward-mode derivative (csrc/attention/attention_jvp_cpu.h): writes dout");
 }

@@ -1,4 +1,4 @@
-// Fused demultiplexing of structured Jacobian probes (csrc/probe_cpu.cpp), bound in probe_module.cpp.
+// Fused demultiplexing of structured Jacobian probes (csrc/probe_demux/probe_cpu.cpp), bound in probe_module.cpp.
 #pragma once
 
 // Only the Tensor class: this file compiles without the full torch/pybind11 headers, which keeps the

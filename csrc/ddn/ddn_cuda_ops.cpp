@@ -1,4 +1,4 @@
-// Binding of the DDN CUDA launchers (csrc/ddn.cu): torch headers, no CUDA header (see the convention in
+// Binding of the DDN CUDA launchers (csrc/ddn/ddn.cu): torch headers, no CUDA header (see the convention in
 // fastcomp/_build.py). Registered into the CUDA extension by cuda_ops.cpp's PYBIND11_MODULE through
 // register_ddn_cuda.
 #include <torch/python.h>
