@@ -75,7 +75,7 @@ def _diagonal_positions(cin: int) -> torch.Tensor:
 
 def _gram_terms_cpu(ext, features, weight, target, residual):
     """The C++ passes of the expansion for float32/float64 CPU tensors: one pass over the features
-    (csrc/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is then
+    (csrc/ddn/ddn_cpu.cpp ddn_l2_stats_cpu) gives the Gram matrices' upper triangles and the sums; A is then
     one GEMM against the upper triangles of W_k^T W_k with doubled off-diagonal entries
     (ddn_weight_gram_cpu): half the flops of <W_k^T W_k, G_b> over full matrices.
 
