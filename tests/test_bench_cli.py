@@ -203,3 +203,24 @@ def test_flex_block_mask_is_compiled_where_its_dense_build_is_large(monkeypatch,
     cond_mask = torch.zeros(4, 16, size, size, dtype=torch.bool)  # built on CPU; only its shape matters here
     assert cases.flex_block_mask(cond_mask, size, size, 3, device=device) == "block mask"
     assert seen == dict(B=4, Q=size * size, KV=size * size + 16, device=device, compile=compiled)
+
+
+def test_attention_share_uses_the_better_matmul_sample_and_says_when_the_load_changed(monkeypatch):
+    """A matmul sample taken in a loaded second would double every share: the report takes the higher of
+    the samples before and after the cases, and says so when they are far apart."""
+    from types import SimpleNamespace
+
+    from fastcomp.bench import attention_extras
+
+    size = cases.AttnSize(2, 64, 64, 4, 32, 7, 8)
+    case = SimpleNamespace(op=attention_extras.OP, size=size, name=f"{attention_extras.OP} [{size.label}] fwd")
+    result = harness.Result(attention_extras.OP, "cpu", size.label, "float32", "fwd", median_ms=10.0)
+    monkeypatch.setattr(attention_extras, "matmul_gflops", lambda device: 50.0)
+    monkeypatch.setattr(attention_extras, "memory_scaling", lambda device: None)
+    out, lines = attention_extras.report([case], [result], torch.device("cpu"), matmul_before=100.0)
+    assert out["matmul_float32_gflops"] == 100.0 and out["matmul_samples_gflops"] == [100.0, 50.0]
+    share = attention_extras.attention_flops(size, "fwd") / 1e-2 / 1e9 / 100.0
+    assert out["providers"][0]["fraction_of_matmul"] == round(share, 4)
+    assert any("load changed" in line for line in lines)
+    _, quiet = attention_extras.report([case], [result], torch.device("cpu"), matmul_before=52.0)
+    assert not any("load changed" in line for line in quiet)

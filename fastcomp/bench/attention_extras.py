@@ -70,15 +70,31 @@ def memory_scaling(device: torch.device, dtype=torch.float32, backend: str = "cp
             "ratio": round(ratio, 2), "expected_linear": 4.0, "quadratic_would_be": 16.0}
 
 
-def report(cases: list, results: list[harness.Result], device: torch.device) -> tuple[dict, list[str]]:
-    """(JSON-ready dict, printed lines) for the attention cases among ``results``."""
+def has_cases(cases: list) -> bool:
+    return any(c.op == OP and getattr(c, "size", None) is not None for c in cases)
+
+
+def report(cases: list, results: list[harness.Result], device: torch.device,
+           matmul_before: Optional[float] = None) -> tuple[dict, list[str]]:
+    """(JSON-ready dict, printed lines) for the attention cases among ``results``; matmul_before: the
+    matmul GFLOP/s sampled before the cases ran (see below)."""
     sizes = {c.name: c.size for c in cases if c.op == OP and getattr(c, "size", None) is not None}
     if not sizes:
         return {}, []
     start = time.perf_counter()
-    mm = matmul_gflops(device)
-    out = {"matmul_float32_gflops": round(mm, 2), "providers": []}
+    # The matmul rate is sampled before the cases and again now; on a shared machine a loaded second can
+    # halve one sample, and a share taken from it would be twice too high. The higher sample is the
+    # machine's rate (so a share is never flattered); far apart samples are reported as such.
+    samples = [mm for mm in (matmul_before, matmul_gflops(device)) if mm is not None]
+    mm = max(samples)
+    out = {"matmul_float32_gflops": round(mm, 2), "matmul_samples_gflops": [round(x, 2) for x in samples],
+           "providers": []}
     lines = [f"local_conditional_attention throughput (useful flops; float32 matmul here: {mm:.1f} GFLOP/s):"]
+    if min(samples) < 0.75 * mm:
+        listed = ", ".join(f"{x:.1f}" for x in samples)
+        lines.append(f"  note: the matmul samples before and after the cases differ ({listed} GFLOP/s): the load "
+                     f"changed during the run, so the shares are rough; benchmarks/attention_share.py measures "
+                     f"them with matmul and attention timed alternately")
     for r in results:
         size = sizes.get(f"{r.op} [{r.shape}] {r.mode}")
         if size is None or not r.measured:

@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and load is not None and load > 0.5 * (os.cpu_count() or 1):
         print(f"note: load average {load} before starting: other processes share these cores, so CPU "
               f"timings will be noisy", flush=True)
+    matmul_before = attention_extras.matmul_gflops(device) if attention_extras.has_cases(cases) else None
     start = time.perf_counter()
     bar = _progress(total)
     results: list[harness.Result] = []
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
 
     print(harness.format_table(results))
-    attention, attention_lines = attention_extras.report(cases, results, device)
+    attention, attention_lines = attention_extras.report(cases, results, device, matmul_before)
     if attention_lines:
         print("\n" + "\n".join(attention_lines))
     out_dir = Path(args.out) if args.out else Path.cwd() / "benchmarks" / "results"
