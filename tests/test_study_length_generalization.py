@@ -74,6 +74,7 @@ def test_study_rejects_bad_options(capsys):
     assert cli.main(["study", "length-generalization", "--variants", "mlp", "--no-progress"]) == 2
     assert "mlp" in capsys.readouterr().err
     assert cli.main(["study", "length-generalization", "--seeds", "0", "--no-progress"]) == 2
+    assert cli.main(["study", "length-generalization", "--jobs", "0", "--no-progress"]) == 2
     assert cli.main(["study", "nonesuch"]) == 2
 
 
@@ -88,3 +89,14 @@ def test_spearman_and_its_bootstrap_interval():
     y = [0.0, 0.1, 0.05, 0.3, 0.2, 0.6, 0.7, 0.65]
     c = study.correlation(x, y, n_boot=500)
     assert c["low"] <= c["rho"] <= c["high"] <= 1.0 and c["n"] == 8 and 0 < c["used"] <= 500
+
+
+def test_study_jobs_train_in_helper_processes_and_give_the_same_results(tmp_path):
+    """--jobs 2: a helper process trains models into the shared cache from the middle of the list while the
+    main one starts at the top; the results equal a one-process run's (training is seeded per model)."""
+    common = ["study", "length-generalization", "--quick", "--variants", "local,vector", "--no-progress"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert [m["name"] for m in one["models"]] == [m["name"] for m in two["models"]]
+    assert [m["counts"] for m in one["models"]] == [m["counts"] for m in two["models"]]

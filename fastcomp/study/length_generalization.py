@@ -37,10 +37,12 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -143,8 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed (model i of seed s trains with base + s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; on a busy "
                    "machine 1 is often faster)")
+    p.add_argument("--jobs", type=int, default=1, help="models trained at once, each in its own process sharing "
+                   "the cache, the cores split among them (small models use 2 processes of 1 thread better than 1 "
+                   "of 2: --jobs 2 on 2 cores)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by --jobs for its helpers
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _start_workers(argv: list, jobs: int, threads: Optional[int]) -> list:
+    """jobs - 1 helper processes of this same study: each walks the model list from another starting point
+    and trains what is not cached yet (the per-model lock keeps two from training one model); this process
+    walks it from the start and writes the results once every model is cached."""
+    child, drop_next = [], False
+    for a in argv:  # this invocation's arguments without "--jobs N" / "--jobs=N" / "--threads N"
+        if drop_next:
+            drop_next = False
+        elif a in ("--jobs", "--threads"):
+            drop_next = True
+        elif not a.startswith(("--jobs=", "--threads=")):
+            child.append(a)
+    child += ["--no-progress", "--threads", str(threads or 1)]
+    code = "import sys; from fastcomp.study.length_generalization import main; sys.exit(main(sys.argv[1:]))"
+    return [subprocess.Popen([sys.executable, "-c", code, *child, "--worker", str(k), "--jobs", str(jobs)])
+            for k in range(1, jobs)]
 
 
 def _log(msg: str, progress) -> None:
@@ -575,16 +599,20 @@ def _total(records: list, phase: str, what: str) -> float:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     s = _options.settings(args, DEFAULTS, QUICK)
 
     prog = "fastcomp study length-generalization"
     variants = _options.names(prog, "--variants", args.variants, VARIANTS)
-    if variants is None or not _options.positive(prog, dict(s, seeds=args.seeds), (
-            "steps", "batch_size", "channels", "depth", "samples", "sampler_steps", "max_objects_eval", "seeds")):
+    if variants is None or not _options.positive(prog, dict(s, seeds=args.seeds, jobs=args.jobs), (
+            "steps", "batch_size", "channels", "depth", "samples", "sampler_steps", "max_objects_eval", "seeds",
+            "jobs")):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.jobs > 1:  # the cores shared among the processes, not each process taking them all
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.jobs))
     cache = args.cache or os.path.join(args.out, "cache")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(cache, exist_ok=True)
@@ -594,18 +622,34 @@ def main(argv=None) -> int:
             f.write("# written by fastcomp study: the model cache (checkpoints, metrics) is not for git\n*\n")
     progress = False if args.no_progress else None
     specs = plan(variants, args.seeds)
-    _log(f"fastcomp study length-generalization: {len(specs)} models, cache {cache}", progress)
+    if args.worker is not None:  # a helper of --jobs: train from its own starting point, report nothing
+        start = args.worker * len(specs) // args.jobs
+        for spec in specs[start:] + specs[:start]:
+            run_model(spec, s, args, cache, progress)
+        return 0
+    _log(f"fastcomp study length-generalization: {len(specs)} models, cache {cache}"
+         + (f", {args.jobs} processes" if args.jobs > 1 else ""), progress)
     t0 = time.perf_counter()
+    workers = _start_workers(argv, args.jobs, torch.get_num_threads()) if args.jobs > 1 else []
     records = []
-    bar = tqdm(specs, desc="study", unit="model", disable=None if progress is None else not progress,
-               file=sys.stderr)
-    for spec in bar:
-        bar.set_postfix_str(spec.name)
-        record = run_model(spec, s, args, cache, progress)
-        records.append(record)
-        _log(f"[{spec.name}] score " + ", ".join(f"k={k} {c['score']:.2f}" for k, c in record["counts"].items())
-             + (f"; inside {record['probes']['cond_inside_fraction']:.2f}" if record.get("probes") else ""), progress)
-    bar.close()
+    try:
+        bar = tqdm(specs, desc="study", unit="model", disable=None if progress is None else not progress,
+                   file=sys.stderr)
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            record = run_model(spec, s, args, cache, progress)
+            records.append(record)
+            _log(f"[{spec.name}] score " + ", ".join(f"k={k} {c['score']:.2f}" for k, c in record["counts"].items())
+                 + (f"; inside {record['probes']['cond_inside_fraction']:.2f}" if record.get("probes") else ""),
+                 progress)
+        bar.close()
+        failed = [w.args for w in workers if w.wait() != 0]
+    finally:  # interrupted or failed: no helper keeps training alone (the cache keeps what they finished)
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+    if failed:  # every model is cached and reported above; a helper's failure is still said
+        _log(f"warning: {len(failed)} helper process(es) of --jobs exited with an error (see above)", progress)
     wall = time.perf_counter() - t0
 
     K = s["max_objects_eval"]
