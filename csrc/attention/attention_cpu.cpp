@@ -67,6 +67,23 @@ Problem<T> make_problem(const at::Tensor& q, int64_t M, int64_t kh, int64_t kw, 
   return p;
 }
 
+// L pixels x L channels (from channel d0) of a heads-last row s (pixels pix apart) as L registers, one per
+// channel: L whole-vector loads and a register transpose.
+template <typename T>
+inline void load_block_t(const T* s, int64_t pix, int64_t d0, simd::vec<T>* rows) {
+  constexpr int64_t L = simd::kLanes<T>;
+  for (int64_t jj = 0; jj < L; ++jj) rows[jj] = simd::load(s + jj * pix + d0);  // [pixel][channel]
+  simd::transpose<T>(rows);                                                    // [channel][pixel]
+}
+
+// Prefetches the D channels of the L pixels after s: lines at a stride the hardware prefetcher misses.
+template <typename T>
+inline void prefetch_next_block(const T* s, int64_t pix, int64_t D) {
+  constexpr int64_t L = simd::kLanes<T>;
+  for (int64_t jj = 0; jj < L; ++jj)
+    for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (L + jj) * pix + d);
+}
+
 // Transposes W pixels x D of one (b, row, head) from heads-last into dst [D][ld], times `mul`: blocks of
 // L pixels x L channels (L = lanes of a register) go through a register transpose (simd::transpose), so
 // every load and store is a whole contiguous vector; the D % L and W % L edges go element by element.
@@ -78,14 +95,10 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst, int
   int64_t j0 = 0;
   for (; j0 + L <= W; j0 += L) {
     const T* s = src_row + j0 * pix;
-    if (j0 + 2 * L <= W) {  // the next block's pixels: lines at a stride the hardware prefetcher misses
-      for (int64_t jj = 0; jj < L; ++jj)
-        for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (L + jj) * pix + d);
-    }
+    if (j0 + 2 * L <= W) prefetch_next_block(s, pix, D);
     for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
-      simd::vec<T> b_rows[L];  // [pixel][channel], then [channel][pixel]
-      for (int64_t jj = 0; jj < L; ++jj) b_rows[jj] = simd::load(s + jj * pix + d0);
-      simd::transpose<T>(b_rows);
+      simd::vec<T> b_rows[L];
+      load_block_t(s, pix, d0, b_rows);
       for (int64_t dd = 0; dd < L; ++dd) simd::store(dst + (d0 + dd) * ld + j0, b_rows[dd] * mul);
     }
     for (int64_t d = d_vec; d < D; ++d)
@@ -396,13 +409,10 @@ struct KeyRing {
     int64_t t = 0;
     for (; (t + 1) * L <= W; ++t) {
       const T* s = src + t * L * pix;
-      if ((t + 2) * L <= W)  // the next tile's pixels: lines at a stride the hardware prefetcher misses
-        for (int64_t jj = 0; jj < L; ++jj)
-          for (int64_t d = 0; d < D; d += 64 / sizeof(T)) __builtin_prefetch(s + (L + jj) * pix + d);
+      if ((t + 2) * L <= W) prefetch_next_block(s, pix, D);
       for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
-        simd::vec<T> b_rows[L];  // [pixel][channel], then [channel][pixel]
-        for (int64_t jj = 0; jj < L; ++jj) b_rows[jj] = simd::load(s + jj * pix + d0);
-        simd::transpose<T>(b_rows);
+        simd::vec<T> b_rows[L];
+        load_block_t(s, pix, d0, b_rows);
         for (int64_t dd = 0; dd < L; ++dd) {
           simd::store(dst + t * panel + (d0 + dd) * 2 * L, b_rows[dd]);
           if (t > 0) simd::store(dst + (t - 1) * panel + (d0 + dd) * 2 * L + L, b_rows[dd]);
