@@ -20,7 +20,7 @@ import time
 import torch
 
 import fastcomp
-from fastcomp.bench import attention_extras, cases
+from fastcomp.bench import attention_extras, cases, harness
 
 
 def main(argv=None) -> int:
@@ -65,13 +65,11 @@ def main(argv=None) -> int:
             seconds = median_s(calls[mode], 3 if mode == "fwd" else 2)
             shares[mode].append(attention_extras.attention_flops(size, mode) / seconds / 1e9 / mm)
 
-    def pct(xs, q):
-        return 100 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
-
     print(f"{size.label}, float32, {torch.get_num_threads()} threads, backend {args.backend!r}, "
           f"{args.rounds} rounds: matmul median {statistics.median(matmul):.1f} GFLOP/s")
     for mode, xs in shares.items():
-        print(f"  {mode:<8} {100 * statistics.median(xs):5.1f}% of matmul (p20-p80 {pct(xs, 0.2):.1f}-{pct(xs, 0.8):.1f})")
+        p20, p80 = (100 * harness.percentile(xs, q) for q in (20, 80))
+        print(f"  {mode:<8} {100 * statistics.median(xs):5.1f}% of matmul (p20-p80 {p20:.1f}-{p80:.1f})")
     return 0
 
 
