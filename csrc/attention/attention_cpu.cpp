@@ -176,15 +176,20 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 // 2^x for x <= 0 on a register, relative error ~2e-7: 2^n * 2^r, n = round(x), |r| <= 1/2, 2^r by its
-// Taylor series to degree 6 in r ln 2. Clamped to [-125, 0] (finite for -inf scores; masked keys are
-// blended to 0 afterwards, never multiplied).
+// Taylor series to degree 6 in r ln 2. Clamped below at -125 (finite for -inf scores; masked keys are
+// blended to 0 afterwards, never multiplied). Adding 1.5 * 2^23 + 127 rounds x to an integer held in the
+// low mantissa bits, already biased: those bits shifted into the exponent field are 2^n, with no
+// float-to-int conversion and no bias add (12 instructions instead of 15; the exp2 was ~10% of the
+// forward). x > 0 (only the scores of conditioners a lane may not see, blended away) stays finite for
+// x < 128.
 FASTCOMP_CONTRACT inline simd::vec<float> exp2_neg(simd::vec<float> x) {
   FASTCOMP_CONTRACT_BODY
   using V = simd::vec<float>;
   using I = simd::ivec<float>;
-  x = simd::min<float>(simd::max<float>(x, simd::splat(-125.0f)), simd::zero<float>());
-  const V n = (x + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V r = x - n;
+  constexpr float kRoundBiased = 12582912.0f + 127.0f;  // 1.5 * 2^23 + the exponent bias, exact in float
+  x = simd::max<float>(x, simd::splat(-125.0f));
+  const V t = x + kRoundBiased;
+  const V r = x - (t - kRoundBiased);
   V p = simd::splat(1.5403530393381609e-4f);
   p = p * r + 1.3333558146428443e-3f;
   p = p * r + 9.618129107628477e-3f;
@@ -192,8 +197,7 @@ FASTCOMP_CONTRACT inline simd::vec<float> exp2_neg(simd::vec<float> x) {
   p = p * r + 0.2402265069591007f;
   p = p * r + 0.6931471805599453f;
   p = p * r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  return p * (V)bits;
+  return p * (V)((I)t << 23);
 }
 
 inline simd::vec<double> exp2_neg(simd::vec<double> x) {  // float64: exact, lane by lane (tests, gradcheck)
