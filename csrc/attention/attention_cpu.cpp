@@ -181,7 +181,7 @@ constexpr double kLn2 = 0.6931471805599453;
 // low mantissa bits, already biased: those bits shifted into the exponent field are 2^n, with no
 // float-to-int conversion and no bias add (12 instructions instead of 15; the exp2 was ~10% of the
 // forward). x > 0 (only the scores of conditioners a lane may not see, blended away) stays finite for
-// x < 128.
+// x < 127.
 FASTCOMP_CONTRACT inline simd::vec<float> exp2_neg(simd::vec<float> x) {
   FASTCOMP_CONTRACT_BODY
   using V = simd::vec<float>;
