@@ -708,13 +708,16 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
 //  1. per query block (as the forward: interior blocks over the key/value panels, the border block over
 //     the border panels): recompute the scores and P = 2^(s log2 e - lse log2 e), dP = dO . V, delta =
 //     sum P dP, dS = P (dP - delta); dq = scale dS K (the forward's weighted sum, over the key panels);
-//     conditioner gradients accumulate lane by lane; the border block's dk / dv too (lane l of the border
-//     block always is border query l of a row, so its contributions are summed over lanes once, at the end).
+//     conditioner gradients accumulate lane by lane; the border block's dk / dv are summed per class of
+//     border queries (the first kw/2 all see key column dc at offset dc, the last kw/2 column W - kw + dc)
+//     into a [2][kw][D] accumulator per key row.
 //  2. dk / dv of the interior queries, gathered per tile of L key columns: key column c' gets
 //     sum_dc dS[dc][u] x[u] over the queries u = c' + kw/2 - dc that see it at offset dc (dS kept for
 //     the row as [key][column], zero outside the interior queries; x = scale q or dO as query panels,
 //     the same 2L-wide rows as the key panels, so the shifted loads stay inside one line per channel).
-//     Accumulated in registers, added to the tile once per (key row, tile, 8 channels).
+//     Accumulated in registers, added to the tile once per (key row, tile, 8 channels). The accumulators
+//     of the kh key rows the query row sees form a ring; a key row goes to dk / dv (tiles transposed, the
+//     border sums added) once no later query row sees it.
 
 // Query panels of the scatter: panel j holds columns jL + f .. jL + f + 2L of a transposed row (f =
 // kw/2 - L + 1), for j from -JOFF (so the gathers of the far offsets have panels) to NT.
@@ -1094,7 +1097,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
           }
         }
         // key rows no later query row sees are final
-        for (const int64_t done = i + 1 < H ? window_start(i + 1, kh, H) : H; flushed < done; ++flushed) flush_row(flushed);
+        const int64_t done = i + 1 < H ? window_start(i + 1, kh, H) : H;
+        for (; flushed < done; ++flushed) flush_row(flushed);
       }
       for (; flushed < H; ++flushed) flush_row(flushed);
       for (int64_t m = 0; m < P.M; ++m) {
