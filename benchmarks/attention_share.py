@@ -65,8 +65,15 @@ def main(argv=None) -> int:
             seconds = median_s(calls[mode], 3 if mode == "fwd" else 2)
             shares[mode].append(attention_extras.attention_flops(size, mode) / seconds / 1e9 / mm)
 
+    mm_lo, mm_hi = (harness.percentile(matmul, q) for q in (20, 80))
     print(f"{size.label}, float32, {torch.get_num_threads()} threads, backend {args.backend!r}, "
-          f"{args.rounds} rounds: matmul median {statistics.median(matmul):.1f} GFLOP/s")
+          f"{args.rounds} rounds: matmul median {statistics.median(matmul):.1f} GFLOP/s "
+          f"(p20-p80 {mm_lo:.1f}-{mm_hi:.1f}, best {max(matmul):.1f})")
+    if statistics.median(matmul) < 0.75 * max(matmul):
+        # Other work on these cores slows the compute-bound matmul and the memory-bound attention by
+        # different factors, so a share taken under that load is not this kernel's share.
+        print("  note: the matmul ran well below its best round most of the time: other load shared these "
+              "cores, and the shares below are not the kernel's; rerun on a quiet machine")
     for mode, xs in shares.items():
         p20, p80 = (100 * harness.percentile(xs, q) for q in (20, 80))
         print(f"  {mode:<8} {100 * statistics.median(xs):5.1f}% of matmul (p20-p80 {p20:.1f}-{p80:.1f})")
