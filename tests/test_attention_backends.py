@@ -101,6 +101,32 @@ def test_every_supported_dtype(backend):
         _compare(_problem(2, 13, 17, 2, 16, 5), (5, 3), backend, dtype)
 
 
+@pytest.mark.parametrize("kernel", [(5, 3), (7, 3)])
+def test_cpu_backward_splits_rows_into_blocks_when_threads_outnumber_b_times_heads(kernel):
+    """With more threads than B * heads the C++ backward splits each (b, head) into blocks of >= 2 kh rows
+    (here 8 threads, one (b, head), 45 rows: 4 blocks at kh = 5, 3 at kh = 7), and the key rows two blocks
+    share are the sum of the blocks' parts. Every gradient against the float64 reference, in float64 and
+    float32; the same call twice gives the same bits."""
+    _backend_or_skip("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        p = _problem(1, 45, 11, 1, 8, M=3)
+        for dtype in DTYPES["cpu"]:
+            _compare(p, kernel, "cpu", dtype)
+        leaves = [p[n].clone().requires_grad_() for n in ("q", "k", "v", "cond_k", "cond_v")]
+
+        def grads():
+            out = fastcomp.local_conditional_attention(*leaves[:3], kernel, cond_k=leaves[3], cond_v=leaves[4],
+                                                       cond_mask=p["cond_mask"], backend="cpu")
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        for a, b in zip(grads(), grads()):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_padding_conditioners_and_ragged_batches(backend):
     """Item 0 has 1 real conditioner, item 1 has 5: the rest are all-false padding and change nothing."""

@@ -18,8 +18,9 @@
 // conditioners stays in registers (scores in the exp2 domain, max, 2^x, sum), then the weighted sum of the
 // values; the log-sum-exp of every query is stored for the backward. Tasks are (b, head, block of rows).
 //
-// Backward (backward_impl): one task per (b, head), so every dk/dv/dcond element has one writer (no
-// atomics, deterministic). Per query row: recompute P from the stored lse, dP = dO . V, delta = sum P dP,
+// Backward (backward_impl): tasks are (b, head[, block of rows]); every dk/dv/dcond element has one
+// writer (the rows two blocks share are summed from the blocks' parts at the end: no atomics,
+// deterministic). Per query row: recompute P from the stored lse, dP = dO . V, delta = sum P dP,
 // dS = P (dP - delta), dq = scale dS K, the conditioner gradients; then dk/dv gathered per tile of key
 // columns from the row's dS and P (see the section comment there).
 //
@@ -111,12 +112,12 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst, int
 }
 
 // The inverse: src [D][ld] times mul (and times scale[j] per pixel where scale is given) into W pixels x D
-// of a heads-last row.
+// of a heads-last row (pixels pix_ apart where given).
 template <typename T>
 inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row, const T* scale = nullptr,
-                        int64_t ld_ = 0) {
+                        int64_t ld_ = 0, int64_t pix_ = 0) {
   constexpr int64_t L = simd::kLanes<T>;
-  const int64_t pix = P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
+  const int64_t pix = pix_ ? pix_ : P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
   const int64_t d_vec = D / L * L;
   int64_t j0 = 0;
   for (; j0 + L <= W; j0 += L) {
@@ -703,8 +704,8 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
 
 // --- the backward, by the forward's blocks ---------------------------------------------------------------
 //
-// One task per (b, head): every dk / dv / dcond element has one writer (no atomics, deterministic). Per
-// query row, two phases:
+// Tasks are (b, head, block of rows), see backward_impl; every dk / dv / dcond element has one writer (no
+// atomics, deterministic). Per query row, two phases:
 //  1. per query block (as the forward: interior blocks over the key/value panels, the border block over
 //     the border panels): recompute the scores and P = 2^(s log2 e - lse log2 e), dP = dO . V, delta =
 //     sum P dP, dS = P (dP - delta); dq = scale dS K (the forward's weighted sum, over the key panels);
@@ -803,9 +804,25 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
                    const T* cond_v, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dck, T* dcv) {
   (void)out;  // delta = sum_keys P dP (= dO . out) is formed from the recomputed P, see phase 1
   constexpr int64_t L = simd::kLanes<T>, C = kChunk<T>;
-  const int64_t tasks = P.B * P.NH;
   const int64_t c_stride = P.NH * P.D;
   const int64_t D = P.D, kh = P.kh, kw = P.kw, keys = P.keys(), half = kw / 2, W = P.W, H = P.H;
+  // Tasks: (b, head, block of rows) when B * heads alone would leave threads idle (at least two tasks per
+  // thread; on 2 cores the bench case keeps one block per (b, head): each block costs kh - 1 extra key
+  // rows and the shared rows' parts, ~4% there). A block is at least 2 kh rows tall, so the queries that
+  // see a key row lie in at most two blocks; the rows two blocks share (at most kh per boundary) get each
+  // block's part in `side` and their sum at the end, in a fixed order: every element still has one writer
+  // (deterministic for a given thread count; the blocks, and so the last bits, follow the thread count).
+  const int64_t bh = P.B * P.NH;
+  const int64_t want = (2 * static_cast<int64_t>(at::get_num_threads()) + bh - 1) / bh;
+  const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(want, H / (2 * kh)));
+  const int64_t tasks = bh * nblk;
+  auto block_start = [&](int64_t j) { return j * H / nblk; };
+  const int64_t row_size = W * D;  // a shared row's part: [W][D]
+  std::vector<T> side(nblk > 1 ? bh * (nblk - 1) * 2 * kh * 2 * row_size : 0);  // [bh][boundary][block][row][dk/dv]
+  auto side_row = [&](int64_t bhi, int64_t j, int64_t from_upper, int64_t rr, int pass) {
+    return side.data() + ((((bhi * (nblk - 1) + j) * 2 + from_upper) * kh + rr) * 2 + pass) * row_size;
+  };
+  std::vector<T> cond_part(tasks * P.M * D * 2);  // [task][m][dk/dv][D]: each block's conditioner gradients
   const int64_t n_int = W - 2 * half, n_blocks_int = (n_int + L - 1) / L;
   const int64_t NT = (W + L - 1) / L;                 // key tiles of a row
   const T log2e = static_cast<T>(kLog2e);
@@ -833,7 +850,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
     simd::vec<T> b_acc[8];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / P.NH, h = task % P.NH;
+      const int64_t bhi = task / nblk, blk = task % nblk, b = bhi / P.NH, h = bhi % P.NH;
+      const int64_t i0 = block_start(blk), i1 = block_start(blk + 1);
       ring.reset();
       std::fill(gk.begin(), gk.end(), T(0));
       std::fill(gv.begin(), gv.end(), T(0));
@@ -843,36 +861,48 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
       std::fill(cvv.begin(), cvv.end(), simd::zero<T>());
       const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * D;
       const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * D;
-      // dk, dv of key row r: the tiles, then the border queries' sums added to their columns; the slot is
-      // zeroed for the row that takes it next
-      int64_t flushed = 0;  // key rows before this one are in dk / dv
+      // dk, dv of key row r: the tiles, then the border queries' sums added to their columns, into dk / dv
+      // or, for a row the next or the previous block's queries see too, into this block's part of it; the
+      // slot is zeroed for the row that takes it next
+      const int64_t shared_above = blk + 1 < nblk ? window_start(i1, kh, H) : H;           // rows >= this
+      const int64_t shared_below = blk > 0 ? window_start(i0 - 1, kh, H) + kh : 0;        // rows < this
+      const int64_t first_row = window_start(i0, kh, H), end_row = window_start(i1 - 1, kh, H) + kh;
+      int64_t flushed = first_row;  // key rows of this block before this one are written
       auto flush_row = [&](int64_t r) {
         const int64_t slot = r % kh;
         for (int pass = 0; pass < 2; ++pass) {
+          T* out_row = (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D;
+          int64_t out_pix = P.pix();
+          if (r >= shared_above) {
+            out_row = side_row(bhi, blk, 0, r - shared_above, pass);
+            out_pix = D;
+          } else if (r < shared_below) {
+            out_row = side_row(bhi, blk - 1, 1, r - first_row, pass);
+            out_pix = D;
+          }
           std::vector<T>& g = pass == 0 ? gk : gv;
           std::vector<T>& bb = pass == 0 ? bk : bv;
           T* row = dqt.p + FP;  // scratch transposed row
           for (int64_t c = 0; c < NT; ++c)
             for (int64_t d = 0; d < D; ++d)
               simd::store(row + d * ldx + c * L, simd::load(g.data() + (slot * NT + c) * tile + d * L));
-          T* out_row = (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D;
-          store_row_t(P, row, T(1), out_row, static_cast<const T*>(nullptr), ldx);
+          store_row_t(P, row, T(1), out_row, static_cast<const T*>(nullptr), ldx, out_pix);
           const T* sums = bb.data() + slot * bsz;
           for (int64_t dc = 0; dc < kw; ++dc) {
             const T* one[1] = {sums + dc * D};  // first border queries: column dc; last: W - kw + dc
             const T* two[1] = {sums + (kw + dc) * D};
             const T unit[1] = {T(1)};
-            border_class_sum(out_row + dc * P.pix(), unit, one, 1, D);
-            border_class_sum(out_row + (W - kw + dc) * P.pix(), unit, two, 1, D);
+            border_class_sum(out_row + dc * out_pix, unit, one, 1, D);
+            border_class_sum(out_row + (W - kw + dc) * out_pix, unit, two, 1, D);
           }
           std::fill(g.begin() + slot * NT * tile, g.begin() + (slot + 1) * NT * tile, T(0));
           std::fill(bb.begin() + slot * bsz, bb.begin() + (slot + 1) * bsz, T(0));
         }
       };
-      for (int64_t i = 0; i < H; ++i) {
+      for (int64_t i = i0; i < i1; ++i) {
         const int64_t r_first = window_start(i, kh, H);
         ring.ensure(k, v, b, h, r_first);
-        if (i + 1 < H) {
+        if (i + 1 < i1) {
           const int64_t r_next = window_start(i + 1, kh, H) + kh - 1;
           prefetch_row(P, q, b, h, i + 1, false);
           prefetch_row(P, go, b, h, i + 1, false);
@@ -1097,16 +1127,48 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
           }
         }
         // key rows no later query row sees are final
-        const int64_t done = i + 1 < H ? window_start(i + 1, kh, H) : H;
+        const int64_t done = i + 1 < i1 ? window_start(i + 1, kh, H) : end_row;
         for (; flushed < done; ++flushed) flush_row(flushed);
       }
-      for (; flushed < H; ++flushed) flush_row(flushed);
+      for (int64_t m = 0; m < P.M; ++m) {
+        T* part = cond_part.data() + (task * P.M + m) * 2 * D;
+        for (int64_t d = 0; d < D; ++d) {
+          part[d] = simd::lane_sum<T>(ckv[m * D + d]);
+          part[D + d] = simd::lane_sum<T>(cvv[m * D + d]);
+        }
+      }
+    }
+    // the rows two blocks share: the upper block's part + the lower one's; the conditioner gradients: the
+    // blocks' parts in block order
+#pragma omp for schedule(static)
+    for (int64_t jj = 0; jj < bh * (nblk - 1); ++jj) {
+      const int64_t bhi = jj / (nblk - 1), j = jj % (nblk - 1), b = bhi / P.NH, h = bhi % P.NH;
+      const int64_t i1 = block_start(j + 1);
+      const int64_t r0 = window_start(i1, kh, H), r1 = window_start(i1 - 1, kh, H) + kh;
+      for (int64_t r = r0; r < r1; ++r)
+        for (int pass = 0; pass < 2; ++pass) {
+          const T* a = side_row(bhi, j, 0, r - r0, pass);
+          const T* c = side_row(bhi, j, 1, r - r0, pass);
+          T* o = (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D;
+          for (int64_t j2 = 0; j2 < W; ++j2)
+            for (int64_t d = 0; d < D; ++d) o[j2 * P.pix() + d] = a[j2 * D + d] + c[j2 * D + d];
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t bhi = 0; bhi < bh; ++bhi) {
+      const int64_t b = bhi / P.NH, h = bhi % P.NH;
       for (int64_t m = 0; m < P.M; ++m) {
         T* pk = dck + ((b * P.M + m) * P.NH + h) * D;
         T* pv = dcv + ((b * P.M + m) * P.NH + h) * D;
         for (int64_t d = 0; d < D; ++d) {
-          pk[d] = simd::lane_sum<T>(ckv[m * D + d]);
-          pv[d] = simd::lane_sum<T>(cvv[m * D + d]);
+          T sk = 0, sv = 0;
+          for (int64_t blk = 0; blk < nblk; ++blk) {
+            const T* part = cond_part.data() + ((bhi * nblk + blk) * P.M + m) * 2 * D;
+            sk += part[d];
+            sv += part[D + d];
+          }
+          pk[d] = sk;
+          pv[d] = sv;
         }
       }
     }
