@@ -809,18 +809,19 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
   // Tasks: (b, head, block of rows) when B * heads alone would leave threads idle (at least two tasks per
   // thread; on 2 cores the bench case keeps one block per (b, head): each block costs kh - 1 extra key
   // rows and the shared rows' parts, ~4% there). A block is at least 2 kh rows tall, so the queries that
-  // see a key row lie in at most two blocks; the rows two blocks share (at most kh per boundary) get each
-  // block's part in `side` and their sum at the end, in a fixed order: every element still has one writer
-  // (deterministic for a given thread count; the blocks, and so the last bits, follow the thread count).
+  // see a key row lie in at most two blocks. Of a row two blocks share (at most kh per boundary), the upper
+  // block writes its part to dk / dv and the lower one its part to `side`, added after both are done: a
+  // fixed sum of two parts (deterministic for a given thread count; the blocks, and so the last bits,
+  // follow the thread count).
   const int64_t bh = P.B * P.NH;
   const int64_t want = (2 * static_cast<int64_t>(at::get_num_threads()) + bh - 1) / bh;
   const int64_t nblk = std::max<int64_t>(1, std::min<int64_t>(want, H / (2 * kh)));
   const int64_t tasks = bh * nblk;
   auto block_start = [&](int64_t j) { return j * H / nblk; };
   const int64_t row_size = W * D;  // a shared row's part: [W][D]
-  std::vector<T> side(nblk > 1 ? bh * (nblk - 1) * 2 * kh * 2 * row_size : 0);  // [bh][boundary][block][row][dk/dv]
-  auto side_row = [&](int64_t bhi, int64_t j, int64_t from_upper, int64_t rr, int pass) {
-    return side.data() + ((((bhi * (nblk - 1) + j) * 2 + from_upper) * kh + rr) * 2 + pass) * row_size;
+  std::vector<T> side(nblk > 1 ? bh * (nblk - 1) * kh * 2 * row_size : 0);  // [bh][boundary][row][dk/dv]
+  auto side_row = [&](int64_t bhi, int64_t j, int64_t rr, int pass) {
+    return side.data() + (((bhi * (nblk - 1) + j) * kh + rr) * 2 + pass) * row_size;
   };
   std::vector<T> cond_part(tasks * P.M * D * 2);  // [task][m][dk/dv][D]: each block's conditioner gradients
   const int64_t n_int = W - 2 * half, n_blocks_int = (n_int + L - 1) / L;
@@ -862,10 +863,9 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
       const T* ck = cond_k == nullptr ? nullptr : cond_k + (b * P.M * P.NH + h) * D;
       const T* cv = cond_v == nullptr ? nullptr : cond_v + (b * P.M * P.NH + h) * D;
       // dk, dv of key row r: the tiles, then the border queries' sums added to their columns, into dk / dv
-      // or, for a row the next or the previous block's queries see too, into this block's part of it; the
-      // slot is zeroed for the row that takes it next
-      const int64_t shared_above = blk + 1 < nblk ? window_start(i1, kh, H) : H;           // rows >= this
-      const int64_t shared_below = blk > 0 ? window_start(i0 - 1, kh, H) + kh : 0;        // rows < this
+      // or, for a row the previous block's queries see too, into `side`; the slot is zeroed for the row
+      // that takes it next
+      const int64_t shared_below = blk > 0 ? window_start(i0 - 1, kh, H) + kh : 0;  // rows < this
       const int64_t first_row = window_start(i0, kh, H), end_row = window_start(i1 - 1, kh, H) + kh;
       int64_t flushed = first_row;  // key rows of this block before this one are written
       auto flush_row = [&](int64_t r) {
@@ -873,11 +873,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
         for (int pass = 0; pass < 2; ++pass) {
           T* out_row = (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D;
           int64_t out_pix = P.pix();
-          if (r >= shared_above) {
-            out_row = side_row(bhi, blk, 0, r - shared_above, pass);
-            out_pix = D;
-          } else if (r < shared_below) {
-            out_row = side_row(bhi, blk - 1, 1, r - first_row, pass);
+          if (r < shared_below) {
+            out_row = side_row(bhi, blk - 1, r - first_row, pass);
             out_pix = D;
           }
           std::vector<T>& g = pass == 0 ? gk : gv;
@@ -1138,8 +1135,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
         }
       }
     }
-    // the rows two blocks share: the upper block's part + the lower one's; the conditioner gradients: the
-    // blocks' parts in block order
+    // the rows two blocks share: the upper block's part (in dk / dv) + the lower one's; the conditioner
+    // gradients: the blocks' parts in block order
 #pragma omp for schedule(static)
     for (int64_t jj = 0; jj < bh * (nblk - 1); ++jj) {
       const int64_t bhi = jj / (nblk - 1), j = jj % (nblk - 1), b = bhi / P.NH, h = bhi % P.NH;
@@ -1147,11 +1144,10 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
       const int64_t r0 = window_start(i1, kh, H), r1 = window_start(i1 - 1, kh, H) + kh;
       for (int64_t r = r0; r < r1; ++r)
         for (int pass = 0; pass < 2; ++pass) {
-          const T* a = side_row(bhi, j, 0, r - r0, pass);
-          const T* c = side_row(bhi, j, 1, r - r0, pass);
+          const T* c = side_row(bhi, j, r - r0, pass);
           T* o = (pass == 0 ? dk : dv) + ((b * H + r) * W) * P.pix() + h * D;
           for (int64_t j2 = 0; j2 < W; ++j2)
-            for (int64_t d = 0; d < D; ++d) o[j2 * P.pix() + d] = a[j2 * D + d] + c[j2 * D + d];
+            for (int64_t d = 0; d < D; ++d) o[j2 * P.pix() + d] += c[j2 * D + d];
         }
     }
 #pragma omp for schedule(static)
