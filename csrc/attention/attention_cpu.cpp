@@ -884,13 +884,10 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
             for (int64_t d = 0; d < D; ++d)
               simd::store(row + d * ldx + c * L, simd::load(g.data() + (slot * NT + c) * tile + d * L));
           store_row_t(P, row, T(1), out_row, static_cast<const T*>(nullptr), ldx, out_pix);
-          const T* sums = bb.data() + slot * bsz;
+          const T* sums = bb.data() + slot * bsz;  // first border queries: column dc; last: W - kw + dc
           for (int64_t dc = 0; dc < kw; ++dc) {
-            const T* one[1] = {sums + dc * D};  // first border queries: column dc; last: W - kw + dc
-            const T* two[1] = {sums + (kw + dc) * D};
-            const T unit[1] = {T(1)};
-            border_class_sum(out_row + dc * out_pix, unit, one, 1, D);
-            border_class_sum(out_row + (W - kw + dc) * out_pix, unit, two, 1, D);
+            for (int64_t d = 0; d < D; ++d) out_row[dc * out_pix + d] += sums[dc * D + d];
+            for (int64_t d = 0; d < D; ++d) out_row[(W - kw + dc) * out_pix + d] += sums[(kw + dc) * D + d];
           }
           std::fill(g.begin() + slot * NT * tile, g.begin() + (slot + 1) * NT * tile, T(0));
           std::fill(bb.begin() + slot * bsz, bb.begin() + (slot + 1) * bsz, T(0));
