@@ -766,15 +766,55 @@ FASTCOMP_CONTRACT inline void block_gather(const T* __restrict w, int64_t ldw, c
   for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
 }
 
-template <typename T, int ND>
-inline void block_gather_n(const T* w, int64_t ldw, const T* xp, int64_t ne, simd::vec<T>* acc) {
+// A whole tile's gather of one chunk: g [D][L] (a key row's dk or dv accumulators for L key columns) +=
+// block_gather over every 8 channels, the accumulators loaded from and stored to g in the kernel (per 8
+// channels through a register array and a call per group, the loop overhead and the array's round trip
+// through the stack cost as much as the gather's FMAs). The D % 8 channels go through block_gather.
+template <typename T, int NE>
+FASTCOMP_CONTRACT inline void tile_gather(const T* __restrict w, int64_t ldw, const T* __restrict xp, int64_t D,
+                                          T* __restrict g) {
+  FASTCOMP_CONTRACT_BODY
+  constexpr int64_t L = simd::kLanes<T>;
+  int64_t d0 = 0;
+  for (; d0 + 8 <= D; d0 += 8) {
+    T* gd = g + d0 * L;
+    const T* xd = xp + d0 * 2 * L;
+    simd::vec<T> b_acc[8];
+#pragma GCC unroll 8
+    for (int n = 0; n < 8; ++n) b_acc[n] = simd::load(gd + n * L);
+#pragma GCC unroll 16
+    for (int e = 0; e < NE; ++e) {
+      const simd::vec<T> b_w = simd::load(w + e * (ldw - 1));
+#pragma GCC unroll 8
+      for (int n = 0; n < 8; ++n) b_acc[n] = b_w * simd::load(xd + n * 2 * L - e) + b_acc[n];
+    }
+#pragma GCC unroll 8
+    for (int n = 0; n < 8; ++n) simd::store(gd + n * L, b_acc[n]);
+  }
+  if (d0 < D) {
+    const int64_t nd = D - d0;
+    simd::vec<T> b_acc[8];
+    for (int64_t n = 0; n < nd; ++n) b_acc[n] = simd::load(g + (d0 + n) * L);
+    switch (nd) {
+#define FASTCOMP_GT(N) case N: block_gather<T, N, NE>(w, ldw, xp + d0 * 2 * L, b_acc); break;
+      FASTCOMP_GT(7) FASTCOMP_GT(6) FASTCOMP_GT(5) FASTCOMP_GT(4) FASTCOMP_GT(3) FASTCOMP_GT(2)
+#undef FASTCOMP_GT
+      default: block_gather<T, 1, NE>(w, ldw, xp + d0 * 2 * L, b_acc); break;
+    }
+    for (int64_t n = 0; n < nd; ++n) simd::store(g + (d0 + n) * L, b_acc[n]);
+  }
+}
+
+// tile_gather for a run-time chunk length ne <= L (16 with AVX-512 float32).
+template <typename T>
+inline void tile_gather_n(const T* w, int64_t ldw, const T* xp, int64_t ne, int64_t D, T* g) {
   switch (ne) {
-#define FASTCOMP_G(N) case N: block_gather<T, ND, N>(w, ldw, xp, acc); break;
-    FASTCOMP_G(16) FASTCOMP_G(15) FASTCOMP_G(14) FASTCOMP_G(13) FASTCOMP_G(12) FASTCOMP_G(11) FASTCOMP_G(10)
-    FASTCOMP_G(9) FASTCOMP_G(8) FASTCOMP_G(7) FASTCOMP_G(6) FASTCOMP_G(5) FASTCOMP_G(4) FASTCOMP_G(3)
-    FASTCOMP_G(2)
-#undef FASTCOMP_G
-    default: block_gather<T, ND, 1>(w, ldw, xp, acc); break;
+#define FASTCOMP_TG(N) case N: tile_gather<T, N>(w, ldw, xp, D, g); break;
+    FASTCOMP_TG(16) FASTCOMP_TG(15) FASTCOMP_TG(14) FASTCOMP_TG(13) FASTCOMP_TG(12) FASTCOMP_TG(11) FASTCOMP_TG(10)
+    FASTCOMP_TG(9) FASTCOMP_TG(8) FASTCOMP_TG(7) FASTCOMP_TG(6) FASTCOMP_TG(5) FASTCOMP_TG(4) FASTCOMP_TG(3)
+    FASTCOMP_TG(2)
+#undef FASTCOMP_TG
+    default: tile_gather<T, 1>(w, ldw, xp, D, g); break;
   }
 }
 
@@ -1097,25 +1137,9 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
             const T* w_row = wrow.p + dr * kw * ldx + FP + half;
             for (int64_t c = 0; c < NT; ++c) {
               T* g = g_row + c * tile;
-              for (int64_t d0 = 0; d0 < D; d0 += 8) {
-                const int64_t nd = std::min<int64_t>(8, D - d0);
-                for (int64_t n = 0; n < nd; ++n) b_acc[n] = simd::load(g + (d0 + n) * L);
-                for (int64_t m = 0; m < n_chunks; ++m) {
-                  const int64_t dc0 = m * L, ne = std::min<int64_t>(L, kw - dc0);
-                  const T* w = w_row + dc0 * ldx + c * L - dc0;
-                  const T* x = xp.at(c - m) + d0 * 2 * L + L - 1;
-                  if (nd == 8) {
-                    block_gather_n<T, 8>(w, ldx, x, ne, b_acc);
-                  } else {
-                    switch (nd) {
-#define FASTCOMP_GN(N) case N: block_gather_n<T, N>(w, ldx, x, ne, b_acc); break;
-                      FASTCOMP_GN(7) FASTCOMP_GN(6) FASTCOMP_GN(5) FASTCOMP_GN(4) FASTCOMP_GN(3) FASTCOMP_GN(2)
-#undef FASTCOMP_GN
-                      default: block_gather_n<T, 1>(w, ldx, x, ne, b_acc); break;
-                    }
-                  }
-                }
-                for (int64_t n = 0; n < nd; ++n) simd::store(g + (d0 + n) * L, b_acc[n]);
+              for (int64_t m = 0; m < n_chunks; ++m) {
+                const int64_t dc0 = m * L, ne = std::min<int64_t>(L, kw - dc0);
+                tile_gather_n<T>(w_row + dc0 * ldx + c * L - dc0, ldx, xp.at(c - m) + L - 1, ne, D, g);
               }
             }
           }
