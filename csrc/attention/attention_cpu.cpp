@@ -221,12 +221,47 @@ struct Aligned {
   }
 };
 
+// The cache lines of the rows the next query row reads (its new key and value rows, its queries, ...) and
+// of the rows it writes, prefetched a few at a time from inside the compute kernels: one line per two
+// channels of a score dot (block_dots2), one per key row of a weighted sum (block_wsum). Prefetching a
+// whole row at once (512 lines at 64x64 d32) issued far more requests than the core keeps in flight, so the
+// prefetch instructions themselves waited for memory and the row's loads still missed (~14% of the forward
+// at 1 thread, ~10% at 2, against this queue). A row's D values per pixel sit at a stride of heads * D,
+// which the hardware prefetchers do not follow.
+struct LineQueue {
+  std::vector<uintptr_t> line;  // line addresses; bit 0 set: the line will be written
+  size_t head = 0;
+
+  void clear() {
+    line.clear();
+    head = 0;
+  }
+  // Row r of (b, h) of the heads-last x: every line its D values per pixel touch.
+  template <typename T>
+  void add_row(const Problem<T>& P, const T* x, int64_t b, int64_t h, int64_t r, bool write) {
+    const T* row = x + ((b * P.H + r) * P.W) * P.pix() + h * P.D;
+    for (int64_t j = 0; j < P.W; ++j) {
+      const uintptr_t first = reinterpret_cast<uintptr_t>(row + j * P.pix()) & ~uintptr_t(63);
+      const uintptr_t end = reinterpret_cast<uintptr_t>(row + j * P.pix() + P.D);
+      for (uintptr_t a = first; a < end; a += 64) line.push_back(a | uintptr_t(write));
+    }
+  }
+  inline void step() {
+    if (head == line.size()) return;
+    const uintptr_t a = line[head++];
+    if (a & 1)
+      __builtin_prefetch(reinterpret_cast<const void*>(a & ~uintptr_t(1)), 1);
+    else
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0);
+  }
+};
+
 // s[c] = sum_d qb[d] * key_c[d] for c < NC, key_c[d] the register at kp + c * CS + d * ds (lanes: the
 // block's queries; ds = DS, or ds_ when DS is 0). Interior blocks: kp a panel row at the chunk's lane
 // offset, CS = 1, DS = 2L (shifted loads inside one panel row); border blocks: their own panels
 // [D][kw][L], CS = L, ds = kw L. Compile-time strides keep every load an immediate offset from one
 // pointer (run-time ones cost ~10% of the forward in address arithmetic). Two key rows at once
-// (block_dots2) share every query load.
+// (block_dots2) share every query load; block_dots2 also issues the prefetches of `next`.
 template <typename T, int NC, int CS, int DS>
 FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __restrict kp, int64_t ds_, int64_t D,
                                          simd::vec<T>* __restrict s) {
@@ -247,13 +282,14 @@ FASTCOMP_CONTRACT inline void block_dots(const T* __restrict qb, const T* __rest
 template <typename T, int NC, int CS, int DS>
 FASTCOMP_CONTRACT inline void block_dots2(const T* __restrict qb, const T* __restrict kp0, const T* __restrict kp1,
                                           int64_t ds_, int64_t D, simd::vec<T>* __restrict s0,
-                                          simd::vec<T>* __restrict s1) {
+                                          simd::vec<T>* __restrict s1, LineQueue& next) {
   FASTCOMP_CONTRACT_BODY
   constexpr int64_t L = simd::kLanes<T>;
   simd::vec<T> a0[NC], a1[NC];
 #pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) a0[c] = a1[c] = simd::zero<T>();
   for (int64_t d = 0; d < D; ++d) {
+    if ((d & 1) == 0) next.step();
     const simd::vec<T> b_q = simd::load(qb + d * L);
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
@@ -309,12 +345,13 @@ FASTCOMP_CONTRACT inline void block_dots_cond(const T* __restrict qb, const T* c
 // FMA chains of the next call waited on that store-to-load forwarding (~1.3x the time of the score dots).
 template <typename T, int ND, int NE, int ES, int DS>
 FASTCOMP_CONTRACT inline void block_wsum(const simd::vec<T>* __restrict p, int64_t ps, const T* const* vp, int64_t rows,
-                                         int64_t ds_, simd::vec<T>* __restrict acc) {
+                                         int64_t ds_, simd::vec<T>* __restrict acc, LineQueue& next) {
   FASTCOMP_CONTRACT_BODY
   simd::vec<T> b_acc[ND];
 #pragma GCC unroll 8
   for (int n = 0; n < ND; ++n) b_acc[n] = acc[n];
   for (int64_t r = 0; r < rows; ++r) {
+    next.step();
     const T* __restrict v = vp[r];
     const simd::vec<T>* __restrict pr = p + r * ps;
 #pragma GCC unroll 8
@@ -332,8 +369,8 @@ FASTCOMP_CONTRACT inline void block_wsum(const simd::vec<T>* __restrict p, int64
 // offsets cost ~5 instructions per 8 FMAs).
 template <typename T, int ND, int ES, int DS>
 inline void block_wsum_n(const simd::vec<T>* __restrict p, int64_t ps, int64_t ne, const T* const* vp, int64_t rows,
-                         int64_t ds_, simd::vec<T>* __restrict acc) {
-#define FASTCOMP_WSUM_NE(N) block_wsum<T, ND, N, ES, DS>(p, ps, vp, rows, ds_, acc)
+                         int64_t ds_, simd::vec<T>* __restrict acc, LineQueue& next) {
+#define FASTCOMP_WSUM_NE(N) block_wsum<T, ND, N, ES, DS>(p, ps, vp, rows, ds_, acc, next)
   FASTCOMP_UP_TO_8(ne, FASTCOMP_WSUM_NE)
 #undef FASTCOMP_WSUM_NE
 }
@@ -354,22 +391,6 @@ FASTCOMP_CONTRACT inline void block_wsum_cond(const simd::vec<T>* __restrict p, 
   }
 #pragma GCC unroll 8
   for (int n = 0; n < ND; ++n) acc[n] = b_acc[n];
-}
-
-// Prefetches row r of (b, h) of a heads-last tensor (D values per pixel at a stride of heads * D: lines the
-// hardware prefetcher does not follow); `write` for an output. Without it the transposes of the rows into
-// and out of the kernel's layouts waited on memory for ~40% of the forward.
-template <typename T>
-inline void prefetch_row(const Problem<T>& P, const T* x, int64_t b, int64_t h, int64_t r, bool write) {
-  const T* row = x + ((b * P.H + r) * P.W) * P.pix() + h * P.D;
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t j = 0; j < P.W; ++j)
-    for (int64_t d = 0; d < P.D; d += kLine) {
-      if (write)
-        __builtin_prefetch(row + j * P.pix() + d, 1);
-      else
-        __builtin_prefetch(row + j * P.pix() + d, 0);
-    }
 }
 
 // One task's ring of kh key rows (slot of row r: r % kh), keys and values each as
@@ -484,10 +505,12 @@ struct BlockForward {
   std::vector<simd::vec<T>> acc;    // [D] output accumulators (block_wsum's register tiles pass through here)
   std::vector<const T*> kc, vc;     // [M] the active conditioners' keys and values (at channel 0 / d0)
   std::vector<const T*> vrow;       // [kh] the value rows of a chunk of window offsets (block_wsum)
+  LineQueue next;                   // the next query row's lines, prefetched by the kernels
 
   explicit BlockForward(const Problem<T>& P_)
       : P(P_), s(P_.keys() + P_.M), allow(P_.M), acc(P_.D), kc(P_.M), vc(P_.M), vrow(P_.kh) {
     active.reserve(P_.M);
+    next.line.reserve(5 * P_.W * ((P_.D * sizeof(T) + 63) / 64 + 1));  // at most five rows, no reallocation
   }
 
   // The conditioners some lane of the block may see (lane l: pixel pixels[l], l < nvalid), with lane masks.
@@ -560,7 +583,7 @@ struct BlockForward {
       for (; dr + 2 <= kh; dr += 2) {
         const T *kp0 = at(ks[dr], dc0), *kp1 = at(ks[dr + 1], dc0);
         simd::vec<T>* s0 = s.data() + dr * kw + dc0;
-#define FASTCOMP_DOTS2(N) block_dots2<T, N, CS, DS>(qb, kp0, kp1, ds, D, s0, s0 + kw)
+#define FASTCOMP_DOTS2(N) block_dots2<T, N, CS, DS>(qb, kp0, kp1, ds, D, s0, s0 + kw, next)
         FASTCOMP_UP_TO_8(nc, FASTCOMP_DOTS2)
 #undef FASTCOMP_DOTS2
       }
@@ -606,9 +629,9 @@ struct BlockForward {
         for (int64_t dr = 0; dr < kh; ++dr) vrow[dr] = at(vs[dr], dc0) + d0 * ds;
         const simd::vec<T>* p = s.data() + dc0;
         if (nd == 8) {
-          block_wsum_n<T, 8, CS, DS>(p, kw, ne, vrow.data(), kh, ds, a_d);
+          block_wsum_n<T, 8, CS, DS>(p, kw, ne, vrow.data(), kh, ds, a_d, next);
         } else {  // the D % 8 channels
-#define FASTCOMP_WSUM(N) block_wsum_n<T, N, CS, DS>(p, kw, ne, vrow.data(), kh, ds, a_d)
+#define FASTCOMP_WSUM(N) block_wsum_n<T, N, CS, DS>(p, kw, ne, vrow.data(), kh, ds, a_d, next)
           FASTCOMP_UP_TO_8(nd, FASTCOMP_WSUM)
 #undef FASTCOMP_WSUM
         }
@@ -660,14 +683,15 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r_first = window_start(i, P.kh, P.H);
         ring.ensure(k, v, b, h, r_first);
-        if (i + 1 < i1) {  // the next row's queries, its new key/value row and its output, a row of compute ahead
+        F.next.clear();
+        if (i + 1 < i1) {  // the next row's new key/value row, its queries and its output, in the order it uses them
           const int64_t r_next = window_start(i + 1, P.kh, P.H) + P.kh - 1;
-          prefetch_row(P, q, b, h, i + 1, false);
           if (r_next != r_first + P.kh - 1) {
-            prefetch_row(P, k, b, h, r_next, false);
-            prefetch_row(P, v, b, h, r_next, false);
+            F.next.add_row(P, k, b, h, r_next, false);
+            F.next.add_row(P, v, b, h, r_next, false);
           }
-          prefetch_row(P, out, b, h, i + 1, true);
+          F.next.add_row(P, q, b, h, i + 1, false);
+          F.next.add_row(P, out, b, h, i + 1, true);
         }
         ring.slots(ring.k, r_first, ks.data());
         ring.slots(ring.v, r_first, vs.data());
@@ -871,7 +895,7 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
     KeyRing<T> ring(P);
-    BlockForward<T> F(P);  // conditioners(), the score and weighted-sum kernels' scratch
+    BlockForward<T> F(P);  // conditioners(), the score and weighted-sum kernels' scratch, the prefetch queue
     QueryPanels<T> xq(P, NT), xo(P, NT);
     const int64_t FP = (xq.JOFF + 2) * L;               // front padding of the transposed query-side rows
     const int64_t ldx = FP + (NT + xq.JOFF + 4) * L;    // their length
@@ -936,14 +960,16 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r_first = window_start(i, kh, H);
         ring.ensure(k, v, b, h, r_first);
-        if (i + 1 < i1) {
+        F.next.clear();
+        if (i + 1 < i1) {  // as the forward's: the next row's new key/value row, q, dO, and its dq row
           const int64_t r_next = window_start(i + 1, kh, H) + kh - 1;
-          prefetch_row(P, q, b, h, i + 1, false);
-          prefetch_row(P, go, b, h, i + 1, false);
           if (r_next != r_first + kh - 1) {
-            prefetch_row(P, k, b, h, r_next, false);
-            prefetch_row(P, v, b, h, r_next, false);
+            F.next.add_row(P, k, b, h, r_next, false);
+            F.next.add_row(P, v, b, h, r_next, false);
           }
+          F.next.add_row(P, q, b, h, i + 1, false);
+          F.next.add_row(P, go, b, h, i + 1, false);
+          F.next.add_row(P, dq, b, h, i + 1, true);
         }
         ring.slots(ring.k, r_first, ks.data());
         ring.slots(ring.v, r_first, vs.data());
@@ -994,11 +1020,11 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
                 const T *kp0 = kat(slots[dr], dc0), *kp1 = kat(slots[dr + 1], dc0);
                 simd::vec<T>* s0 = s + dr * kw + dc0;
                 if (interior) {
-#define FASTCOMP_D2(N) block_dots2<T, N, 1, 2 * L>(x, kp0, kp1, ds_, D, s0, s0 + kw)
+#define FASTCOMP_D2(N) block_dots2<T, N, 1, 2 * L>(x, kp0, kp1, ds_, D, s0, s0 + kw, F.next)
                   FASTCOMP_UP_TO_8(nc, FASTCOMP_D2)
 #undef FASTCOMP_D2
                 } else {
-#define FASTCOMP_D2B(N) block_dots2<T, N, L, 0>(x, kp0, kp1, ds_, D, s0, s0 + kw)
+#define FASTCOMP_D2B(N) block_dots2<T, N, L, 0>(x, kp0, kp1, ds_, D, s0, s0 + kw, F.next)
                   FASTCOMP_UP_TO_8(nc, FASTCOMP_D2B)
 #undef FASTCOMP_D2B
                 }
@@ -1047,11 +1073,11 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
               for (int64_t dr = 0; dr < kh; ++dr) krow[dr] = kat(ks[dr], dc0) + d0 * ds_;
               const simd::vec<T>* w = dpv.data() + dc0;
               if (interior) {
-#define FASTCOMP_W(N) block_wsum_n<T, N, 1, 2 * L>(w, kw, ne, krow.data(), kh, ds_, b_acc)
+#define FASTCOMP_W(N) block_wsum_n<T, N, 1, 2 * L>(w, kw, ne, krow.data(), kh, ds_, b_acc, F.next)
                 FASTCOMP_UP_TO_8(nd, FASTCOMP_W)
 #undef FASTCOMP_W
               } else {
-#define FASTCOMP_WB(N) block_wsum_n<T, N, L, 0>(w, kw, ne, krow.data(), kh, ds_, b_acc)
+#define FASTCOMP_WB(N) block_wsum_n<T, N, L, 0>(w, kw, ne, krow.data(), kh, ds_, b_acc, F.next)
                 FASTCOMP_UP_TO_8(nd, FASTCOMP_WB)
 #undef FASTCOMP_WB
               }
@@ -1137,6 +1163,7 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
             const T* w_row = wrow.p + dr * kw * ldx + FP + half;
             for (int64_t c = 0; c < NT; ++c) {
               T* g = g_row + c * tile;
+              F.next.step();
               for (int64_t m = 0; m < n_chunks; ++m) {
                 const int64_t dc0 = m * L, ne = std::min<int64_t>(L, kw - dc0);
                 tile_gather_n<T>(w_row + dc0 * ldx + c * L - dc0, ldx, xp.at(c - m) + L - 1, ne, D, g);
