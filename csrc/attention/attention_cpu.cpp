@@ -842,25 +842,38 @@ inline void tile_gather_n(const T* w, int64_t ldw, const T* xp, int64_t ne, int6
   }
 }
 
-// acc[d] += sum_j w[j] rows[j][d] for d < D: the channels as lanes, the n rows' terms summed in registers
-// before the one read-modify-write of acc (the border queries' dk / dv, see backward_impl).
+// One class of border queries' dk (or dv) over the whole window: for every key (dr, dc),
+// acc[dr][dc * D + d] += sum_j w[(dr kw + dc) L + j] rows[j][d], d < D, the channels as lanes and the n <= L
+// queries' terms summed in registers before the one read-modify-write of the accumulator (see
+// backward_impl). Per L channels the n query rows are loaded once for all kh kw keys: a call per key
+// reloaded them and cost ~5% of the backward in loads and call overhead.
 template <typename T>
-FASTCOMP_CONTRACT inline void border_class_sum(T* __restrict acc, const T* w, const T* const* rows, int64_t n,
-                                               int64_t D) {
+FASTCOMP_CONTRACT inline void border_class_sums(T* const* acc, int64_t kh, int64_t kw, const T* w,
+                                                const T* const* rows, int64_t n, int64_t D) {
   FASTCOMP_CONTRACT_BODY
   constexpr int64_t L = simd::kLanes<T>;
   if (n <= 0) return;
   int64_t d = 0;
   for (; d + L <= D; d += L) {
-    simd::vec<T> a = simd::load(acc + d);
-    for (int64_t j = 0; j < n; ++j) a = simd::splat(w[j]) * simd::load(rows[j] + d) + a;
-    simd::store(acc + d, a);
+    simd::vec<T> r[L];
+    for (int64_t j = 0; j < n; ++j) r[j] = simd::load(rows[j] + d);
+    for (int64_t dr = 0; dr < kh; ++dr)
+      for (int64_t dc = 0; dc < kw; ++dc) {
+        T* a_p = acc[dr] + dc * D + d;
+        const T* w_key = w + (dr * kw + dc) * L;
+        simd::vec<T> a = simd::load(a_p);
+        for (int64_t j = 0; j < n; ++j) a = simd::splat(w_key[j]) * r[j] + a;
+        simd::store(a_p, a);
+      }
   }
-  for (; d < D; ++d) {
-    T a = acc[d];
-    for (int64_t j = 0; j < n; ++j) a = w[j] * rows[j][d] + a;
-    acc[d] = a;
-  }
+  for (; d < D; ++d)
+    for (int64_t dr = 0; dr < kh; ++dr)
+      for (int64_t dc = 0; dc < kw; ++dc) {
+        const T* w_key = w + (dr * kw + dc) * L;
+        T a = acc[dr][dc * D + d];
+        for (int64_t j = 0; j < n; ++j) a = w_key[j] * rows[j][d] + a;
+        acc[dr][dc * D + d] = a;
+      }
 }
 
 template <typename T>
@@ -901,6 +914,8 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
     const int64_t ldx = FP + (NT + xq.JOFF + 4) * L;    // their length
     Aligned<T> qt(D * ldx), got(D * ldx), dqt(D * ldx), qb(D * L), gob(D * L), dqb(D * L), lse2(W + 2 * L);
     Aligned<T> p_row((keys + 1) * ldx), ds_row((keys + 1) * ldx);  // interior P, dS by [key][column]
+    Aligned<T> w_k(keys * L), w_v(keys * L);  // the border block's dk / dv weights by [key][lane]
+    std::vector<T*> class_acc(4 * kh);         // its classes' accumulator rows: dk left, right, dv left, right
     const int64_t tile = D * L;
     // dk / dv accumulators of the kh key rows the current query row sees (slot r % kh), flushed to dk / dv
     // as soon as no later query row sees their row: a whole (b, head) plane of them (1 MB at 64x64 d32)
@@ -1116,26 +1131,25 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
             // 4x the data and read-modified-written by every query row (~8% of the backward)
             const int64_t n_left = std::max<int64_t>(0, std::min<int64_t>(nvalid, half - t * L));
             const T *q_rows[L], *o_rows[L];
-            T w_k[L], w_v[L];
             for (int64_t l = 0; l < nvalid; ++l) {
               q_rows[l] = q + row_off + pixels[l] * P.pix();
               o_rows[l] = go + row_off + pixels[l] * P.pix();
             }
-            for (int64_t dr = 0; dr < kh; ++dr) {
-              T* bk_r = bk.data() + ((r_first + dr) % kh) * bsz;
-              T* bv_r = bv.data() + ((r_first + dr) % kh) * bsz;
-              for (int64_t dc = 0; dc < kw; ++dc) {
-                const int64_t key = dr * kw + dc;
-                for (int64_t l = 0; l < nvalid; ++l) {
-                  w_k[l] = dpv[key][l] * P.scale;
-                  w_v[l] = sp[key][l];
-                }
-                border_class_sum(bk_r + dc * D, w_k, q_rows, n_left, D);
-                border_class_sum(bk_r + (kw + dc) * D, w_k + n_left, q_rows + n_left, nvalid - n_left, D);
-                border_class_sum(bv_r + dc * D, w_v, o_rows, n_left, D);
-                border_class_sum(bv_r + (kw + dc) * D, w_v + n_left, o_rows + n_left, nvalid - n_left, D);
-              }
+            for (int64_t key = 0; key < keys; ++key) {  // the weights by [key][lane]: scale dS for dk, P for dv
+              simd::store(w_k.p + key * L, dpv[key] * P.scale);
+              simd::store(w_v.p + key * L, sp[key]);
             }
+            T **k_left = class_acc.data(), **k_right = k_left + kh, **v_left = k_right + kh, **v_right = v_left + kh;
+            for (int64_t dr = 0; dr < kh; ++dr) {  // each key row's accumulators of the two classes
+              k_left[dr] = bk.data() + ((r_first + dr) % kh) * bsz;
+              v_left[dr] = bv.data() + ((r_first + dr) % kh) * bsz;
+              k_right[dr] = k_left[dr] + kw * D;
+              v_right[dr] = v_left[dr] + kw * D;
+            }
+            border_class_sums(k_left, kh, kw, w_k.p, q_rows, n_left, D);
+            border_class_sums(k_right, kh, kw, w_k.p + n_left, q_rows + n_left, nvalid - n_left, D);
+            border_class_sums(v_left, kh, kw, w_v.p, o_rows, n_left, D);
+            border_class_sums(v_right, kh, kw, w_v.p + n_left, o_rows + n_left, nvalid - n_left, D);
           }
         };
         for (int64_t t = 0; t < n_blocks_int; ++t) block(true, t, std::min<int64_t>(L, n_int - t * L));
