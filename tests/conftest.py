@@ -52,7 +52,8 @@ def triton_device() -> str:
 # --- NaN poisoning ---------------------------------------------------------------------------------
 # Kernels allocate outputs with torch.empty*; filling those with NaN (integers with a sentinel) makes an
 # element a kernel forgot to write fail the comparison instead of passing by luck. Backends allocate their
-# outputs in Python and hand them to C++/CUDA, so this reaches every backend. Opt out with
+# outputs in Python (torch.empty, or ops/_outputs.cpu_empty for the C++ kernels' cached blocks) and hand
+# them to C++/CUDA, so this reaches every backend. Opt out with
 # @pytest.mark.no_poison.
 
 POISON_INT = -(2**31) + 7
@@ -85,6 +86,10 @@ def _nan_poison(request, monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
     monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    from fastcomp.ops import _outputs  # the C++ kernels' cached output blocks
+
+    real_cpu_empty = _outputs.cpu_empty
+    monkeypatch.setattr(_outputs, "cpu_empty", lambda *args, **kwargs: _poison(real_cpu_empty(*args, **kwargs)))
     yield
 
 

@@ -2,6 +2,8 @@
 
 from .attention import local_conditional_attention
 from .ddn import DDNSelection, ddn_gather, ddn_select
+from ._outputs import cpu_cache_info, release_cpu_cache
 from .disk_mask import disk_mask
 
-__all__ = ["local_conditional_attention", "disk_mask", "ddn_select", "ddn_gather", "DDNSelection"]
+__all__ = ["local_conditional_attention", "disk_mask", "ddn_select", "ddn_gather", "DDNSelection",
+           "cpu_cache_info", "release_cpu_cache"]

@@ -1,13 +1,15 @@
 """The attention's cpu backend: launchers of the C++ kernels (csrc/attention/), the contract of library.py.
 
-Python allocates every output; the kernels run float32 and float64 (float16/bfloat16 inputs in float32
-inside) on contiguous tensors.
+Python allocates every output, through ops/_outputs.py (blocks that stay mapped between calls, so a training
+loop does not page-fault through its outputs every step); the kernels run float32 and float64
+(float16/bfloat16 inputs in float32 inside) on contiguous tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _outputs
 from .library import empty_cond
 
 # Input dtypes of the cpu backend (half precision: float32 inside).
@@ -39,10 +41,11 @@ def forward(q, k, v, cond_k, cond_v, cond_mask, kernel_size, scale):
     work = compute_dtype(q.dtype)
     qw, kw_, vw, ckw, cvw = _inputs(work, q, k, v, cond_k, cond_v)
     ckw, cvw, mask = _cond(qw, ckw, cvw, cond_mask)
-    out = torch.empty(q.shape, dtype=work)
-    lse = torch.empty(B, heads, H, W, dtype=work)
-    _build.load("attention").local_attention_forward_cpu(qw, kw_, vw, ckw, cvw, mask, kernel_size[0], kernel_size[1],
-                                                   float(scale), out, lse)
+    ext = _build.load("attention")
+    out = _outputs.cpu_empty(ext, q.shape, work)
+    lse = _outputs.cpu_empty(ext, (B, heads, H, W), work)
+    ext.local_attention_forward_cpu(qw, kw_, vw, ckw, cvw, mask, kernel_size[0], kernel_size[1], float(scale),
+                                    out, lse)
     return out.to(q.dtype), lse
 
 
@@ -54,11 +57,11 @@ def backward(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, kernel_size
     work = compute_dtype(q.dtype)
     go, qw, kw_, vw, ow, ckw, cvw = _inputs(work, grad_out, q, k, v, out, cond_k, cond_v)
     ckw, cvw, mask = _cond(qw, ckw, cvw, cond_mask)
-    dq, dk, dv = (torch.empty(q.shape, dtype=work) for _ in range(3))
-    dcond_k, dcond_v = torch.empty(ckw.shape, dtype=work), torch.empty(ckw.shape, dtype=work)
-    _build.load("attention").local_attention_backward_cpu(go, qw, kw_, vw, ckw, cvw, mask, ow, lse.contiguous(),
-                                                    kernel_size[0], kernel_size[1], float(scale),
-                                                    dq, dk, dv, dcond_k, dcond_v)
+    ext = _build.load("attention")
+    dq, dk, dv = (_outputs.cpu_empty(ext, q.shape, work) for _ in range(3))
+    dcond_k, dcond_v = _outputs.cpu_empty(ext, ckw.shape, work), _outputs.cpu_empty(ext, ckw.shape, work)
+    ext.local_attention_backward_cpu(go, qw, kw_, vw, ckw, cvw, mask, ow, lse.contiguous(), kernel_size[0],
+                                     kernel_size[1], float(scale), dq, dk, dv, dcond_k, dcond_v)
     grads = (dq, dk, dv) + ((dcond_k, dcond_v) if has_cond else (None, None))
     return tuple(None if g is None else g.to(q.dtype) for g in grads)
 
@@ -72,7 +75,8 @@ def jvp(q, k, v, cond_k, cond_v, cond_mask, out, lse, dq, dk, dv, dcond_k, dcond
     ckw, cvw, mask = _cond(qw, ckw, cvw, cond_mask)
     zero = torch.empty(0, dtype=work)  # an absent tangent
     tangents = [zero if t is None else t for t in _inputs(work, dq, dk, dv, dcond_k, dcond_v)]
-    dout = torch.empty(q.shape, dtype=work)
-    _build.load("attention").local_attention_jvp_cpu(qw, kw_, vw, ckw, cvw, mask, ow, lse.contiguous(), *tangents,
-                                               kernel_size[0], kernel_size[1], float(scale), dout)
+    ext = _build.load("attention")
+    dout = _outputs.cpu_empty(ext, q.shape, work)
+    ext.local_attention_jvp_cpu(qw, kw_, vw, ckw, cvw, mask, ow, lse.contiguous(), *tangents, kernel_size[0],
+                                kernel_size[1], float(scale), dout)
     return dout.to(q.dtype)

@@ -1,0 +1,41 @@
+"""Outputs of the C++ CPU kernels, from the extensions' caches of mapped blocks (csrc/output_cache.h).
+
+A training step that allocates and frees the same megabytes of outputs every call makes glibc hand back
+fresh pages each time: a page fault and a page of zeroing per 4 KiB written, ~15% of the attention's
+forward+backward on 2 threads (benchmarks/results/portability-20261201/notes.md). Each extension keeps its
+freed output blocks of >= 256 KiB (at most ``FASTCOMP_CPU_CACHE_MB``, default 512, MiB of idle blocks;
+0 turns the cache off) for the next call of that size; :func:`release_cpu_cache` frees the idle ones.
+
+The launchers call :func:`cpu_empty` (looked up on this module at call time: the tests' NaN poisoning
+wraps it as it wraps ``torch.empty``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _build
+
+
+def cpu_empty(ext, shape, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU from extension ``ext``'s cache (contiguous, uninitialized)."""
+    return ext.output_empty(list(shape), dtype)
+
+
+def cpu_cache_info() -> dict:
+    """Per loaded extension that has an output cache: limit_bytes, idle_bytes, fresh_blocks, reused_blocks."""
+    return {name: ext.output_cache_info() for name, ext in _loaded_with_cache()}
+
+
+def release_cpu_cache() -> int:
+    """Frees the idle blocks of every loaded extension's output cache (as ``torch.cuda.empty_cache`` does
+    for CUDA memory); returns the bytes freed. Tensors in use are not touched."""
+    return sum(ext.release_output_cache() for _, ext in _loaded_with_cache())
+
+
+def _loaded_with_cache():
+    for name in _build.EXTENSIONS:
+        if name != "cuda" and _build.loaded(name):
+            ext = _build.load(name)
+            if hasattr(ext, "output_empty"):
+                yield name, ext
