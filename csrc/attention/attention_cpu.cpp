@@ -113,31 +113,35 @@ inline void load_row_t(const Problem<T>& P, const T* src_row, T mul, T* dst, int
   }
 }
 
-// The inverse: src [D][ld] times mul (and times scale[j] per pixel where scale is given) into W pixels x D
-// of a heads-last row (pixels pix_ apart where given).
+// The inverse: src times mul (and times scale[j] per pixel where scale is given) into W pixels x D of a
+// heads-last row (pixels pix_ apart where given). Channel d of pixel j is at src + d * ld + j: [D][ld]; or,
+// with a tile stride ts, at src + (j / L) * ts + d * ld + j % L: tiles of L pixels, [tile][D][L] with
+// ld = L and ts = D L (the backward's dk / dv accumulators, stored without a copy into [D][ld] first).
 template <typename T>
 inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row, const T* scale = nullptr,
-                        int64_t ld_ = 0, int64_t pix_ = 0) {
+                        int64_t ld_ = 0, int64_t pix_ = 0, int64_t ts_ = 0) {
   constexpr int64_t L = simd::kLanes<T>;
-  const int64_t pix = pix_ ? pix_ : P.pix(), ld = ld_ ? ld_ : P.ld, D = P.D, W = P.W;
+  const int64_t pix = pix_ ? pix_ : P.pix(), ld = ld_ ? ld_ : P.ld, ts = ts_ ? ts_ : L, D = P.D, W = P.W;
   const int64_t d_vec = D / L * L;
   int64_t j0 = 0;
   for (; j0 + L <= W; j0 += L) {
     T* o = dst_row + j0 * pix;
+    const T* s = src + j0 / L * ts;
     const simd::vec<T> b_mul = scale ? simd::load(scale + j0) * mul : simd::splat(mul);
     for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
       simd::vec<T> b_rows[L];  // [channel][pixel], then [pixel][channel]
-      for (int64_t dd = 0; dd < L; ++dd) b_rows[dd] = simd::load(src + (d0 + dd) * ld + j0) * b_mul;
+      for (int64_t dd = 0; dd < L; ++dd) b_rows[dd] = simd::load(s + (d0 + dd) * ld) * b_mul;
       simd::transpose<T>(b_rows);
       for (int64_t jj = 0; jj < L; ++jj) simd::store(o + jj * pix + d0, b_rows[jj]);
     }
     for (int64_t d = d_vec; d < D; ++d)
-      for (int64_t jj = 0; jj < L; ++jj) o[jj * pix + d] = src[d * ld + j0 + jj] * b_mul[jj];
+      for (int64_t jj = 0; jj < L; ++jj) o[jj * pix + d] = s[d * ld + jj] * b_mul[jj];
   }
   for (int64_t j = j0; j < W; ++j) {
     T* o = dst_row + j * pix;
+    const T* s = src + j / L * ts + j % L;
     const T m = scale ? scale[j] * mul : mul;
-    for (int64_t d = 0; d < D; ++d) o[d] = src[d * ld + j] * m;
+    for (int64_t d = 0; d < D; ++d) o[d] = s[d * ld] * m;
   }
 }
 
@@ -416,6 +420,37 @@ struct KeyRing {
 
   // The pixel of border query g (g < 2 (kw/2)).
   int64_t border_pixel(int64_t g) const { return g < half ? g : P.W - 2 * half + g; }
+
+  // Border block u's lanes in a transposed row: lane l (query g = uL + l) is column uL + l when g < kw/2
+  // and column W - 2 (kw/2) + uL + l when it is one of the last kw/2, so the block's values are two
+  // whole-register loads blended (lanes past 2 (kw/2) zero), and its results two blended stores: a
+  // lane-by-lane gather of D channels through pixels[] cost ~3% of the backward. The row must be
+  // readable (and writable) over [uL, uL + L) and [W - 2 (kw/2) + uL, ... + L): the transposed rows
+  // have L columns of padding past W.
+  struct BorderLanes {
+    simd::ivec<T> left{}, right{};  // all bits set in the lanes of the first / the last kw/2 queries
+    int64_t c_left = 0, c_right = 0;
+    simd::vec<T> gather(const T* row) const {
+      const simd::vec<T> z = simd::zero<T>();
+      return simd::select<T>(left, simd::load(row + c_left), simd::select<T>(right, simd::load(row + c_right), z));
+    }
+    void scatter(T* row, const simd::vec<T>& x) const {  // the other columns keep their values
+      simd::store(row + c_left, simd::select<T>(left, x, simd::load(row + c_left)));
+      simd::store(row + c_right, simd::select<T>(right, x, simd::load(row + c_right)));
+    }
+  };
+  BorderLanes border_lanes(int64_t u) const {
+    constexpr int64_t L = simd::kLanes<T>;
+    BorderLanes b;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t g = u * L + l;
+      b.left[l] = g < half ? -1 : 0;
+      b.right[l] = g >= half && g < 2 * half ? -1 : 0;
+    }
+    b.c_left = u * L;
+    b.c_right = P.W - 2 * half + u * L;
+    return b;
+  }
 
   // The slots of key rows r0 .. r0 + kh - 1 (once per query row: a % per panel access cost ~10% of the
   // forward in integer divisions).
@@ -711,14 +746,12 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
         for (int64_t u = 0; u < ring.NBB; ++u) {
           const int64_t nvalid = std::min<int64_t>(L, 2 * half - u * L);
           for (int64_t l = 0; l < nvalid; ++l) pixels[l] = ring.border_pixel(u * L + l);
-          for (int64_t d = 0; d < P.D; ++d)
-            for (int64_t l = 0; l < L; ++l) qb.p[d * L + l] = l < nvalid ? qt.p[d * ldr + pixels[l]] : T(0);
+          const auto lanes = ring.border_lanes(u);
+          for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, lanes.gather(qt.p + d * ldr));
           F.conditioners(b, i, pixels, nvalid);
           F.run(ring, ks.data(), vs.data(), false, u, qb.p, ck, cv, c_stride, ob.p, lse2_b.p);
-          for (int64_t l = 0; l < nvalid; ++l) {
-            for (int64_t d = 0; d < P.D; ++d) ot.p[d * ldr + pixels[l]] = ob.p[d * L + l];
-            lse2.p[pixels[l]] = lse2_b.p[l];
-          }
+          for (int64_t d = 0; d < P.D; ++d) lanes.scatter(ot.p + d * ldr, simd::load(ob.p + d * L));
+          lanes.scatter(lse2.p, simd::load(lse2_b.p));
         }
         store_row_t(P, ot.p, T(1), out + row_off, static_cast<const T*>(nullptr), ldr);
         T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
@@ -962,11 +995,7 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
           }
           std::vector<T>& g = pass == 0 ? gk : gv;
           std::vector<T>& bb = pass == 0 ? bk : bv;
-          T* row = dqt.p + FP;  // scratch transposed row
-          for (int64_t c = 0; c < NT; ++c)
-            for (int64_t d = 0; d < D; ++d)
-              simd::store(row + d * ldx + c * L, simd::load(g.data() + (slot * NT + c) * tile + d * L));
-          store_row_t(P, row, T(1), out_row, static_cast<const T*>(nullptr), ldx, out_pix);
+          store_row_t(P, g.data() + slot * NT * tile, T(1), out_row, static_cast<const T*>(nullptr), L, out_pix, tile);
           const T* sums = bb.data() + slot * bsz;  // first border queries: column dc; last: W - kw + dc
           for (int64_t dc = 0; dc < kw; ++dc) {
             for (int64_t d = 0; d < D; ++d) out_row[dc * out_pix + d] += sums[dc * D + d];
@@ -1004,6 +1033,7 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
           for (int64_t l = 0; l < L; ++l)
             pixels[l] = interior ? j0 + l : (t * L + l < 2 * half ? ring.border_pixel(t * L + l) : 0);
           simd::vec<T> b_lse = simd::zero<T>();
+          typename KeyRing<T>::BorderLanes lanes;  // the border block's columns
           if (interior) {  // contiguous pixels: whole registers (lanes past the row hold zeros or its queries)
             b_lse = simd::load(lse2.p + j0);
             for (int64_t d = 0; d < D; ++d) {
@@ -1011,13 +1041,11 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
               simd::store(gob.p + d * L, simd::load(got.p + d * ldx + FP + j0));
             }
           } else {
-            for (int64_t l = 0; l < L; ++l) {
-              const bool ok = l < nvalid;
-              b_lse[l] = ok ? lse2.p[pixels[l]] : T(0);
-              for (int64_t d = 0; d < D; ++d) {
-                qb.p[d * L + l] = ok ? qt.p[d * ldx + FP + pixels[l]] : T(0);
-                gob.p[d * L + l] = ok ? got.p[d * ldx + FP + pixels[l]] : T(0);
-              }
+            lanes = ring.border_lanes(t);
+            b_lse = lanes.gather(lse2.p);
+            for (int64_t d = 0; d < D; ++d) {
+              simd::store(qb.p + d * L, lanes.gather(qt.p + d * ldx + FP));
+              simd::store(gob.p + d * L, lanes.gather(got.p + d * ldx + FP));
             }
           }
           F.conditioners(b, i, pixels, nvalid);
@@ -1126,8 +1154,7 @@ void backward_impl(const Problem<T>& P, const T* go, const T* q, const T* k, con
               simd::store(ds_row.p + key * ldx + FP + j0, dpv[key]);
             }
           } else {  // dq of the valid lanes; the border dk / dv, lane-wise, into the border accumulators
-            for (int64_t l = 0; l < nvalid; ++l)
-              for (int64_t d = 0; d < D; ++d) dqt.p[d * ldx + FP + pixels[l]] = dqb.p[d * L + l];
+            for (int64_t d = 0; d < D; ++d) lanes.scatter(dqt.p + d * ldx + FP, simd::load(dqb.p + d * L));
             // the border dk += scale dS q, dv += P dO: the first kw/2 border queries all see key column dc at
             // window offset dc and the last kw/2 column W - kw + dc, so each class's sum over its queries is
             // formed in registers (channels as lanes, from the queries' heads-last rows) and added once to the
