@@ -65,7 +65,9 @@ class OutputCache final : public c10::Allocator {
       TORCH_CHECK(base != nullptr, "fastcomp: out of memory allocating ", cls, " bytes for a kernel output");
       std::memcpy(base, &cls, sizeof cls);
     }
-    return {static_cast<char*>(base) + kHeader, base, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
+    void* data = static_cast<char*>(base) + kHeader;
+    report(data, static_cast<int64_t>(cls));
+    return {data, base, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
@@ -94,6 +96,7 @@ class OutputCache final : public c10::Allocator {
     d["idle_bytes"] = idle_bytes_;
     d["fresh_blocks"] = fresh_;
     d["reused_blocks"] = reused_;
+    d["in_use_bytes"] = in_use_;
     return d;
   }
 
@@ -114,9 +117,24 @@ class OutputCache final : public c10::Allocator {
 
   static void give_back(void* base) { get().put(base); }
 
+  // What torch's CPU allocator tells the profiler (torch.profiler's memory view, the benchmarks' peak
+  // memory): a block handed out counts as allocated until it comes back, cached or not.
+  void report(void* data, int64_t delta) {
+    size_t in_use, idle;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ = static_cast<size_t>(static_cast<int64_t>(in_use_) + delta);
+      in_use = in_use_;
+      idle = idle_bytes_;
+    }
+    if (c10::memoryProfilingEnabled())
+      c10::reportMemoryUsageToProfiler(data, delta, in_use, in_use + idle, c10::Device(c10::DeviceType::CPU));
+  }
+
   void put(void* base) {
     size_t cls;
     std::memcpy(&cls, base, sizeof cls);
+    report(static_cast<char*>(base) + kHeader, -static_cast<int64_t>(cls));
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (idle_bytes_ + cls <= limit_) {
@@ -131,6 +149,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::map<size_t, std::vector<void*>> idle_;  // size class -> idle blocks
   size_t limit_ = 0, idle_bytes_ = 0, fresh_ = 0, reused_ = 0;
+  size_t in_use_ = 0;  // bytes of the blocks handed out and not back yet
 };
 
 // torch.empty(sizes, dtype=dtype) on the CPU, from the cache (contiguous, uninitialized).
@@ -146,6 +165,6 @@ inline at::Tensor output_empty(std::vector<int64_t> sizes, at::ScalarType dtype)
   (m).def("output_empty", &::fastcomp::output_empty,                                                      \
           "torch.empty(sizes, dtype=dtype) on the CPU from the extension's cache of mapped blocks");     \
   (m).def("output_cache_info", [] { return ::fastcomp::OutputCache::get().info(); },                     \
-          "limit_bytes, idle_bytes, fresh_blocks, reused_blocks of the extension's output cache");       \
+          "limit_bytes, idle_bytes, in_use_bytes, fresh_blocks, reused_blocks of the extension's output cache");       \
   (m).def("release_output_cache", [] { return ::fastcomp::OutputCache::get().release(); },               \
           "frees the idle blocks of the extension's output cache; returns the bytes freed")

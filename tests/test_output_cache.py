@@ -112,3 +112,17 @@ def test_the_limit_bounds_the_idle_blocks_and_zero_turns_the_cache_off():
     assert limit == 1 << 20 and idle <= limit and idle >= 512 * 1024 and fresh == 4
     limit, idle, fresh = map(int, _run(LIMIT_PROBE, "0").split())
     assert (limit, idle, fresh) == (0, 0, 0)
+
+
+def test_the_profiler_and_the_benchmarks_peak_memory_see_cached_blocks():
+    # A block handed out counts as allocated (torch.profiler's memory view, fastcomp bench's peak MB), also
+    # when it is a reused one: the cache must not make a kernel's outputs look free.
+    from fastcomp.bench import harness
+
+    ext = _ext()
+    warm = _outputs.cpu_empty(ext, BIG, torch.float32)
+    del warm  # the next block of this size is a reused one
+    keep = []
+    peak = harness.cpu_peak_bytes(lambda: keep.append(_outputs.cpu_empty(ext, BIG, torch.float32)))
+    assert ext.output_cache_info()["in_use_bytes"] >= 512 * 1024
+    assert peak is not None and peak >= 512 * 1024

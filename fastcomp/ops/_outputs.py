@@ -5,6 +5,8 @@ fresh pages each time: a page fault and a page of zeroing per 4 KiB written, ~15
 forward+backward on 2 threads (benchmarks/results/portability-20261201/notes.md). Each extension keeps its
 freed output blocks of >= 256 KiB (at most ``FASTCOMP_CPU_CACHE_MB``, default 512, MiB of idle blocks;
 0 turns the cache off) for the next call of that size; :func:`release_cpu_cache` frees the idle ones.
+Blocks in use are reported to torch's profiler as torch's CPU allocator reports its own (torch.profiler's
+memory view and the benchmarks' peak memory see them).
 
 The launchers call :func:`cpu_empty` (looked up on this module at call time: the tests' NaN poisoning
 wraps it as it wraps ``torch.empty``).
@@ -23,7 +25,8 @@ def cpu_empty(ext, shape, dtype: torch.dtype) -> torch.Tensor:
 
 
 def cpu_cache_info() -> dict:
-    """Per loaded extension that has an output cache: limit_bytes, idle_bytes, fresh_blocks, reused_blocks."""
+    """Per loaded extension that has an output cache: limit_bytes, idle_bytes, in_use_bytes, fresh_blocks,
+    reused_blocks."""
     return {name: ext.output_cache_info() for name, ext in _loaded_with_cache()}
 
 
