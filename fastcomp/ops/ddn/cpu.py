@@ -2,11 +2,12 @@
 re-ranking, and the chosen candidate's forward and backward.
 
 For float32/float64 CPU tensors the heavy passes are C++ (csrc/ddn/ddn_cpu.cpp): the per-sample statistics
-(Gram upper triangles in 4 x 4 register tiles, half the flops of x @ x^T, with M_b, s_b and the e sums
-in the same call), the weight Gram upper triangles (A is then one GEMM over Cin (Cin + 1) / 2 instead of
-Cin^2 terms), the expanded distances + bound + re-ranking threshold (one pass over B x K instead of ~30
-small torch ops), the exact re-ranking of each sample's own near-best set (which also writes the chosen
-candidate, so the forward forms it once), and the chosen candidate's forward/backward. For small K
+(Gram upper triangles in register tiles, 3 x 4 on AVX2 and 4 x 4 on AVX-512, half the flops of x @ x^T,
+with M_b, s_b and the e sums in the same call), the weight Gram upper triangles (A is then one GEMM over
+Cin (Cin + 1) / 2 instead of Cin^2 terms), the expanded distances + bound + re-ranking threshold (one pass
+over B x K instead of ~30 small torch ops), the exact re-ranking of each sample's own near-best set (which
+also writes the chosen candidate, so the forward forms it once), and the chosen candidate's
+forward/backward. For small K
 (K Cin (Cin + 1) / 2 <= _FUSED_ELEMENTS, e.g. K=64 at Cin=64) all of the forward runs per sample in one
 C++ task (ddn_l2_select_cpu) while that sample's features are still in cache. The backend
 takes float32/float64 CPU tensors only and needs the extension: for anything else, or when the extension
