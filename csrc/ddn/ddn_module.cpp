@@ -1,13 +1,10 @@
 // The DDN selection CPU extension's binding (kernels: ddn_cpu.cpp).
 #include "cpu_module.h"
 #include "ddn_cpu.h"
-#include "output_cache.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastcomp DDN selection CPU kernels (csrc/ddn/ddn_cpu.cpp); outputs are allocated by the Python caller "
-            "(output_empty: from the cache of csrc/output_cache.h)";
+  m.doc() = "fastcomp DDN selection CPU kernels (csrc/ddn/ddn_cpu.cpp); outputs are allocated by the Python caller";
   FASTCOMP_BIND_BUILD_INFO(m);
-  FASTCOMP_BIND_OUTPUT_CACHE(m);
   m.def("ddn_l2_stats_cpu", &fastcomp::ddn_l2_stats_cpu,
         "DDN l2 expansion statistics (csrc/ddn/ddn_cpu.h): writes gram (upper triangle), m_fe, s_f, e_sum, e_sq");
   m.def("ddn_weight_gram_cpu", &fastcomp::ddn_weight_gram_cpu,

@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 
-from .. import _outputs
 from . import pytorch
 
 # The C++ kernels' dtypes (csrc/ddn/ddn_cpu.cpp); the backend declines the others (the torch backend runs them).
@@ -49,7 +48,7 @@ def chosen_forward(features, weight, index, bias, residual):
     """[B, Cout, H, W] = einsum(weight[index[b]], features[b]) + bias[index[b]] + residual[b] in C++, in the
     input dtype, added in the reference's order."""
     B, _, H, W = features.shape
-    out = _outputs.cpu_empty(extension(), (B, weight.shape[1], H, W), features.dtype)
+    out = torch.empty(B, weight.shape[1], H, W, dtype=features.dtype)
     extension().ddn_chosen_forward_cpu(_contiguous(features), _contiguous(weight), _contiguous(bias),
                                        _contiguous(residual), index.contiguous(), out)
     return out
@@ -60,7 +59,7 @@ def chosen_backward(d_out, features, weight, index, has_bias: bool):
     the K rows (d weight [k] has non-zero rows only for chosen k)."""
     B, Cin, H, W = features.shape
     K, Cout, _ = weight.shape
-    d_features = _outputs.cpu_empty(extension(), (B, Cin, H, W), features.dtype)  # megabytes: cached blocks
+    d_features = torch.empty(B, Cin, H, W, dtype=features.dtype)
     d_weight = torch.empty(K, Cout, Cin, dtype=features.dtype)
     d_bias = torch.empty(K, Cout, dtype=features.dtype) if has_bias else None
     extension().ddn_chosen_backward_cpu(features.contiguous(), weight.contiguous(), index.contiguous(),
@@ -141,7 +140,7 @@ def select(features, weight, target, bias, residual, metric):
         n_tri = Cin * (Cin + 1) // 2
         distances = torch.empty(B, K, dtype=torch.float32)
         index = torch.empty(B, dtype=torch.int64)
-        out = _outputs.cpu_empty(ext, target.shape, features.dtype)  # the chosen candidate, formed once by C++
+        out = torch.empty(target.shape, dtype=features.dtype)  # the chosen candidate, formed once by C++
         f, w, b, r, t = (_contiguous(x) for x in (features, weight, bias, residual, target))
         if K * n_tri <= _FUSED_ELEMENTS:
             # Small K: the whole selection per sample in one C++ pass while the sample's features are in
