@@ -101,9 +101,14 @@ class OutputCache final : public c10::Allocator {
   }
 
  private:
+  // FASTCOMP_CPU_CACHE_MB: a non-negative integer; anything else keeps the default (fastcomp/ops/_outputs.py
+  // warns about it on import).
   OutputCache() {
     const char* mb = std::getenv("FASTCOMP_CPU_CACHE_MB");
-    limit_ = (mb != nullptr && *mb != '\0' ? static_cast<size_t>(std::strtoull(mb, nullptr, 10)) : 512) << 20;
+    size_t limit_mb = 512;
+    if (mb != nullptr && *mb != '\0' && std::strspn(mb, "0123456789") == std::strlen(mb) && std::strlen(mb) < 12)
+      limit_mb = static_cast<size_t>(std::strtoull(mb, nullptr, 10));
+    limit_ = limit_mb << 20;
   }
 
   // n rounded up to a multiple of 1/16 of its power of two (at most 6.25% more), so that outputs of

@@ -126,3 +126,13 @@ def test_the_profiler_and_the_benchmarks_peak_memory_see_cached_blocks():
     peak = harness.cpu_peak_bytes(lambda: keep.append(_outputs.cpu_empty(ext, BIG, torch.float32)))
     assert ext.output_cache_info()["in_use_bytes"] >= 512 * 1024
     assert peak is not None and peak >= 512 * 1024
+
+
+def test_a_malformed_limit_keeps_the_default_and_says_so():
+    code = "import warnings\nwarnings.simplefilter('always')\n" + textwrap.dedent(LIMIT_PROBE)
+    env = dict(os.environ, FASTCOMP_CPU_CACHE_MB="1G")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FASTCOMP_CPU_CACHE_MB='1G' is not a whole number of MiB" in done.stderr
+    limit, _, _ = map(int, done.stdout.split())
+    assert limit == 512 << 20

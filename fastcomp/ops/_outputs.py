@@ -14,9 +14,27 @@ wraps it as it wraps ``torch.empty``).
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from .. import _build
+
+_LIMIT_VARIABLE = "FASTCOMP_CPU_CACHE_MB"
+
+
+def _check_limit_setting() -> None:
+    """The C++ cache reads FASTCOMP_CPU_CACHE_MB as a whole number of MiB and keeps its default (512) for
+    anything else: say so instead of silently ignoring a typo."""
+    value = os.environ.get(_LIMIT_VARIABLE, "")
+    if value and not (value.isascii() and value.isdigit() and len(value) < 12):  # the C++ rule exactly
+        warnings.warn(f"{_LIMIT_VARIABLE}={value!r} is not a whole number of MiB: the CPU output cache keeps its "
+                      f"default of 512 MiB (set it to e.g. 256, or 0 to turn the cache off)", RuntimeWarning,
+                      stacklevel=2)
+
+
+_check_limit_setting()
 
 
 def cpu_empty(ext, shape, dtype: torch.dtype) -> torch.Tensor:
