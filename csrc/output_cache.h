@@ -4,14 +4,15 @@
 // freed (the heap top is trimmed past 2x the largest recent block, or the block was mmapped), so a
 // training loop that allocates and frees the same outputs every step takes a page fault, and a page of
 // zeroing, for every 4 KiB it writes: ~4000 faults per forward+backward of the bench's attention case
-// (16 MB of out, dq, dk, dv), ~15% of its time on 2 threads. The kernels' outputs come from here instead:
+// (16 MB of out, dq, dk, dv), ~15% of its time on 2 threads. The attention's outputs come from here instead:
 // a freed block goes back to a free list of its size class and the next call of that size takes it,
 // already mapped. Blocks below kMinBytes, which glibc keeps in its heap anyway, and everything when the
 // cache is off, come from torch's CPU allocator.
 //
 // Bounded: at most FASTCOMP_CPU_CACHE_MB (default 512) MiB of idle blocks are kept; a block freed past
 // that goes back to the system. release_output_cache() frees every idle block. One cache per extension
-// library (each op family links its own copy of this header).
+// library that binds it (FASTCOMP_BIND_OUTPUT_CACHE): today the attention's. The DDN's outputs measured
+// 2-3% slower through it, as glibc already keeps its blocks and a reused block is cold in the cache.
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -170,6 +171,6 @@ inline at::Tensor output_empty(std::vector<int64_t> sizes, at::ScalarType dtype)
   (m).def("output_empty", &::fastcomp::output_empty,                                                      \
           "torch.empty(sizes, dtype=dtype) on the CPU from the extension's cache of mapped blocks");     \
   (m).def("output_cache_info", [] { return ::fastcomp::OutputCache::get().info(); },                     \
-          "limit_bytes, idle_bytes, in_use_bytes, fresh_blocks, reused_blocks of the extension's output cache");       \
+          "limit_bytes, idle_bytes, in_use_bytes, fresh_blocks, reused_blocks of the output cache");     \
   (m).def("release_output_cache", [] { return ::fastcomp::OutputCache::get().release(); },               \
           "frees the idle blocks of the extension's output cache; returns the bytes freed")

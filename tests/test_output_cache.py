@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -58,8 +57,8 @@ def test_cached_tensors_behave_like_torch_empty():
 
 def test_release_frees_the_idle_blocks():
     ext = _ext()
-    del_me = [_outputs.cpu_empty(ext, BIG, torch.float32) for _ in range(3)]
-    del del_me
+    blocks = [_outputs.cpu_empty(ext, BIG, torch.float32) for _ in range(3)]
+    del blocks
     assert ext.output_cache_info()["idle_bytes"] >= 3 * 512 * 1024
     assert fastcomp.ops.release_cpu_cache() >= 3 * 512 * 1024
     assert ext.output_cache_info()["idle_bytes"] == 0
@@ -87,30 +86,33 @@ def test_attention_outputs_and_gradients_come_from_the_cache():
     assert_close(out, ref)
 
 
-def _run(code: str, mb: str) -> str:
-    env = dict(os.environ, FASTCOMP_CPU_CACHE_MB=mb)
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip()
-
-
 LIMIT_PROBE = """
-    import torch
-    from fastcomp import _build
-    from fastcomp.ops import _outputs
-    ext = _build.load("attention")
-    blocks = [_outputs.cpu_empty(ext, (1, 32, 32, 4, 32), torch.float32) for _ in range(4)]
-    del blocks
-    info = ext.output_cache_info()
-    print(info["limit_bytes"], info["idle_bytes"], info["fresh_blocks"])
+import warnings
+warnings.simplefilter("always")
+import torch
+from fastcomp import _build
+from fastcomp.ops import _outputs
+ext = _build.load("attention")
+blocks = [_outputs.cpu_empty(ext, (1, 32, 32, 4, 32), torch.float32) for _ in range(4)]
+del blocks
+info = ext.output_cache_info()
+print(info["limit_bytes"], info["idle_bytes"], info["fresh_blocks"])
 """
 
 
+def _probe_limit(mb: str):
+    """LIMIT_PROBE in a fresh process with FASTCOMP_CPU_CACHE_MB=mb (the cache reads it once): its
+    (limit_bytes, idle_bytes, fresh_blocks) and its stderr."""
+    env = dict(os.environ, FASTCOMP_CPU_CACHE_MB=mb)
+    done = subprocess.run([sys.executable, "-c", LIMIT_PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(map(int, done.stdout.split())), done.stderr
+
+
 def test_the_limit_bounds_the_idle_blocks_and_zero_turns_the_cache_off():
-    limit, idle, fresh = map(int, _run(LIMIT_PROBE, "1").split())
+    (limit, idle, fresh), _ = _probe_limit("1")
     assert limit == 1 << 20 and idle <= limit and idle >= 512 * 1024 and fresh == 4
-    limit, idle, fresh = map(int, _run(LIMIT_PROBE, "0").split())
+    (limit, idle, fresh), _ = _probe_limit("0")
     assert (limit, idle, fresh) == (0, 0, 0)
 
 
@@ -129,10 +131,6 @@ def test_the_profiler_and_the_benchmarks_peak_memory_see_cached_blocks():
 
 
 def test_a_malformed_limit_keeps_the_default_and_says_so():
-    code = "import warnings\nwarnings.simplefilter('always')\n" + textwrap.dedent(LIMIT_PROBE)
-    env = dict(os.environ, FASTCOMP_CPU_CACHE_MB="1G")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "FASTCOMP_CPU_CACHE_MB='1G' is not a whole number of MiB" in done.stderr
-    limit, _, _ = map(int, done.stdout.split())
+    (limit, _, _), stderr = _probe_limit("1G")
+    assert "FASTCOMP_CPU_CACHE_MB='1G' is not a whole number of MiB" in stderr
     assert limit == 512 << 20

@@ -54,14 +54,16 @@ constexpr int64_t kMinParallelWork = 1 << 15;
 
 int threads_for(int64_t work) { return work < kMinParallelWork ? 1 : std::max(1, at::get_num_threads()); }
 
-// Row-block height of the square Gram (and cross-product) tiles: RI x RJ accumulators plus the RI + RJ
-// pinned rows must fit the register file, 4 x 4 + 8 = 24 of 32 registers (AVX-512, AArch64) or 3 x 3 + 6 =
-// 15 of 16 (AVX2, SSE2): 4 x 4 tiles on AVX2 spill every accumulator once per pixel vector.
+// Row-block height of the Gram tiles, and the side of the square cross-product tiles: cross_tile's RA x RB
+// accumulators plus its RA + RB pinned rows must fit the register file, 4 x 4 + 8 = 24 of 32 registers
+// (AVX-512, AArch64) or 3 x 3 + 6 = 15 of 16 (AVX2, SSE2): 4 x 4 tiles on AVX2 spill every accumulator once
+// per pixel vector.
 constexpr int64_t kTile = simd::kVectorRegisters >= 32 ? 4 : 3;
 static_assert(kTile * kTile + 2 * kTile <= simd::kVectorRegisters, "Gram tiles must fit the registers");
 // The Gram tiles' width: gram_tile pins its RI rows and streams the RJ column rows one register at a
-// time, so RI x RJ accumulators + RI + 1 registers: 3 x 4 on AVX2's 16 (7 loads per 12 FMAs, against 6
-// per 9 for 3 x 3: the Gram blocks of the bench's K=64 case 5-8% faster, same sums), 4 x 4 on 32.
+// time, so RI x RJ accumulators + RI + 1 registers: 3 x 4 on 16 registers (AVX2, SSE2: 7 loads per 12
+// FMAs, against 6 per 9 for 3 x 3; the Gram blocks of the bench's K=64 case 5-8% faster, same sums),
+// 4 x 4 on 32.
 constexpr int64_t kGramCols = 4;
 static_assert(kTile * kGramCols + kTile + 1 <= simd::kVectorRegisters, "Gram tiles must fit the registers");
 

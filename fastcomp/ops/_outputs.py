@@ -1,10 +1,11 @@
-"""Outputs of the C++ CPU kernels, from the extensions' caches of mapped blocks (csrc/output_cache.h).
+"""Outputs of the C++ CPU kernels from an extension's cache of mapped blocks (csrc/output_cache.h).
 
 A training step that allocates and frees the same megabytes of outputs every call makes glibc hand back
 fresh pages each time: a page fault and a page of zeroing per 4 KiB written, ~15% of the attention's
-forward+backward on 2 threads (benchmarks/results/portability-20261201/notes.md). Each extension keeps its
-freed output blocks of >= 256 KiB (at most ``FASTCOMP_CPU_CACHE_MB``, default 512, MiB of idle blocks;
-0 turns the cache off) for the next call of that size; :func:`release_cpu_cache` frees the idle ones.
+forward+backward on 2 threads (benchmarks/results/portability-20261201/notes.md). An extension that binds
+the cache (today the attention's) keeps its freed output blocks of >= 256 KiB for the next call of that
+size: at most ``FASTCOMP_CPU_CACHE_MB`` (default 512) MiB of idle blocks, 0 turns the cache off;
+:func:`release_cpu_cache` frees the idle ones.
 Blocks in use are reported to torch's profiler as torch's CPU allocator reports its own (torch.profiler's
 memory view and the benchmarks' peak memory see them).
 
@@ -56,7 +57,7 @@ def release_cpu_cache() -> int:
 
 def _loaded_with_cache():
     for name in _build.EXTENSIONS:
-        if name != "cuda" and _build.loaded(name):
+        if _build.loaded(name):
             ext = _build.load(name)
-            if hasattr(ext, "output_empty"):
+            if hasattr(ext, "output_empty"):  # the extensions that bind the cache
                 yield name, ext

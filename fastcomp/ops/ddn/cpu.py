@@ -2,7 +2,7 @@
 re-ranking, and the chosen candidate's forward and backward.
 
 For float32/float64 CPU tensors the heavy passes are C++ (csrc/ddn/ddn_cpu.cpp): the per-sample statistics
-(Gram upper triangles in register tiles, 3 x 4 on AVX2 and 4 x 4 on AVX-512, half the flops of x @ x^T,
+(Gram upper triangles in register tiles, 3 x 4 on AVX2 / SSE2 and 4 x 4 on AVX-512, half the flops of x @ x^T,
 with M_b, s_b and the e sums in the same call), the weight Gram upper triangles (A is then one GEMM over
 Cin (Cin + 1) / 2 instead of Cin^2 terms), the expanded distances + bound + re-ranking threshold (one pass
 over B x K instead of ~30 small torch ops), the exact re-ranking of each sample's own near-best set (which
