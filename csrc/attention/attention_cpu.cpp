@@ -402,30 +402,36 @@ FASTCOMP_CONTRACT inline void block_wsum_cond(const simd::vec<T>* __restrict p, 
 // One task's ring of kh key rows (slot of row r: r % kh), keys and values each as
 //   NP interior panels [p][D][2L]: columns pL .. pL + 2L of the row (0 beyond W), and
 //   NBB border panels [u][D][kw][L]: for lane l of border block u, border query g = uL + l (the kw/2
-//   first queries of a row, then the kw/2 last), the column its window has at offset dc: dc for the first
-//   ones, W - kw + dc for the last (0 for lanes past 2 (kw/2)). One border block serves both ends of a
-//   row (6 queries in one register at kw = 7, where a block per end used 3 lanes of 8 each).
+//   first queries of a row, then the last nb - kw/2: `tail` interior queries and the kw/2 last), the
+//   column its window has at offset dc: dc for the first ones, its own window's for the others (W - kw +
+//   dc for the last kw/2; 0 for lanes past nb). One border block serves both ends of a row (6 queries in
+//   one register at kw = 7, where a block per end used 3 lanes of 8 each). The forward also hands the
+//   border block the `tail` = (W - 2 (kw/2)) % L interior queries that would leave the last interior block
+//   partly empty: at 64x64 k7 on AVX2 those are 2, and with the 6 border queries they fill one register,
+//   so a row takes 8 blocks instead of 9 (5 instead of 6 on AVX-512). The backward keeps tail = 0: its
+//   border queries' dk / dv go through per-class sums that only the clamped windows share.
 template <typename T>
 struct KeyRing {
   const Problem<T>& P;
-  int64_t half, NP, panel, NBB, bpanel, row_len, ldr;
+  int64_t half, tail, nb, NP, panel, NBB, bpanel, row_len, ldr;  // nb: the border blocks' queries
   Aligned<T> k, v;
   std::vector<int64_t> row_of;  // key row held by each slot (-1: none)
 
-  explicit KeyRing(const Problem<T>& P_)
-      : P(P_), half(P_.kw / 2), NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2),
-        panel(P_.D * 2 * simd::kLanes<T>), NBB((2 * (P_.kw / 2) + simd::kLanes<T> - 1) / simd::kLanes<T>),
-        bpanel(P_.kw * P_.D * simd::kLanes<T>), row_len(NP * panel + NBB * bpanel), ldr((NP + 2) * simd::kLanes<T>),
-        k(P_.kh * row_len), v(P_.kh * row_len), row_of(P_.kh, -1) {}
+  explicit KeyRing(const Problem<T>& P_, int64_t tail_ = 0)
+      : P(P_), half(P_.kw / 2), tail(tail_), nb(2 * (P_.kw / 2) + tail_),
+        NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2), panel(P_.D * 2 * simd::kLanes<T>),
+        NBB((nb + simd::kLanes<T> - 1) / simd::kLanes<T>), bpanel(P_.kw * P_.D * simd::kLanes<T>),
+        row_len(NP * panel + NBB * bpanel), ldr((NP + 2) * simd::kLanes<T>), k(P_.kh * row_len),
+        v(P_.kh * row_len), row_of(P_.kh, -1) {}
 
-  // The pixel of border query g (g < 2 (kw/2)).
-  int64_t border_pixel(int64_t g) const { return g < half ? g : P.W - 2 * half + g; }
+  // The pixel of border query g (g < nb): the first kw/2 pixels, then the last nb - kw/2.
+  int64_t border_pixel(int64_t g) const { return g < half ? g : P.W - nb + g; }
 
   // Border block u's lanes in a transposed row: lane l (query g = uL + l) is column uL + l when g < kw/2
-  // and column W - 2 (kw/2) + uL + l when it is one of the last kw/2, so the block's values are two
-  // whole-register loads blended (lanes past 2 (kw/2) zero), and its results two blended stores: a
+  // and column W - nb + uL + l when it is one of the last nb - kw/2, so the block's values are two
+  // whole-register loads blended (lanes past nb zero), and its results two blended stores: a
   // lane-by-lane gather of D channels through pixels[] cost ~3% of the backward. The row must be
-  // readable (and writable) over [uL, uL + L) and [W - 2 (kw/2) + uL, ... + L): the transposed rows
+  // readable (and writable) over [uL, uL + L) and [W - nb + uL, ... + L): the transposed rows
   // have L columns of padding past W.
   struct BorderLanes {
     simd::ivec<T> left{}, right{};  // all bits set in the lanes of the first / the last kw/2 queries
@@ -445,10 +451,10 @@ struct KeyRing {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t g = u * L + l;
       b.left[l] = g < half ? -1 : 0;
-      b.right[l] = g >= half && g < 2 * half ? -1 : 0;
+      b.right[l] = g >= half && g < nb ? -1 : 0;
     }
     b.c_left = u * L;
-    b.c_right = P.W - 2 * half + u * L;
+    b.c_right = P.W - nb + u * L;
     return b;
   }
 
@@ -496,23 +502,39 @@ struct KeyRing {
     // the kw left and kw right columns of channel d: runs inside one panel row each when kw <= L + 1
     const int64_t p_right = (W - kw) / L, o_right = (W - kw) % L;
     const bool runs = o_right + kw <= 2 * L && kw <= 2 * L;
+    auto column = [&](int64_t d, int64_t c) { return dst[(c / L) * panel + d * 2 * L + c % L]; };
     for (int64_t u = 0; u < NBB; ++u) {
-      // lanes of the first kw/2 queries take the left column, those of the last kw/2 the right one
-      simd::ivec<T> left_lane{}, used_lane{};
+      // lanes of the first kw/2 queries take the left column, those of the last kw/2 the right one, the
+      // tail queries (pixel p) column p - kw/2 + dc: lane l's is c_tail + l + dc
+      simd::ivec<T> left_lane{}, tail_lane{}, used_lane{};
       for (int64_t l = 0; l < L; ++l) {
-        left_lane[l] = u * L + l < half ? -1 : 0;
-        used_lane[l] = u * L + l < 2 * half ? -1 : 0;
+        const int64_t g = u * L + l;
+        left_lane[l] = g < half ? -1 : 0;
+        tail_lane[l] = g >= half && g < half + tail ? -1 : 0;
+        used_lane[l] = g < nb ? -1 : 0;
       }
+      const int64_t c_tail = W - nb + u * L - half;
       const simd::vec<T> zero = simd::zero<T>();
       for (int64_t d = 0; d < D; ++d) {
         T* o = bp + (u * D + d) * kw * L;
         const T* left = dst + d * 2 * L;
         const T* right = dst + p_right * panel + d * 2 * L + o_right;
         for (int64_t dc = 0; dc < kw; ++dc) {
-          const T lv = runs ? left[dc] : dst[(dc / L) * panel + d * 2 * L + dc % L];
-          const int64_t c = W - kw + dc;
-          const T rv = runs ? right[dc] : dst[(c / L) * panel + d * 2 * L + c % L];
-          simd::store(o + dc * L, simd::select<T>(used_lane, simd::select<T>(left_lane, simd::splat(lv), simd::splat(rv)), zero));
+          const T lv = runs ? left[dc] : column(d, dc);
+          const T rv = runs ? right[dc] : column(d, W - kw + dc);
+          simd::vec<T> x = simd::select<T>(left_lane, simd::splat(lv), simd::splat(rv));
+          if (tail > 0) {
+            const int64_t c = c_tail + dc;  // lane 0's column: a run of L inside one panel row when >= 0
+            simd::vec<T> tv = zero;
+            if (c >= 0) {
+              tv = simd::load(dst + (c / L) * panel + d * 2 * L + c % L);
+            } else {  // tiny rows: lanes before the tail would read before the row
+              for (int64_t l = 0; l < L; ++l)
+                if (tail_lane[l]) tv[l] = column(d, c + l);
+            }
+            x = simd::select<T>(tail_lane, tv, x);
+          }
+          simd::store(o + dc * L, simd::select<T>(used_lane, x, zero));
         }
       }
     }
@@ -699,11 +721,11 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
   const int64_t tasks = bh * blocks;
   const int64_t c_stride = P.NH * P.D;
   const int64_t half = P.kw / 2, n_int = P.W - 2 * half;
-  const int64_t n_blocks_int = (n_int + L - 1) / L;
+  const int64_t n_blocks_int = n_int / L;  // whole blocks; the rest go with the border queries (KeyRing)
 
 #pragma omp parallel num_threads(threads_for(tasks, work_of(P)))
   {
-    KeyRing<T> ring(P);
+    KeyRing<T> ring(P, n_int % L);
     BlockForward<T> F(P);
     const int64_t ldr = ring.ldr;
     Aligned<T> qt(P.D * ldr), ot(P.D * ldr), qb(P.D * L), ob(P.D * L), lse2(ldr), lse2_b(L);
@@ -734,9 +756,8 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
         ring.slots(ring.v, r_first, vs.data());
         const int64_t row_off = P.row_off(b, h, i);
         load_row_t(P, q + row_off, static_cast<T>(P.scale * kLog2e), qt.p, ldr);
-        // interior blocks (the last may spill into the border pixels, which the border blocks then write)
-        for (int64_t t = 0; t < n_blocks_int; ++t) {
-          const int64_t j0 = half + t * L, nvalid = std::min<int64_t>(L, n_int - t * L);
+        for (int64_t t = 0; t < n_blocks_int; ++t) {  // interior blocks
+          const int64_t j0 = half + t * L, nvalid = L;
           for (int64_t l = 0; l < L; ++l) pixels[l] = j0 + l;
           for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, simd::load(qt.p + d * ldr + j0));
           F.conditioners(b, i, pixels, nvalid);
@@ -744,7 +765,7 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
           for (int64_t d = 0; d < P.D; ++d) simd::store(ot.p + d * ldr + j0, simd::load(ob.p + d * L));
         }
         for (int64_t u = 0; u < ring.NBB; ++u) {
-          const int64_t nvalid = std::min<int64_t>(L, 2 * half - u * L);
+          const int64_t nvalid = std::min<int64_t>(L, ring.nb - u * L);
           for (int64_t l = 0; l < nvalid; ++l) pixels[l] = ring.border_pixel(u * L + l);
           const auto lanes = ring.border_lanes(u);
           for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, lanes.gather(qt.p + d * ldr));
