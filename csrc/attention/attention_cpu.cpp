@@ -145,6 +145,38 @@ inline void store_row_t(const Problem<T>& P, const T* src, T mul, T* dst_row, co
   }
 }
 
+// A block's queries: channel d of lane l's pixel pixels[l] (l < nvalid; 0 in the other lanes) of a heads-
+// last row, times mul, into xb [D][L], by whole-vector loads of L channels per pixel and a register
+// transpose (load_row_t's, without the row in between).
+template <typename T>
+inline void gather_block_t(const Problem<T>& P, const T* row, const int64_t* pixels, int64_t nvalid, T mul, T* xb) {
+  constexpr int64_t L = simd::kLanes<T>;
+  const int64_t pix = P.pix(), D = P.D, d_vec = D / L * L;
+  for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
+    simd::vec<T> b_rows[L];  // [pixel][channel], then [channel][pixel]
+    for (int64_t l = 0; l < L; ++l) b_rows[l] = l < nvalid ? simd::load(row + pixels[l] * pix + d0) : simd::zero<T>();
+    simd::transpose<T>(b_rows);
+    for (int64_t dd = 0; dd < L; ++dd) simd::store(xb + (d0 + dd) * L, b_rows[dd] * mul);
+  }
+  for (int64_t d = d_vec; d < D; ++d)
+    for (int64_t l = 0; l < L; ++l) xb[d * L + l] = l < nvalid ? row[pixels[l] * pix + d] * mul : T(0);
+}
+
+// The inverse, for a block's outputs: xb [D][L] into the pixels of lanes l < nvalid of a heads-last row.
+template <typename T>
+inline void scatter_block_t(const Problem<T>& P, const T* xb, const int64_t* pixels, int64_t nvalid, T* row) {
+  constexpr int64_t L = simd::kLanes<T>;
+  const int64_t pix = P.pix(), D = P.D, d_vec = D / L * L;
+  for (int64_t d0 = 0; d0 < d_vec; d0 += L) {
+    simd::vec<T> b_rows[L];  // [channel][pixel], then [pixel][channel]
+    for (int64_t dd = 0; dd < L; ++dd) b_rows[dd] = simd::load(xb + (d0 + dd) * L);
+    simd::transpose<T>(b_rows);
+    for (int64_t l = 0; l < nvalid; ++l) simd::store(row + pixels[l] * pix + d0, b_rows[l]);
+  }
+  for (int64_t d = d_vec; d < D; ++d)
+    for (int64_t l = 0; l < nvalid; ++l) row[pixels[l] * pix + d] = xb[d * L + l];
+}
+
 // Threads for a region of `tasks` tasks and `work` multiply-adds: below ~1e5 starting threads costs more
 // than it saves (tests and gradcheck make thousands of tiny calls).
 inline int threads_for(int64_t tasks, int64_t work) {
@@ -727,8 +759,7 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
   {
     KeyRing<T> ring(P, n_int % L);
     BlockForward<T> F(P);
-    const int64_t ldr = ring.ldr;
-    Aligned<T> qt(P.D * ldr), ot(P.D * ldr), qb(P.D * L), ob(P.D * L), lse2(ldr), lse2_b(L);
+    Aligned<T> qb(P.D * L), ob(P.D * L), lse2(L);
     int64_t pixels[L];
     std::vector<const T*> ks(P.kh), vs(P.kh);
 #pragma omp for schedule(dynamic, 1)
@@ -755,28 +786,25 @@ void forward_impl(const Problem<T>& P, const T* q, const T* k, const T* v, const
         ring.slots(ring.k, r_first, ks.data());
         ring.slots(ring.v, r_first, vs.data());
         const int64_t row_off = P.row_off(b, h, i);
-        load_row_t(P, q + row_off, static_cast<T>(P.scale * kLog2e), qt.p, ldr);
-        for (int64_t t = 0; t < n_blocks_int; ++t) {  // interior blocks
-          const int64_t j0 = half + t * L, nvalid = L;
-          for (int64_t l = 0; l < L; ++l) pixels[l] = j0 + l;
-          for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, simd::load(qt.p + d * ldr + j0));
+        T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
+        // one block: its queries transposed straight from q (scaled into the exp2 domain), its outputs
+        // straight into out (no transposed copy of the row in between)
+        auto block = [&](bool interior, int64_t t, int64_t nvalid) {
+          gather_block_t(P, q + row_off, pixels, nvalid, static_cast<T>(P.scale * kLog2e), qb.p);
           F.conditioners(b, i, pixels, nvalid);
-          F.run(ring, ks.data(), vs.data(), true, t, qb.p, ck, cv, c_stride, ob.p, lse2.p + j0);
-          for (int64_t d = 0; d < P.D; ++d) simd::store(ot.p + d * ldr + j0, simd::load(ob.p + d * L));
+          F.run(ring, ks.data(), vs.data(), interior, t, qb.p, ck, cv, c_stride, ob.p, lse2.p);
+          scatter_block_t(P, ob.p, pixels, nvalid, out + row_off);
+          for (int64_t l = 0; l < nvalid; ++l) lse_row[pixels[l]] = lse2.p[l] * static_cast<T>(kLn2);
+        };
+        for (int64_t t = 0; t < n_blocks_int; ++t) {  // interior blocks
+          for (int64_t l = 0; l < L; ++l) pixels[l] = half + t * L + l;
+          block(true, t, L);
         }
-        for (int64_t u = 0; u < ring.NBB; ++u) {
+        for (int64_t u = 0; u < ring.NBB; ++u) {  // border blocks
           const int64_t nvalid = std::min<int64_t>(L, ring.nb - u * L);
           for (int64_t l = 0; l < nvalid; ++l) pixels[l] = ring.border_pixel(u * L + l);
-          const auto lanes = ring.border_lanes(u);
-          for (int64_t d = 0; d < P.D; ++d) simd::store(qb.p + d * L, lanes.gather(qt.p + d * ldr));
-          F.conditioners(b, i, pixels, nvalid);
-          F.run(ring, ks.data(), vs.data(), false, u, qb.p, ck, cv, c_stride, ob.p, lse2_b.p);
-          for (int64_t d = 0; d < P.D; ++d) lanes.scatter(ot.p + d * ldr, simd::load(ob.p + d * L));
-          lanes.scatter(lse2.p, simd::load(lse2_b.p));
+          block(false, u, nvalid);
         }
-        store_row_t(P, ot.p, T(1), out + row_off, static_cast<const T*>(nullptr), ldr);
-        T* lse_row = lse + ((b * P.NH + h) * P.H + i) * P.W;
-        for (int64_t j = 0; j < P.W; ++j) lse_row[j] = lse2.p[j] * static_cast<T>(kLn2);
       }
     }
   }
