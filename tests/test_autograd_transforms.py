@@ -225,6 +225,82 @@ def test_second_derivatives_are_refused_with_a_clear_error():
         torch.autograd.grad(gw.sum(), f)
 
 
+def _count_applies(monkeypatch):
+    """The class names of every autograd.Function applied (the op layers' Functions among them)."""
+    calls = []
+    original = torch.autograd.Function.__dict__["apply"].__func__
+
+    def apply(cls, *args, **kwargs):
+        calls.append(cls.__name__)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(apply))
+    return calls
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that reach the dispatcher, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_calls_skip_the_op_layers_and_nothing_else_does(monkeypatch, cpu_calls):
+    """An eager call with no graph to record (no_grad) runs the C++ launcher without the autograd.Function
+    and custom op around it, and a plain backward runs its kernel without the op (_library.runs_plain:
+    ~100-200 us less per call); the results are the reference's. Where something could observe the layers,
+    they run: autograd needed, a dispatch mode, vmap, a forward-AD level."""
+    (q, k, v, ck, cv), cm = _problem()
+    fused, ref = _attention("cpu", cm), _reference(cm)
+    applies = _count_applies(monkeypatch)
+    with torch.no_grad():
+        out = fused(q, k, v, ck, cv)
+    assert (len(applies), cpu_calls["forward"]) == (0, 1)
+    assert_close(out, ref(q, k, v, ck, cv), name="no_grad forward")
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, ck, cv)]
+    grads = torch.autograd.grad(fused(*leaves).square().sum(), leaves)
+    assert (applies, cpu_calls["forward"], cpu_calls["backward"]) == (["LocalConditionalAttention_cpu"], 2, 1)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, ck, cv)]
+    for n, a, b in zip("q k v cond_k cond_v".split(), grads,
+                       torch.autograd.grad(ref(*ref_leaves).square().sum(), ref_leaves)):
+        assert_close(a, b, name=f"plain backward d{n}")
+
+    with torch.no_grad(), _RecordOps() as mode:  # a dispatch mode sees the custom op
+        fused(q, k, v, ck, cv)
+    assert "fastcomp.lca_forward_cpu.default" in mode.names, mode.names
+    with torch.no_grad():
+        torch.vmap(lambda a: fused(a, k, v, ck, cv))(q[None].expand(2, *q.shape))
+    with torch.autograd.forward_ad.dual_level():
+        torch.autograd.forward_ad.unpack_dual(fused(torch.autograd.forward_ad.make_dual(q, torch.ones_like(q)),
+                                                    k, v, ck, cv))
+    assert applies.count("LocalConditionalAttention_cpu") == 4, applies  # the mode's, vmap's, forward AD's
+
+    # DDN: inference takes the selection kernel's candidate as it is (no Function, no op, no copy); a
+    # dispatch mode sees the op; training goes through the chosen candidate's Function
+    f, w, t = torch.randn(2, 4, 3, 3), torch.randn(5, 3, 4), torch.randn(2, 3, 3, 3)
+    applies.clear()
+    with torch.no_grad():
+        got = fastcomp.ddn_select(f, w, t, backend="cpu")
+    assert applies == []
+    with torch.no_grad(), _RecordOps() as mode:
+        want = fastcomp.ddn_select(f, w, t, backend="cpu")
+    assert "fastcomp.ddn_select_cpu.default" in mode.names, mode.names
+    assert torch.equal(got.index, want.index) and torch.equal(got.output, want.output)
+    applies.clear()
+    ww = w.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(fastcomp.ddn_select(f, ww, t, backend="cpu").output.square().sum(), ww)
+    assert applies == ["ChosenCandidate_cpu"], applies
+    wr = w.clone().requires_grad_()
+    (gr,) = torch.autograd.grad(fastcomp.ddn_select(f, wr, t, backend="reference").output.square().sum(), wr)
+    assert_close(gw, gr, name="ddn_select plain backward dweight")
+
+
 # --- DDN ------------------------------------------------------------------------------------------------
 
 def test_ddn_gather_and_select_under_transforms():

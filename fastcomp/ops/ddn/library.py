@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import compile_opaque, fold_batch, once_differentiable, unfold_batch
+from .._library import compile_opaque, fold_batch, once_differentiable, runs_plain, unfold_batch
 
 SELECT = "ddn_select"
 GATHER = "ddn_gather"
@@ -60,8 +60,10 @@ def selection_op(backend: str, compute, chosen_candidate):
         return tuple(unfold_batch(x, info.batch_size) for x in op(f, weight, t, bias, r, metric)), (0, 0, 0)
 
     def run(features, weight, target, bias, residual, metric):
-        # The selection has no derivative: its inputs are detached (no autograd node, no tangent).
-        index, distances, out = op(*_detached(features, weight, target, bias, residual), metric)
+        # The selection has no derivative: its inputs are detached (no autograd node, no tangent). Eagerly,
+        # outside any transform, the op layer is skipped (see runs_plain).
+        args = _detached(features, weight, target, bias, residual)
+        index, distances, out = impl(*args, metric) if runs_plain(*args) else op(*args, metric)
         return chosen_candidate(features, weight, bias, residual, index, out), index, distances
 
     return run
@@ -78,8 +80,9 @@ def gather_op(backend: str, compute, chosen_candidate):
         return features.new_empty(B, weight.shape[1], H, W)
 
     def run(features, weight, index, bias, residual):
+        args = _detached(features, weight, index, bias, residual)
         return chosen_candidate(features, weight, bias, residual, index,
-                                op(*_detached(features, weight, index, bias, residual)))
+                                compute(*args) if runs_plain(*args) else op(*args))
 
     return run
 
@@ -185,7 +188,11 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
         @staticmethod
         def backward(ctx, d_out):
             features, weight, index = ctx.saved_tensors
-            d_features, d_weight, d_bias = gradient.apply(d_out, features, weight, index, ctx.has_bias)
+            # a plain backward (no create_graph, no transform) runs the kernel itself; else the op, under
+            # the Function that refuses a second derivative
+            plain = runs_plain(d_out, features, weight, index)
+            d_features, d_weight, d_bias = (backward_impl if plain else gradient.apply)(d_out, features, weight,
+                                                                                      index, ctx.has_bias)
             return (d_features, d_weight, d_bias if ctx.has_bias else None, d_out if ctx.has_residual else None,
                     None, None)
 
@@ -213,6 +220,8 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
 
     def chosen_candidate(features, weight, bias, residual, index, out=None):
         """The chosen candidate with its autograd; ``out`` (already computed, e.g. by a kernel) skips the forward."""
+        if runs_plain(features, weight, bias, residual):  # inference: no graph to record, no copy of out
+            return out if out is not None else forward_impl(features, weight, index, bias, residual)
         return ChosenCandidate.apply(features, weight, bias, residual, index, out)
 
     return chosen_candidate
