@@ -11,8 +11,9 @@
 // window offset dc are one vector of keys loaded at a shifted address. Key and value rows are first
 // transposed into *panels* ([D][2L] per L columns, see KeyRing), built once per key row and used by the kh
 // query rows that see it, so those shifted loads stay inside one cache line per channel. The first and
-// last kw/2 queries of a row (clamped windows) go through separate border panels. Extra memory: the ring of
-// kh panel rows per thread, O(W * D).
+// last kw/2 queries of a row (clamped windows; in the forward also the interior queries a whole block
+// would not fill) go through separate border panels. Extra memory: the ring of kh panel rows per thread,
+// O(W * D).
 //
 // Forward (forward_impl, BlockForward): a block's whole softmax over its kh*kw window keys and its allowed
 // conditioners stays in registers (scores in the exp2 domain, max, 2^x, sum), then the weighted sum of the
@@ -217,7 +218,8 @@ int64_t work_of(const Problem<T>& P) {
 // Scores are in the exp2 domain (queries scaled by scale * log2(e)): p = 2^(s - max) saves the
 // multiplication of the argument and half of the range reduction of exp; the stored lse is natural.
 // Border queries (the first and last kw/2 of a row, whose windows are clamped to the first or last kw
-// columns) go through border panels, one register per (offset, channel) holding each lane's column.
+// columns, and the interior tail that would leave the last interior block partly empty: see KeyRing) go
+// through border panels, one register per (offset, channel) holding each lane's column.
 
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
@@ -453,7 +455,7 @@ FASTCOMP_CONTRACT inline void block_wsum_cond(const simd::vec<T>* __restrict p, 
 template <typename T>
 struct KeyRing {
   const Problem<T>& P;
-  int64_t half, tail, nb, NP, panel, NBB, bpanel, row_len, ldr;  // nb: the border blocks' queries
+  int64_t half, tail, nb, NP, panel, NBB, bpanel, row_len;  // nb: the border blocks' queries
   Aligned<T> k, v;
   std::vector<int64_t> row_of;  // key row held by each slot (-1: none)
 
@@ -461,8 +463,7 @@ struct KeyRing {
       : P(P_), half(P_.kw / 2), tail(tail_), nb(2 * (P_.kw / 2) + tail_),
         NP((P_.W + simd::kLanes<T> - 1) / simd::kLanes<T> + 2), panel(P_.D * 2 * simd::kLanes<T>),
         NBB((nb + simd::kLanes<T> - 1) / simd::kLanes<T>), bpanel(P_.kw * P_.D * simd::kLanes<T>),
-        row_len(NP * panel + NBB * bpanel), ldr((NP + 2) * simd::kLanes<T>), k(P_.kh * row_len),
-        v(P_.kh * row_len), row_of(P_.kh, -1) {}
+        row_len(NP * panel + NBB * bpanel), k(P_.kh * row_len), v(P_.kh * row_len), row_of(P_.kh, -1) {}
 
   // The pixel of border query g (g < nb): the first kw/2 pixels, then the last nb - kw/2.
   int64_t border_pixel(int64_t g) const { return g < half ? g : P.W - nb + g; }
@@ -474,7 +475,7 @@ struct KeyRing {
   // readable (and writable) over [uL, uL + L) and [W - nb + uL, ... + L): the transposed rows
   // have L columns of padding past W.
   struct BorderLanes {
-    simd::ivec<T> left{}, right{};  // all bits set in the lanes of the first / the last kw/2 queries
+    simd::ivec<T> left{}, right{};  // all bits set in the lanes of the first kw/2 / the last nb - kw/2 queries
     int64_t c_left = 0, c_right = 0;
     simd::vec<T> gather(const T* row) const {
       const simd::vec<T> z = simd::zero<T>();
