@@ -294,13 +294,16 @@ struct LineQueue {
       for (uintptr_t a = first; a < end; a += 64) line.push_back(a | uintptr_t(write));
     }
   }
+  // Locality hint 1 (prefetcht2 on x86: into the outer caches, not necessarily L1): the lines are used a row
+  // later, and into L1 they only crowd out the panels the kernels are reading (driver, 11 alternating runs
+  // twice: forward 4-16 % less time than with prefetcht0 at 1 and 2 threads).
   inline void step() {
     if (head == line.size()) return;
     const uintptr_t a = line[head++];
     if (a & 1)
-      __builtin_prefetch(reinterpret_cast<const void*>(a & ~uintptr_t(1)), 1);
+      __builtin_prefetch(reinterpret_cast<const void*>(a & ~uintptr_t(1)), 1, 1);
     else
-      __builtin_prefetch(reinterpret_cast<const void*>(a), 0);
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 1);
   }
 };
 
