@@ -125,11 +125,10 @@ def make_fused_backend(backend: str, forward, backward, jvp, lse_dtype):
         @staticmethod
         def backward(ctx, grad_out, _grad_lse):
             q, k, v, cond_k, cond_v, cond_mask, out, lse = ctx.saved_tensors
-            args = (grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse, ctx.kh, ctx.kw, ctx.scale)
             # a plain backward (no create_graph, no transform) runs the kernel itself; else the op, under
             # the Function that refuses a second derivative
-            plain = _library.runs_plain(grad_out, q, k, v, cond_k, cond_v, cond_mask, out, lse)
-            dq, dk, dv, dck, dcv = backward_impl(*args) if plain else gradient.apply(*args)
+            dq, dk, dv, dck, dcv = _library.call(gradient.apply, backward_impl, grad_out, q, k, v, cond_k, cond_v,
+                                                 cond_mask, out, lse, ctx.kh, ctx.kw, ctx.scale)
             if cond_k is None:
                 dck = dcv = None
             return dq, dk, dv, dck, dcv, None, None, None, None
@@ -146,8 +145,8 @@ def make_fused_backend(backend: str, forward, backward, jvp, lse_dtype):
     _library.compile_opaque(Fused)
 
     def run(q, k, v, kernel_size, cond_k, cond_v, cond_mask, scale):
-        if _library.runs_plain(q, k, v, cond_k, cond_v, cond_mask):  # inference: no graph to record
-            return forward_impl(q, k, v, cond_k, cond_v, cond_mask, kernel_size[0], kernel_size[1], scale)[0]
-        return Fused.apply(q, k, v, cond_k, cond_v, cond_mask, kernel_size[0], kernel_size[1], scale)[0]
+        # inference (no graph to record) runs the launcher without the Function and the op
+        return _library.call(Fused.apply, forward_impl, q, k, v, cond_k, cond_v, cond_mask, kernel_size[0],
+                             kernel_size[1], scale)[0]
 
     return run, Fused

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .._library import compile_opaque, fold_batch, once_differentiable, runs_plain, unfold_batch
+from .._library import call, compile_opaque, fold_batch, once_differentiable, runs_plain, unfold_batch
 
 SELECT = "ddn_select"
 GATHER = "ddn_gather"
@@ -62,8 +62,7 @@ def selection_op(backend: str, compute, chosen_candidate):
     def run(features, weight, target, bias, residual, metric):
         # The selection has no derivative: its inputs are detached (no autograd node, no tangent). Eagerly,
         # outside any transform, the op layer is skipped (see runs_plain).
-        args = _detached(features, weight, target, bias, residual)
-        index, distances, out = impl(*args, metric) if runs_plain(*args) else op(*args, metric)
+        index, distances, out = call(op, impl, *_detached(features, weight, target, bias, residual), metric)
         return chosen_candidate(features, weight, bias, residual, index, out), index, distances
 
     return run
@@ -80,9 +79,8 @@ def gather_op(backend: str, compute, chosen_candidate):
         return features.new_empty(B, weight.shape[1], H, W)
 
     def run(features, weight, index, bias, residual):
-        args = _detached(features, weight, index, bias, residual)
         return chosen_candidate(features, weight, bias, residual, index,
-                                compute(*args) if runs_plain(*args) else op(*args))
+                                call(op, compute, *_detached(features, weight, index, bias, residual)))
 
     return run
 
@@ -190,9 +188,8 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
             features, weight, index = ctx.saved_tensors
             # a plain backward (no create_graph, no transform) runs the kernel itself; else the op, under
             # the Function that refuses a second derivative
-            plain = runs_plain(d_out, features, weight, index)
-            d_features, d_weight, d_bias = (backward_impl if plain else gradient.apply)(d_out, features, weight,
-                                                                                      index, ctx.has_bias)
+            d_features, d_weight, d_bias = call(gradient.apply, backward_impl, d_out, features, weight, index,
+                                                ctx.has_bias)
             return (d_features, d_weight, d_bias if ctx.has_bias else None, d_out if ctx.has_residual else None,
                     None, None)
 
