@@ -417,6 +417,10 @@ void l2_threshold(const T* p_a, const T* p_gram, const double* p_mfe, const doub
 // feature.
 constexpr int64_t kRows = 4;
 
+// Values of T per 64-byte cache line.
+template <typename T>
+constexpr int64_t kLineFloats = 64 / sizeof(T);
+
 // Pixel vectors per step of candidate_rows: RR x PV accumulators and the PV pinned feature vectors in
 // the registers, two left for the broadcast weight and the address arithmetic; at most 4 (4 x 4 on
 // AVX-512; 2 x 4, 3 x 3 on AVX2's 16 registers, where 4 x 4 spilled).
@@ -442,6 +446,9 @@ FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, 
     for (int64_t i = 1; i < Cin; ++i) {
       V b_x[PV];
       for (int v = 0; v < PV; ++v) pin(b_x[v] = load(x + i * N + p + v * L));
+      // The next step's lines of this channel (Cin streams N apart are more than the hardware
+      // prefetchers follow: the re-ranked candidates waited on memory for most of their time)
+      for (int64_t l = 0; l < PV * L; l += kLineFloats<T>) __builtin_prefetch(x + i * N + p + PV * L + l);
       for (int r = 0; r < RR; ++r) {
         const T b_w = w[r * r_stride + i * w_stride];
         for (int v = 0; v < PV; ++v) b_acc[r][v] += b_w * b_x[v];
@@ -449,9 +456,12 @@ FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, 
     }
     for (int r = 0; r < RR; ++r)
       for (int v = 0; v < PV; ++v) {
-        if (bias) b_acc[r][v] = b_acc[r][v] + bias[r * bias_stride];
-        if (res) b_acc[r][v] = b_acc[r][v] + load(res + r * N + p + v * L);
-        std::memcpy(rows + r * N + p + v * L, &b_acc[r][v], sizeof(V));
+        // b_row, not b_acc[r][v], goes to memory: a memcpy out of the accumulator array made GCC keep the
+        // whole array on the stack and copy it out in a loop (~2.5x slower backward d features)
+        V b_row = b_acc[r][v];
+        if (bias) b_row = b_row + bias[r * bias_stride];
+        if (res) b_row = b_row + load(res + r * N + p + v * L);
+        simd::store(rows + r * N + p + v * L, b_row);
       }
   }
   for (; p + L <= N; p += L) {  // the remaining whole vectors, same order
@@ -464,9 +474,10 @@ FASTCOMP_CONTRACT void candidate_rows(const T* x, const T* w, int64_t r_stride, 
     }
     for (int r = 0; r < RR; ++r) {
       // separate statements: the additions of bias and residual are never fused with a product
-      if (bias) b_acc[r] = b_acc[r] + bias[r * bias_stride];
-      if (res) b_acc[r] = b_acc[r] + load(res + r * N + p);
-      std::memcpy(rows + r * N + p, &b_acc[r], sizeof(V));
+      V b_row = b_acc[r];
+      if (bias) b_row = b_row + bias[r * bias_stride];
+      if (res) b_row = b_row + load(res + r * N + p);
+      simd::store(rows + r * N + p, b_row);
     }
   }
   for (; p < N; ++p) {  // the N % L tail, same order
