@@ -258,25 +258,27 @@ void l2_stats(const T* p_x, const T* p_res, const T* p_tgt, int64_t B, int64_t C
 
 // p_tri [K, Cin (Cin + 1) / 2]: the upper triangle of W_k^T W_k, off-diagonal entries doubled, so that
 // <W_k^T W_k, G> = sum_t p_tri[k, t] g_packed[t] for a symmetric G stored as its upper triangle.
+// One k's triangle: w [Cout, Cin] = W_k into dst [Cin (Cin + 1) / 2].
+template <typename T>
+void weight_gram_k(const T* w, int64_t Cout, int64_t Cin, T* dst) {
+  for (int64_t i = 0; i < Cin; ++i) {
+    T* row = dst + i * Cin - i * (i - 1) / 2 - i;  // row[j] for j >= i
+    const T b_wi0 = w[i];
+    for (int64_t j = i; j < Cin; ++j) row[j] = b_wi0 * w[j];
+    for (int64_t c = 1; c < Cout; ++c) {
+      const T b_wi = w[c * Cin + i];
+      const T* w_c = w + c * Cin;
+      for (int64_t j = i; j < Cin; ++j) row[j] += b_wi * w_c[j];
+    }
+    for (int64_t j = i + 1; j < Cin; ++j) row[j] *= T(2);
+  }
+}
+
 template <typename T>
 void weight_gram(const T* p_w, int64_t K, int64_t Cout, int64_t Cin, T* p_tri) {
   const int64_t n_tri = Cin * (Cin + 1) / 2;
 #pragma omp parallel for schedule(static) num_threads(threads_for(K * n_tri * Cout))
-  for (int64_t k = 0; k < K; ++k) {
-    const T* w = p_w + k * Cout * Cin;  // [Cout, Cin]
-    T* dst = p_tri + k * n_tri;
-    for (int64_t i = 0; i < Cin; ++i) {
-      T* row = dst + i * Cin - i * (i - 1) / 2 - i;  // row[j] for j >= i
-      const T b_wi0 = w[i];
-      for (int64_t j = i; j < Cin; ++j) row[j] = b_wi0 * w[j];
-      for (int64_t c = 1; c < Cout; ++c) {
-        const T b_wi = w[c * Cin + i];
-        const T* w_c = w + c * Cin;
-        for (int64_t j = i; j < Cin; ++j) row[j] += b_wi * w_c[j];
-      }
-      for (int64_t j = i + 1; j < Cin; ++j) row[j] *= T(2);
-    }
-  }
+  for (int64_t k = 0; k < K; ++k) weight_gram_k(p_w + k * Cout * Cin, Cout, Cin, p_tri + k * n_tri);
 }
 
 // What the expanded distances and their bound need of the weights, per k (transposed so that the
@@ -604,17 +606,21 @@ FASTCOMP_CONTRACT T dot_simd(const T* a, const T* b, int64_t n) {
 }
 
 // The whole l2 selection per sample, while the sample's features are in cache (one task per sample):
-// statistics, A = p_tri . G_b (p_tri [K, n_tri] from weight_gram), est / bound / threshold, the exact
-// re-ranking and the chosen candidate. The same arithmetic as l2_stats + GEMM + l2_threshold + rerank,
-// except A's sum order (a SIMD dot product instead of the GEMM's; its rounding is within the bound).
+// statistics, A = p_tri . G_b (p_tri [K, n_tri] as weight_gram writes it, first, in the same parallel
+// region: one wake-up of the threads, not two), est / bound / threshold, the exact re-ranking and the
+// chosen candidate. The same arithmetic as l2_stats + GEMM + l2_threshold + rerank, except A's sum order
+// (a SIMD dot product instead of the GEMM's; its rounding is within the bound).
 template <typename T>
-void l2_select(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, const T* p_tri, int64_t B,
+void l2_select(const T* p_x, const T* p_w, const T* p_bias, const T* p_res, const T* p_tgt, T* p_tri, int64_t B,
                int64_t K, int64_t Cin, int64_t Cout, int64_t N, double lambda, float* p_dist, int64_t* p_index,
                T* p_out) {
   const int64_t n_el = Cout * N, n_tri = Cin * (Cin + 1) / 2, n_w = Cout * Cin;
   const ThresholdTables tab = threshold_tables(p_w, p_bias, K, Cin, Cout, N, lambda);
 #pragma omp parallel num_threads(threads_for(B * n_tri * N))
   {
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; ++k) weight_gram_k(p_w + k * Cout * Cin, Cout, Cin, p_tri + k * n_tri);
+    // (the implicit barrier: every task below reads all K triangles)
     // per-thread scratch: e [Cout, N], the packed Gram, m_fe, s_f, e sums, A, est, bound, candidates
     std::vector<T> b_e(static_cast<size_t>(n_el)), b_g(static_cast<size_t>(n_tri)), b_a(static_cast<size_t>(K));
     std::vector<double> b_mfe(static_cast<size_t>(n_w)), b_sf(static_cast<size_t>(Cin));
@@ -884,14 +890,14 @@ void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const 
 }
 
 void ddn_l2_select_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& p_tri,
+                       const std::optional<at::Tensor>& residual, const at::Tensor& target, at::Tensor& p_tri,
                        double lambda, at::Tensor& distances, at::Tensor& index, at::Tensor& out) {
   int64_t B, K, Cin, Cout, N;
   const at::ScalarType st = check_layer(features, weight, bias, residual, B, K, Cin, Cout, N);
   check_cpu(target, "target", st);
   check_numel(target, "target", B * Cout * N, "[B, Cout, H, W]");
   check_cpu(p_tri, "p_tri", st);
-  check_numel(p_tri, "p_tri", K * Cin * (Cin + 1) / 2, "[K, Cin (Cin + 1) / 2] (ddn_weight_gram_cpu)");
+  check_numel(p_tri, "p_tri", K * Cin * (Cin + 1) / 2, "[K, Cin (Cin + 1) / 2]");
   check_cpu(distances, "distances", at::kFloat);
   check_numel(distances, "distances", B * K, "[B, K]");
   check_cpu(index, "index", at::kLong);

@@ -48,12 +48,13 @@ void ddn_rerank_cpu(const at::Tensor& features, const at::Tensor& weight, const 
                     const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& est,
                     const at::Tensor& thresh, at::Tensor& distances, at::Tensor& index, at::Tensor& out);
 
-// The whole l2 selection per sample while its features are in cache (small K: p_tri [K, Cin (Cin + 1) / 2]
-// from ddn_weight_gram_cpu is read once per sample): the statistics, A, est, bound and threshold (as
-// ddn_l2_threshold_cpu with the bound's confidence factor lambda) and the re-ranking (as ddn_rerank_cpu),
-// writing distances [B, K] float32, index [B] int64 and out [B, Cout, N] (the chosen candidate).
+// The whole l2 selection per sample while its features are in cache (small K: the weight Gram triangles
+// p_tri [K, Cin (Cin + 1) / 2], written here first as by ddn_weight_gram_cpu, are read once per sample):
+// the statistics, A, est, bound and threshold (as ddn_l2_threshold_cpu with the bound's confidence factor
+// lambda) and the re-ranking (as ddn_rerank_cpu), writing distances [B, K] float32, index [B] int64 and
+// out [B, Cout, N] (the chosen candidate).
 void ddn_l2_select_cpu(const at::Tensor& features, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& residual, const at::Tensor& target, const at::Tensor& p_tri,
+                       const std::optional<at::Tensor>& residual, const at::Tensor& target, at::Tensor& p_tri,
                        double lambda, at::Tensor& distances, at::Tensor& index, at::Tensor& out);
 
 // out [B, Cout, N] = weight[index[b]] @ features[b] + bias[index[b]] + residual[b].

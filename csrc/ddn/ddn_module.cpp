@@ -12,7 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ddn_l2_threshold_cpu", &fastcomp::ddn_l2_threshold_cpu,
         "DDN expanded l2 distances, bound and re-rank threshold (csrc/ddn/ddn_cpu.h): writes est, bound, thresh");
   m.def("ddn_l2_select_cpu", &fastcomp::ddn_l2_select_cpu,
-        "DDN l2 selection per sample in one pass (csrc/ddn/ddn_cpu.h): writes distances, index, the chosen candidate out");
+        "DDN l2 selection per sample in one pass (csrc/ddn/ddn_cpu.h): writes p_tri, distances, index, the chosen candidate out");
   m.def("ddn_rerank_cpu", &fastcomp::ddn_rerank_cpu,
         "DDN exact re-ranking of the near-best (csrc/ddn/ddn_cpu.h): writes distances, index, the chosen candidate out");
   m.def("ddn_chosen_forward_cpu", &fastcomp::ddn_chosen_forward_cpu,

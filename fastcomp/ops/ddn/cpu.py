@@ -144,9 +144,8 @@ def select(features, weight, target, bias, residual, metric):
         f, w, b, r, t = (_contiguous(x) for x in (features, weight, bias, residual, target))
         if K * n_tri <= _FUSED_ELEMENTS:
             # Small K: the whole selection per sample in one C++ pass while the sample's features are in
-            # cache (statistics, A against the weight Grams, est, bound, threshold, re-ranking).
+            # cache (the weight Grams into p_tri, then statistics, A, est, bound, threshold, re-ranking).
             p_tri = torch.empty(K, n_tri, dtype=features.dtype)
-            ext.ddn_weight_gram_cpu(w, p_tri)
             ext.ddn_l2_select_cpu(f, w, b, r, t, p_tri, pytorch.LAMBDA, distances, index, out)
         else:
             # The same est and thresh, all but the Gram GEMM in C++; then one C++ pass: each sample's own
