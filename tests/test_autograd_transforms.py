@@ -300,6 +300,18 @@ def test_plain_eager_calls_skip_the_op_layers_and_nothing_else_does(monkeypatch,
     (gr,) = torch.autograd.grad(fastcomp.ddn_select(f, wr, t, backend="reference").output.square().sum(), wr)
     assert_close(gw, gr, name="ddn_select plain backward dweight")
 
+    # training hands back the selection kernel's candidate itself (no copy: the Function gets it as a
+    # non-tensor argument); it is not a view, so it may be modified in place like any op's output
+    wi = w.clone().requires_grad_()
+    clones, real_clone = [], torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **kw: clones.append(1) or real_clone(self, *a, **kw))
+    out = fastcomp.ddn_select(f, wi, t, backend="cpu").output
+    assert clones == [] and out._base is None and type(out.grad_fn).__name__ == "ChosenCandidateBackward"
+    monkeypatch.undo()
+    out.mul_(2)
+    (gi,) = torch.autograd.grad(out.square().sum(), wi)
+    assert_close(gi, 4 * gr, name="ddn_select backward after an in-place change")
+
 
 # --- DDN ------------------------------------------------------------------------------------------------
 

@@ -50,29 +50,33 @@ def unfold_batch(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.view(n, t.shape[0] // n if n else 0, *t.shape[1:])
 
 
-def runs_plain(*args) -> bool:
-    """Whether a kernel call on these arguments may skip its autograd.Function and custom op and run the
-    launcher directly: nothing could record or transform it. Eager (not traced by torch.compile or
-    torch.jit.trace), no autograd to record (grad mode off, or no input needs a gradient), no forward-AD
-    level, no dispatch or torch-function mode (FakeTensorMode, FlopCounterMode, ...), no torch.func
-    transform, and plain tensors (arguments that are not tensors, and None, do not matter). The Function
-    and op layers cost ~70-100 us of Python per call (tens of percent of a small kernel); the result is
-    the same, as the op's implementation is that launcher."""
+def runs_untransformed(*args) -> bool:
+    """Whether a call on these arguments is plain eager PyTorch that only the ordinary (backward-mode)
+    autograd may record: not traced by torch.compile or torch.jit.trace, no forward-AD level, no dispatch
+    or torch-function mode (FakeTensorMode, FlopCounterMode, ...), no torch.func transform, and plain
+    tensors (arguments that are not tensors, and None, do not matter)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None):
         return False
     if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:  # a dual level is open (or unknown)
         return False
-    grad = torch.is_grad_enabled()
     for t in args:
-        if not isinstance(t, torch.Tensor):
-            continue
-        if (type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        if isinstance(t, torch.Tensor) and (
+                type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t)
                 or torch._C._functorch.is_legacy_batchedtensor(t)):  # autograd.grad(is_grads_batched=True)
             return False
-        if grad and t.requires_grad:
-            return False
     return True
+
+
+def runs_plain(*args) -> bool:
+    """Whether a kernel call on these arguments may skip its autograd.Function and custom op and run the
+    launcher directly: nothing could record or transform it. :func:`runs_untransformed`, and no autograd to
+    record (grad mode off, or no input needs a gradient). The Function and op layers cost ~70-100 us of
+    Python per call (tens of percent of a small kernel); the result is the same, as the op's
+    implementation is that launcher."""
+    if not runs_untransformed(*args):
+        return False
+    return not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
 
 
 def call(op, impl, *args):

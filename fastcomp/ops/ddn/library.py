@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .._library import call, compile_opaque, fold_batch, once_differentiable, runs_plain, unfold_batch
+from .._library import (call, compile_opaque, fold_batch, once_differentiable, runs_plain, runs_untransformed,
+                       unfold_batch)
 
 SELECT = "ddn_select"
 GATHER = "ddn_gather"
@@ -93,6 +94,16 @@ def gather_by_chosen_candidate(chosen_candidate):
     return run
 
 
+class _Handed:
+    """A tensor passed to an autograd.Function's forward as a non-tensor argument, so that the forward may
+    return it without a copy (only where no transform or trace sees the call: runs_untransformed)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 def _fold_chosen(info, in_dims, features, weight, index, bias, residual, d_out=None, per_instance_weight=False):
     """vmap: the n vmapped instances become n * B samples. The weight (and bias) are shared unless vmapped,
     or unless per_instance_weight (the backward's d weight is per instance): then they are stacked into
@@ -161,8 +172,10 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
     class ChosenCandidate(torch.autograd.Function):
         """The chosen candidate, differentiable in features, weight, bias and residual (index saved).
 
-        forward: the candidate given by `out` (already computed by a backend's selection kernel; copied,
-        since a Function may not hand back its input) or computed by the forward op. backward: the backward
+        forward: the candidate given by `out` (already computed by a backend's selection kernel) or computed
+        by the forward op. `out` comes as an input that is copied (a Function that hands back an input returns
+        a view of it, which may not be modified in place), or, in plain eager calls, wrapped in a
+        :class:`_Handed` that autograd does not see as an input, and returned as it is. backward: the backward
         op (weight's gradient has non-zero rows only for chosen k). jvp: the candidate is bilinear in
         (features, weight) and affine in bias, residual, so its tangent is the chosen candidate of the
         tangents: W_idx df + dW_idx f + db_idx + dr.
@@ -172,6 +185,8 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
 
         @staticmethod
         def forward(features, weight, bias, residual, index, out):
+            if isinstance(out, _Handed):
+                return out.tensor
             if out is not None:
                 return out.clone()
             return forward_op(features, weight, index, bias, residual)
@@ -219,6 +234,8 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
         """The chosen candidate with its autograd; ``out`` (already computed, e.g. by a kernel) skips the forward."""
         if runs_plain(features, weight, bias, residual):  # inference: no graph to record, no copy of out
             return out if out is not None else forward_impl(features, weight, index, bias, residual)
+        if out is not None and runs_untransformed(features, weight, bias, residual, out):
+            out = _Handed(out)  # eager training: the Function's output is out itself, not a copy
         return ChosenCandidate.apply(features, weight, bias, residual, index, out)
 
     return chosen_candidate
