@@ -67,6 +67,10 @@ static_assert(kTile * kTile + 2 * kTile <= simd::kVectorRegisters, "Gram tiles m
 constexpr int64_t kGramCols = 4;
 static_assert(kTile * kGramCols + kTile + 1 <= simd::kVectorRegisters, "Gram tiles must fit the registers");
 
+// Values of T per 64-byte cache line.
+template <typename T>
+constexpr int64_t kLineFloats = 64 / sizeof(T);
+
 // G[i0 + r][j0 + s] for r < RI, s < RJ, kept where j >= i, written to the packed upper triangle.
 // x: [Cin, N] one sample's features.
 template <typename T, int RI, int RJ>
@@ -119,18 +123,27 @@ void gram_tile_any(int64_t ri, int64_t rj, const T* x, int64_t N, int64_t Cin, i
 }
 
 // out[r * out_stride_r + s * out_stride_s] = sum_p a[r][p] b[s][p] for r < RA, s < RB (a, b: rows of N
-// values at strides N), in register tiles like gram_tile: RA + RB loads feed RA x RB FMAs.
+// values at strides N), in register tiles like gram_tile: RA + RB loads feed RA x RB FMAs. With pf, the
+// RA x N values from pf on (the next tile's a rows) are prefetched on the way, two lines per step: a
+// rows that come from memory are each one page (N = 1024 floats), where the hardware prefetchers stop.
 template <typename T, int RA, int RB>
 FASTCOMP_CONTRACT void cross_tile(const T* a, const T* b, int64_t N, double* out, int64_t out_stride_r,
-                                  int64_t out_stride_s) {
+                                  int64_t out_stride_s, const T* pf) {
   FASTCOMP_CONTRACT_BODY
   using V = vec_t<T>;
-  constexpr int64_t L = kLanes<T>;
+  constexpr int64_t L = kLanes<T>, LF = kLineFloats<T>;
   V b_acc[RA][RB];  // [RA][RB] x L partial sums
   for (int r = 0; r < RA; ++r)
     for (int s = 0; s < RB; ++s) b_acc[r][s] = V{} * 0;
+  const int64_t pf_end = pf ? RA * N : 0;
+  int64_t pf_at = 0;
   int64_t p = 0;
   for (; p + L <= N; p += L) {
+    if (pf_at < pf_end) {
+      __builtin_prefetch(pf + pf_at);
+      __builtin_prefetch(pf + pf_at + LF);
+      pf_at += 2 * LF;
+    }
     V b_a[RA], b_b[RB];
     for (int r = 0; r < RA; ++r) pin(b_a[r] = load(a + r * N + p));
     for (int s = 0; s < RB; ++s) pin(b_b[s] = load(b + s * N + p));
@@ -145,17 +158,19 @@ FASTCOMP_CONTRACT void cross_tile(const T* a, const T* b, int64_t N, double* out
     }
 }
 
-// All products of n_a rows a with n_b rows b (any counts, tiled by 4 x 4).
+// All products of n_a rows a with n_b rows b (any counts, in kTile x kTile tiles). prefetch: the a rows
+// come from memory (each tile prefetches the next tile's rows).
 template <typename T>
 void cross_products(const T* a, int64_t n_a, const T* b, int64_t n_b, int64_t N, double* out, int64_t out_stride_r,
-                    int64_t out_stride_s) {
+                    int64_t out_stride_s, bool prefetch) {
   for (int64_t r0 = 0; r0 < n_a; r0 += kTile)
     for (int64_t s0 = 0; s0 < n_b; s0 += kTile) {
       const T* a0 = a + r0 * N;
       const T* b0 = b + s0 * N;
       double* o = out + r0 * out_stride_r + s0 * out_stride_s;
       const int64_t ra = std::min(kTile, n_a - r0), rb = std::min(kTile, n_b - s0);
-#define FASTCOMP_CROSS(RA_, RB_) cross_tile<T, RA_, RB_>(a0, b0, N, o, out_stride_r, out_stride_s)
+      const T* pf = prefetch && s0 + kTile >= n_b && r0 + kTile < n_a ? a0 + ra * N : nullptr;
+#define FASTCOMP_CROSS(RA_, RB_) cross_tile<T, RA_, RB_>(a0, b0, N, o, out_stride_r, out_stride_s, pf)
 #define FASTCOMP_CROSS_RB(RA_)          \
   switch (rb) {                         \
     case 4: FASTCOMP_CROSS(RA_, 4); break; \
@@ -229,7 +244,7 @@ void sample_block(const T* x, const T* e, int64_t Cin, int64_t Cout, int64_t N, 
   for (int64_t j0 = i0; j0 < Cin; j0 += kGramCols)
     gram_tile_any<T>(ri, std::min(kGramCols, Cin - j0), x, N, Cin, i0, j0, g);
   for (int64_t i = i0; i < i0 + ri; ++i) sf[i] = sum64(x + i * N, N);
-  cross_products(x + i0 * N, ri, e, Cout, N, mfe + i0, 1, Cin);
+  cross_products(x + i0 * N, ri, e, Cout, N, mfe + i0, 1, Cin, false);  // x rows: in cache (the Gram tiles')
 }
 
 template <typename T>
@@ -418,10 +433,6 @@ void l2_threshold(const T* p_a, const T* p_gram, const double* p_mfe, const doub
 // stay in registers while the Cin feature rows stream past, instead of a load and store of the row per
 // feature.
 constexpr int64_t kRows = 4;
-
-// Values of T per 64-byte cache line.
-template <typename T>
-constexpr int64_t kLineFloats = 64 / sizeof(T);
 
 // Pixel vectors per step of candidate_rows: RR x PV accumulators and the PV pinned feature vectors in
 // the registers, two left for the broadcast weight and the address arithmetic; at most 4 (4 x 4 on
@@ -665,7 +676,7 @@ void chosen_backward(const T* p_x, const T* p_w, const int64_t* p_index, const T
     const T* d = p_dout + b * Cout * N;  // [Cout, N]
     const T* x = p_x + b * Cin * N;
     if (p_dw)  // [Cout, Cin] = d x^T: each feature row once, against the Cout rows of d (in L1)
-      cross_products(x, Cin, d, Cout, N, b_dw.data() + b * Cout * Cin, 1, Cin);
+      cross_products(x, Cin, d, Cout, N, b_dw.data() + b * Cout * Cin, 1, Cin, true);
     if (p_db)
       for (int64_t c = 0; c < Cout; ++c) b_db[b * Cout + c] = static_cast<T>(sum64(d + c * N, N));
     if (p_dx) {
