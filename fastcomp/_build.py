@@ -414,11 +414,40 @@ def _write_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)  # atomic: readers see no file or a whole one
 
 
-def _import_built(build_dir: Path):
-    """Import the library a finished build recorded in its stamp; None if there is no finished build."""
+class NotLoaded:
+    """A build for a CPU that is not this one (FASTCOMP_MARCH=dispatch builds every variant; the tests build
+    x86-64-v4 everywhere): its library, never imported here. Even its module's initialization may use
+    instructions this CPU lacks (an AVX-512 build's did, on an AVX2 machine: SIGILL)."""
+
+    def __init__(self, module: str, library: Path):
+        self.__name__, self.__file__ = module, str(library)
+
+
+@contextlib.contextmanager
+def _compile_only(module_name: str):
+    """cpp_extension.load compiles and links, then returns a NotLoaded instead of importing the library."""
+    from torch.utils import cpp_extension
+
+    real = getattr(cpp_extension, "_import_module_from_library", None)
+    if real is None:  # a torch without it: import as before (the tests of the variants then tell)
+        yield
+        return
+    cpp_extension._import_module_from_library = \
+        lambda name, path, is_python_module: NotLoaded(module_name, Path(path) / f"{name}{cpp_extension.LIB_EXT}")
+    try:
+        yield
+    finally:
+        cpp_extension._import_module_from_library = real
+
+
+def _import_built(build_dir: Path, load: bool = True):
+    """Import the library a finished build recorded in its stamp (a NotLoaded unless ``load``); None if
+    there is no finished build."""
     record = _read_json(build_dir / _STAMP)
     if record is None:
         return None
+    if not load:
+        return NotLoaded(record["module"], build_dir / record["library"])
     try:
         library = build_dir / record["library"]
         spec = importlib.util.spec_from_file_location(record["module"], library)
@@ -444,7 +473,7 @@ def _tail(text: str, n: int = _TAIL_LINES) -> str:
 
 
 def _compile(name: str, sources: list[Path], src: Path, build_dir: Path, flags: dict, cuda: bool,
-             verbose: bool, module_name: str, what: str):
+             verbose: bool, module_name: str, what: str, load: bool = True):
     from torch.utils import cpp_extension
 
     print(f"fastcomp: compiling {what} (first use, ~{'1-2 min' if cuda else '15-40 s'}; cached in {build_dir})",
@@ -459,9 +488,10 @@ def _compile(name: str, sources: list[Path], src: Path, build_dir: Path, flags: 
     os.environ["CXX"] = cxx  # torch compiles with $CXX or `c++`; this machine may only have g++
     start = time.perf_counter()
     try:
-        module = cpp_extension.load(
-            name=module_name, sources=[str(s) for s in sources], extra_include_paths=[str(src)],
-            build_directory=str(build_dir), verbose=verbose, with_cuda=cuda, **flags)
+        with contextlib.nullcontext() if load else _compile_only(module_name):
+            module = cpp_extension.load(
+                name=module_name, sources=[str(s) for s in sources], extra_include_paths=[str(src)],
+                build_directory=str(build_dir), verbose=verbose, with_cuda=cuda, **flags)
     except Exception as e:  # noqa: BLE001 - compiler, linker and import failures all end up here
         output = str(e)
         log = build_dir / "build.log"
@@ -529,8 +559,10 @@ def _plan(name: str, sources=None, source_dir_=None, cache=None, variant: Option
 
 
 def _build_plan(plan: Plan, verbose: bool = False, retry: bool = False):
-    """(module, seconds spent compiling or None when it came from the cache) of one plan."""
-    module = _import_built(plan.build_dir)
+    """(module, seconds spent compiling or None when it came from the cache) of one plan; the module is a
+    NotLoaded for a CPU variant this CPU cannot run."""
+    load = plan.variant is None or cpu_problem(plan.variant) is None
+    module = _import_built(plan.build_dir, load)
     if module is not None:
         return module, None
     problem = nvcc_problem() if plan.cuda else compiler_problem()
@@ -547,7 +579,7 @@ def _build_plan(plan: Plan, verbose: bool = False, retry: bool = False):
         raise BuildError(f"fastcomp: cannot write the build cache {plan.build_dir} ({e}): set FASTCOMP_CACHE_DIR to "
                          f"a writable directory") from None
     with _exclusive(plan.build_dir / _LOCK, plan.what):
-        module = _import_built(plan.build_dir)  # another process may have built it while we waited
+        module = _import_built(plan.build_dir, load)  # another process may have built it while we waited
         if module is not None:
             return module, None
         failed = _read_json(plan.build_dir / _FAILED)
@@ -555,7 +587,7 @@ def _build_plan(plan: Plan, verbose: bool = False, retry: bool = False):
             raise BuildError(f"fastcomp: building {plan.what} failed: {failed.get('first_error')}\n"
                              f"(the whole log: {failed.get('log')}; `fastcomp build` retries the compile)")
         return _compile(plan.name, list(plan.sources), plan.source_dir, plan.build_dir, plan.flags, plan.cuda,
-                        verbose, plan.module_name, plan.what)
+                        verbose, plan.module_name, plan.what, load)
 
 
 def _build(name: str, sources=None, source_dir_=None, cache=None, verbose=False, variant=None, retry=False):
@@ -565,7 +597,8 @@ def _build(name: str, sources=None, source_dir_=None, cache=None, verbose=False,
 def build(name: str, *, sources=None, source_dir=None, cache=None, verbose: bool = False,
           variant: Optional[Variant] = None):
     """Compile (unless cached) and import extension ``name`` for ``variant`` (default: the first of
-    :func:`variants`); no in-process caching, see :func:`load`.
+    :func:`variants`); no in-process caching, see :func:`load`. For a variant this CPU cannot run, compile
+    only: the result is a :class:`NotLoaded` naming the library.
 
     sources/source_dir: other sources than EXTENSIONS[name] in csrc/ (tests). cache: another cache root.
     Raises BuildError, with the compiler's output when compiling fails.
@@ -861,9 +894,10 @@ def main(argv=None) -> int:
                 how = "cached" + (f" (compiled in {took:.0f} s)" if took is not None else "")
             else:
                 how = f"compiled in {seconds:.0f} s"
-            runs = "" if variant is None or cpu_problem(variant) is None else f"; not for this CPU: {cpu_problem(variant)}"
+            cannot_run = None if variant is None else cpu_problem(variant)
+            runs = "" if cannot_run is None else f"; not for this CPU: {cannot_run}"
             print(f"{name}{target}: ready, {how} ({module.__file__}){runs}")
-            if variant is not None:
+            if variant is not None and cannot_run is None:  # its code (build_info too) would die of SIGILL here
                 info = module.build_info()
                 threads = f"on, {info['openmp_max_threads']} threads" if info["openmp"] else "off"
                 print(f"  {info['compiler']}; OpenMP {threads}; vectors: {info['vector']} "

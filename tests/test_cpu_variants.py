@@ -15,11 +15,13 @@ variant, the best one picked at load time) and the per-family failure isolation 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +76,13 @@ def runnable(variant):
 
 def test_each_build_is_for_its_target(variant):
     v, modules = variant
+    if _build.cpu_problem(v):
+        # compiled, but none of its code may run on this CPU (build_info would die of SIGILL, as it did on an
+        # AVX2 machine): check what its compile was asked for instead
+        for name, module in modules.items():
+            stamp = json.loads((Path(module.__file__).parent / "fastcomp-build.json").read_text())
+            assert all(f in stamp["flags"]["extra_cflags"] for f in v.flags), (name, stamp["flags"])
+        return
     expected_bytes = {"x86-64-v3": 32, "x86-64-v4": 64, "default": 16 if _build._is_x86_64() else None}[v.name]
     for name, module in modules.items():
         info = module.build_info()
@@ -195,6 +204,19 @@ def test_dispatch_build_loads_the_best_variant_this_cpu_runs(monkeypatch):
     monkeypatch.setenv("FASTCOMP_CPU_VARIANT", "x86-64-v9")
     with pytest.raises(_build.BuildError, match="not a variant of this build"):
         _build.select_variant("disk_mask")
+
+
+@needs_compiler
+def test_a_variant_this_cpu_cannot_run_is_compiled_but_never_imported(monkeypatch, tmp_path):
+    """Importing a library built for instructions this CPU lacks can die of SIGILL in its module's own
+    initialization (x86-64-v4 on an AVX2 machine did), so such a build is compiled and linked only, fresh
+    or cached, and handed back as a NotLoaded naming the library."""
+    monkeypatch.setattr(_build, "cpu_problem", lambda v: "pretend it lacks AVX2" if v == _build.X86_64_V3 else None)
+    fresh = _build.build("disk_mask", variant=_build.X86_64_V3, cache=tmp_path)
+    cached = _build.build("disk_mask", variant=_build.X86_64_V3, cache=tmp_path)
+    for got in (fresh, cached):
+        assert isinstance(got, _build.NotLoaded) and os.path.isfile(got.__file__), got.__dict__
+    assert fresh.__file__ == cached.__file__ and fresh.__name__ == "fastcomp_disk_mask_x86_64_v3"
 
 
 def test_variants_follow_fastcomp_march(monkeypatch):
