@@ -131,9 +131,12 @@ inline vec<T> zero() {
   return vec<T>{} * T(0);
 }
 
+// x in every lane. x - 0 (not 0 + x): the compiler may drop a subtraction of +0 (x - 0 == x for every x,
+// -0 included) but not an addition (-0 + 0 is +0), so 0 + x cost an add on the FMA ports and its latency
+// before every broadcast of a run-time value.
 template <typename T>
 inline vec<T> splat(T x) {
-  return zero<T>() + x;
+  return x - zero<T>();
 }
 
 // mask ? a : b per lane, for a mask from a vector comparison (all bits set or clear), without the

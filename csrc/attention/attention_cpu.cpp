@@ -726,7 +726,12 @@ struct BlockForward {
     for (int64_t d0 = 0; d0 < D; d0 += 8) {
       const int64_t nd = std::min<int64_t>(8, D - d0);
       simd::vec<T>* a_d = acc.data() + d0;
-      for (int64_t n = 0; n < nd; ++n) a_d[n] = zero;
+      if (nd == 8) {  // vector stores: the loop with a run-time count became a `rep stos` memset (~2% of the forward)
+#pragma GCC unroll 8
+        for (int n = 0; n < 8; ++n) a_d[n] = zero;
+      } else {
+        for (int64_t n = 0; n < nd; ++n) a_d[n] = zero;
+      }
       for (int64_t dc0 = 0; dc0 < kw; dc0 += C) {
         const int64_t ne = std::min<int64_t>(C, kw - dc0);
         for (int64_t dr = 0; dr < kh; ++dr) vrow[dr] = at(vs[dr], dc0) + d0 * ds;
