@@ -60,23 +60,26 @@ def runs_untransformed(*args) -> bool:
         return False
     if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0:  # a dual level is open (or unknown)
         return False
-    for t in args:
-        if isinstance(t, torch.Tensor) and (
-                type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(t)
-                or torch._C._functorch.is_legacy_batchedtensor(t)):  # autograd.grad(is_grads_batched=True)
-            return False
-    return True
+    return all(plain_tensor(t) for t in args if isinstance(t, torch.Tensor))
+
+
+def plain_tensor(t: torch.Tensor) -> bool:
+    """A torch.Tensor or Parameter that no torch.func transform or batched autograd.grad wraps."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and not torch._C._functorch.is_legacy_batchedtensor(t))  # autograd.grad(is_grads_batched=True)
+
+
+def records_grad(*args) -> bool:
+    """Whether autograd would record a call on these arguments: grad mode on and some tensor needs a gradient."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
 
 
 def runs_plain(*args) -> bool:
     """Whether a kernel call on these arguments may skip its autograd.Function and custom op and run the
     launcher directly: nothing could record or transform it. :func:`runs_untransformed`, and no autograd to
-    record (grad mode off, or no input needs a gradient). The Function and op layers cost ~70-100 us of
-    Python per call (tens of percent of a small kernel); the result is the same, as the op's
-    implementation is that launcher."""
-    if not runs_untransformed(*args):
-        return False
-    return not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    record (not :func:`records_grad`). The Function and op layers cost ~70-100 us of Python per call (tens
+    of percent of a small kernel); the result is the same, as the op's implementation is that launcher."""
+    return runs_untransformed(*args) and not records_grad(*args)
 
 
 def call(op, impl, *args):

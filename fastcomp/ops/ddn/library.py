@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .._library import (call, compile_opaque, fold_batch, once_differentiable, runs_plain, runs_untransformed,
-                       unfold_batch)
+from .._library import (call, compile_opaque, fold_batch, once_differentiable, plain_tensor, records_grad,
+                       runs_untransformed, unfold_batch)
 
 SELECT = "ddn_select"
 GATHER = "ddn_gather"
@@ -232,10 +232,11 @@ def make_chosen_candidate(kernels: str, forward, backward, label: str):
 
     def chosen_candidate(features, weight, bias, residual, index, out=None):
         """The chosen candidate with its autograd; ``out`` (already computed, e.g. by a kernel) skips the forward."""
-        if runs_plain(features, weight, bias, residual):  # inference: no graph to record, no copy of out
-            return out if out is not None else forward_impl(features, weight, index, bias, residual)
-        if out is not None and runs_untransformed(features, weight, bias, residual, out):
-            out = _Handed(out)  # eager training: the Function's output is out itself, not a copy
+        if runs_untransformed(features, weight, bias, residual):
+            if not records_grad(features, weight, bias, residual):  # inference: no graph, no copy of out
+                return out if out is not None else forward_impl(features, weight, index, bias, residual)
+            if out is not None and plain_tensor(out):
+                out = _Handed(out)  # eager training: the Function's output is out itself, not a copy
         return ChosenCandidate.apply(features, weight, bias, residual, index, out)
 
     return chosen_candidate
