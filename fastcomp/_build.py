@@ -423,6 +423,11 @@ class NotLoaded:
         self.__name__, self.__file__ = module, str(library)
 
 
+# Held by every in-process cpp_extension.load: _compile_only swaps a function of torch's module for the
+# duration of one, which must not reach another thread's load of a variant that is to be imported.
+_compile_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def _compile_only(module_name: str):
     """cpp_extension.load compiles and links, then returns a NotLoaded instead of importing the library."""
@@ -488,7 +493,7 @@ def _compile(name: str, sources: list[Path], src: Path, build_dir: Path, flags: 
     os.environ["CXX"] = cxx  # torch compiles with $CXX or `c++`; this machine may only have g++
     start = time.perf_counter()
     try:
-        with contextlib.nullcontext() if load else _compile_only(module_name):
+        with _compile_lock, contextlib.nullcontext() if load else _compile_only(module_name):
             module = cpp_extension.load(
                 name=module_name, sources=[str(s) for s in sources], extra_include_paths=[str(src)],
                 build_directory=str(build_dir), verbose=verbose, with_cuda=cuda, **flags)

@@ -44,7 +44,7 @@ def pytest_sessionstart(session):
     if _build.compiler_problem() is not None:
         return
     targets = list(dict.fromkeys([*_build.variants(), *extra_cpu_variants()]))
-    families = ("attention", "ddn", "probe_demux", "disk_mask")  # the largest first: fewer idle cores at the end
+    families = _build.cpu_extensions()  # the attention, the largest, first: fewer idle cores at the end
     jobs = [(f, v) for f in families for v in targets]
     print(f"conftest: compiling or finding {len(jobs)} C++ extension builds ({', '.join(families)} for "
           f"{', '.join(v.name for v in targets)}) before the tests; minutes on 2 cores when the cache is empty",
